@@ -1,0 +1,272 @@
+"""Collate a table's run.json files into a leaderboard (csv, markdown, png).
+
+Reads every ``<table_dir>/runs/<run_id>/run.json`` into one long DataFrame (a row per
+run and metric), reduces finished runs to mean ± std over seeds per method and swept
+setting, sets published numbers (``results/reference/*.csv``) beside them, and writes
+leaderboard.csv/.md/.png and failed.csv. Failed or unfinished runs are listed, never
+averaged. Usage: ``python -m harness.collate results/table1 [--reference DIR]``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+RUN_COLUMNS = ["run_id", "pretrain_id", "table", "method", "seed", "status", "metric", "value",
+               "pretrain_s", "eval_s"]
+REFERENCE_COLUMNS = ["table", "method", "metric", "value", "source"]
+SORT_METRIC = "linear/top1"
+PLOT_METRICS = ["linear/top1", "knn/top1@200"]
+STATS = {"mean": "mean", "std": "std", "count": "n"}  # pandas aggregation -> column suffix
+
+
+def _read_run(path: Path) -> dict | None:
+    """Returns the run record at ``path``, or None with a warning when missing or corrupt."""
+    try:
+        run = json.loads(path.read_text())
+    except (OSError, ValueError) as err:  # being written, or killed mid-write
+        warnings.warn(f"{path}: missing or unreadable ({type(err).__name__}); run skipped")
+        return None
+    if isinstance(run, dict) and run.get("run_id") and run.get("method"):
+        return run
+    warnings.warn(f"{path}: not a run record (no run_id or method); run skipped")
+    return None
+
+
+def _rows(run: dict) -> list[dict]:
+    """Flattens one run record into one row per metric (one row with NaN metric if none)."""
+    timings = run.get("timings") or {}
+    row = {key: run.get(key) for key in RUN_COLUMNS[:6]}
+    row |= {"pretrain_s": timings.get("pretrain_s", np.nan), "eval_s": timings.get("eval_s", np.nan)}
+    for key, value in (run.get("swept") or {}).items():
+        row[f"swept:{key}"] = value if np.isscalar(value) or value is None else json.dumps(value)
+    row |= {"error": run.get("error"), "log": run.get("log")}
+    metrics = (run.get("metrics") or {}) if row["status"] == "done" else {}
+    if not metrics:
+        return [row | {"metric": np.nan, "value": np.nan}]
+    return [row | {"metric": metric, "value": value} for metric, value in metrics.items()]
+
+
+def load_runs(table_dir: Path) -> pd.DataFrame:
+    """Reads every ``runs/*/run.json`` of a table into one long frame.
+
+    Args:
+        table_dir: The table's results folder, e.g. ``results/table1``.
+
+    Returns:
+        One row per (run, metric); failed and running runs have one row with NaN metric
+        and value. ``attrs["skipped"]`` counts run folders without a readable run.json.
+    """
+    runs_dir = Path(table_dir) / "runs"
+    folders = sorted(p for p in runs_dir.iterdir() if p.is_dir()) if runs_dir.is_dir() else []
+    records = [run for run in (_read_run(folder / "run.json") for folder in folders) if run]
+    rows = [row for run in records for row in _rows(run)]
+    swept = sorted({key for row in rows for key in row if key.startswith("swept:")})
+    as_bound = {c: pd.Series([r.get(c) for r in rows], dtype=object) for c in swept}  # ints stay ints
+    df = pd.DataFrame(rows).assign(**as_bound).reindex(columns=RUN_COLUMNS + swept + ["error", "log"])
+    df["value"] = pd.to_numeric(df["value"], errors="coerce")
+    df.attrs["skipped"] = len(folders) - len(records)
+    return df
+
+
+def _keys(df: pd.DataFrame) -> list[str]:
+    """Returns the columns a leaderboard row is keyed by: method, then swept keys."""
+    return ["method"] + [c for c in df.columns if c.startswith("swept:")]
+
+
+def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
+    """Reduces finished runs to one row per method (and swept setting).
+
+    Args:
+        df: A frame from :func:`load_runs`.
+
+    Returns:
+        Columns: the keys, then ``<metric> mean``, ``<metric> std`` (ddof=1, NaN for one
+        seed), ``<metric> n`` per metric, then ``seeds`` (finished runs) and ``cost_s``
+        (mean pretrain + eval seconds per run); best ``linear/top1`` mean first.
+    """
+    keys = _keys(df)
+    done = df[df["status"] == "done"]
+    runs = done.drop_duplicates("run_id")
+    runs = runs.assign(cost_s=runs[["pretrain_s", "eval_s"]].sum(axis=1, min_count=1))
+    board = runs.groupby(keys, dropna=False).agg(seeds=("run_id", "size"), cost_s=("cost_s", "mean"))
+    scored = done.dropna(subset=["metric"])
+    metrics = list(pd.unique(scored["metric"]))
+    stats = scored.groupby(keys + ["metric"], dropna=False)["value"].agg(["mean", "std", "count"])
+    stats = stats.unstack("metric") if metrics else stats
+    columns = {f"{m} {name}": stats[(stat, m)] for m in metrics for stat, name in STATS.items()}
+    board = board.join(pd.DataFrame(columns, index=board.index)).reset_index()
+    counts = [f"{m} n" for m in metrics]
+    board[counts] = board[counts].fillna(0).astype(int)
+    board = board[keys + list(columns) + ["seeds", "cost_s"]]
+    by = [f"{m} mean" for m in ([SORT_METRIC] if SORT_METRIC in metrics else metrics[:1])]
+    board = board.sort_values(by + ["method"], ascending=[False] * len(by) + [True], kind="stable")
+    return board.reset_index(drop=True)
+
+
+def failed_runs(df: pd.DataFrame) -> pd.DataFrame:
+    """Returns one row per failed run: method, seed, swept keys, run id, error, log."""
+    failed = df[df["status"] == "failed"].drop_duplicates("run_id")
+    return failed[["method", "seed", *_keys(df)[1:], "run_id", "error", "log"]]
+
+
+def load_reference(reference_dir: Path | None, table: str) -> pd.DataFrame:
+    """Reads published numbers for ``table`` from ``reference_dir/*.csv`` (empty if none)."""
+    frames = []
+    for path in sorted(Path(reference_dir).glob("*.csv")) if reference_dir else []:
+        try:
+            frames.append(pd.read_csv(path)[REFERENCE_COLUMNS])
+        except (OSError, ValueError, KeyError) as err:
+            warnings.warn(f"{path}: unreadable, needs columns {REFERENCE_COLUMNS} ({err}); skipped")
+    ref = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=REFERENCE_COLUMNS)
+    ref = ref[ref["table"].astype(str) == table]
+    ref = ref.assign(value=pd.to_numeric(ref["value"], errors="coerce"))
+    return ref.drop_duplicates(["method", "metric"], keep="last").reset_index(drop=True)
+
+
+def _cell(mean: float, std: float = np.nan) -> str:
+    """Formats ``mean ± std`` to one decimal; blank for NaN mean, mean alone for NaN std."""
+    if pd.isna(mean):
+        return ""
+    return f"{mean:.1f}" if pd.isna(std) else f"{mean:.1f} ± {std:.1f}"
+
+
+def _markdown_board(board: pd.DataFrame) -> str:
+    """Renders the leaderboard as a markdown table with ``mean ± std`` cells."""
+    shown = board[_keys(board)].rename(columns=lambda c: c.removeprefix("swept:"))
+    for metric in (c.removesuffix(" mean") for c in board.columns if c.endswith(" mean")):
+        shown[metric] = [_cell(m, s) for m, s in zip(board[f"{metric} mean"], board[f"{metric} std"])]
+    for column in (c for c in board.columns if c.startswith("paper ")):
+        shown[f"{column}¹"] = board[column].map(_cell)
+    shown["seeds"] = board["seeds"]
+    shown["cost_s"] = board["cost_s"].map(lambda s: f"{s:.0f}" if pd.notna(s) else "")
+    return shown.to_markdown(index=False, disable_numparse=True)
+
+
+def render_markdown(df: pd.DataFrame, board: pd.DataFrame, ref: pd.DataFrame, table: str) -> str:
+    """Builds leaderboard.md: title, table, paper sources, failed runs, pending runs."""
+    lines = [f"# {table} leaderboard", ""]
+    if board.empty:
+        lines += ["No finished runs yet, so there is nothing to average.", ""]
+    else:
+        lines += ["Mean ± std over seeds (%); cost_s: mean wall time per run (pretrain + eval).", "",
+                  _markdown_board(board), ""]
+    if not ref.empty:
+        sources = ref.groupby("method")["source"].agg(lambda s: "; ".join(pd.unique(s.astype(str))))
+        lines += ["¹ Published numbers: " + "; ".join(f"{m}: {s}" for m, s in sources.items()) + ".", ""]
+    failed = failed_runs(df).fillna("").astype(str)
+    if not failed.empty:
+        failed = failed.apply(lambda col: col.str.replace("|", r"\|").str.replace("\n", " "))
+        lines += ["## Failed runs", "", failed.to_markdown(index=False, disable_numparse=True), ""]
+    pending = df[~df["status"].isin(["done", "failed"])].drop_duplicates("run_id")["status"].fillna("?")
+    counts = {**pending.value_counts(), "without a readable run.json": df.attrs.get("skipped", 0)}
+    if total := sum(counts.values()):
+        detail = ", ".join(f"{n} {status}" for status, n in counts.items() if n)
+        lines += [f"{total} run(s) still running or incomplete ({detail}); not in the table.", ""]
+    return "\n".join(lines)
+
+
+def _labels(frame: pd.DataFrame) -> pd.Series:
+    """Returns one x-axis label per row: the method, then swept values on a second line."""
+    swept = _keys(frame)[1:]
+    return frame.apply(lambda r: "\n".join([str(r["method"])] + [
+        f"{c.rsplit('.', 1)[-1]}={r[c]}" for c in swept if pd.notna(r[c])]), axis=1)
+
+
+def plot_leaderboard(df: pd.DataFrame, board: pd.DataFrame, path: Path, table: str) -> None:
+    """Saves top-1 per method (mean ± std, one dot per seed) to ``path`` as a PNG."""
+    done = df[(df["status"] == "done") & df["metric"].notna()]
+    present = list(pd.unique(done["metric"]))
+    metrics = [m for m in PLOT_METRICS if m in present] or present[:2]
+    fig = Figure(figsize=(max(6.0, 1.3 * len(board) + 2.5), 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    if board.empty or not metrics:
+        ax.text(0.5, 0.5, "no finished runs yet", ha="center", va="center", fontsize=14)
+        ax.set_axis_off()
+    else:
+        data = done[done["metric"].isin(metrics)]
+        data = data.assign(label=_labels(data))
+        style = dict(x="label", y="value", hue="metric", order=list(_labels(board)),
+                     hue_order=metrics, ax=ax)
+        sns.stripplot(data, **style, dodge=True, palette={m: "0.3" for m in metrics}, size=4,
+                      alpha=0.7, legend=False)
+        dodge = 0.4 if len(metrics) > 1 else False  # seaborn divides by (hue levels - 1)
+        sns.pointplot(data, **style, dodge=dodge, errorbar="sd", capsize=0.1, linestyle="none",
+                      markers="D")
+        ax.set(xlabel="", ylabel="accuracy (%)")
+        ax.grid(axis="y", alpha=0.3)
+    ax.set_title(f"{table}: {', '.join(metrics) or 'top-1'} per method, mean ± std (grey dots: seeds)")
+    _atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=120))
+
+
+def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """Calls ``write`` on a temp file beside ``path``, then renames it onto ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def collate(table_dir: Path, reference_dir: Path | None = None) -> pd.DataFrame:
+    """Writes a table's leaderboard.csv/.md/.png (and failed.csv) and returns the board.
+
+    Args:
+        table_dir: The table's results folder, holding ``runs/<run_id>/run.json``.
+        reference_dir: Folder of published-number csv files; None for no paper columns.
+
+    Returns:
+        The :func:`leaderboard` frame plus a ``paper <metric>`` column per referenced metric.
+    """
+    table_dir = Path(table_dir)
+    if not table_dir.is_dir():
+        raise FileNotFoundError(f"{table_dir}: no such table folder; pass e.g. results/table1")
+    df = load_runs(table_dir)
+    table = str(df["table"].dropna().iloc[0]) if df["table"].notna().any() else table_dir.name
+    board = leaderboard(df)
+    ref = load_reference(reference_dir, table)
+    ref = ref[ref["method"].isin(board["method"]) & ref["value"].notna()]
+    for metric, rows in ref.groupby("metric", sort=False):
+        board[f"paper {metric}"] = board["method"].map(rows.set_index("method")["value"])
+    _atomic_write(table_dir / "leaderboard.csv", lambda p: board.to_csv(p, index=False))
+    markdown = render_markdown(df, board, ref, table)
+    _atomic_write(table_dir / "leaderboard.md", lambda p: p.write_text(markdown, encoding="utf-8"))
+    plot_leaderboard(df, board, table_dir / "leaderboard.png", table)
+    failed = failed_runs(df)
+    if failed.empty:
+        (table_dir / "failed.csv").unlink(missing_ok=True)
+    else:
+        _atomic_write(table_dir / "failed.csv", lambda p: failed.to_csv(p, index=False))
+    return board
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: collate one table folder and print its leaderboard.md."""
+    parser = argparse.ArgumentParser(prog="python -m harness.collate",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("table_dir", type=Path, help="a table's results folder, e.g. results/table1")
+    parser.add_argument("--reference", type=Path, default=None,
+                        help="folder of published numbers (*.csv); default results/reference if present")
+    args = parser.parse_args(argv)
+    default = Path("results/reference")
+    collate(args.table_dir, args.reference or (default if default.is_dir() else None))
+    print((args.table_dir / "leaderboard.md").read_text(encoding="utf-8"))
+
+
+if __name__ == "__main__":
+    main()

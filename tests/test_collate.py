@@ -1,0 +1,143 @@
+"""Tests for harness.collate on hand-made run.json files with known numbers."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from harness.collate import collate, leaderboard, load_runs, main
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write_run(table_dir: Path, run_id: str, method: str, seed: int, status: str = "done",
+              metrics: dict | None = None, swept: dict | None = None, error: str | None = None) -> None:
+    """Writes one run.json the way the job runner does."""
+    folder = table_dir / "runs" / run_id
+    folder.mkdir(parents=True)
+    run = {"run_id": run_id, "pretrain_id": f"p{run_id}", "table": "table1", "method": method,
+           "seed": seed, "swept": swept or {}, "status": status, "metrics": metrics or {},
+           "protocols": {}, "timings": {"pretrain_s": 60.0 + seed, "eval_s": 10.0}, "git": "abc1234",
+           "error": error, "log": f"/logs/{run_id}/log.txt", "started": "2026-11-23T14:00:00+00:00",
+           "finished": None}
+    (folder / "run.json").write_text(json.dumps(run))
+
+
+def metrics(linear: float, knn: float) -> dict[str, float]:
+    """Returns a metrics dict with a linear and a kNN top-1."""
+    return {"linear/top1": linear, "knn/top1@200": knn}
+
+
+@pytest.fixture
+def table(tmp_path: Path) -> Path:
+    """A table: simclr and byol × two seeds, one failed, one corrupt, one empty folder."""
+    table_dir = tmp_path / "table1"
+    write_run(table_dir, "s0", "simclr", 0, metrics=metrics(80.0, 70.0))
+    write_run(table_dir, "s1", "simclr", 1, metrics=metrics(82.0, 74.0))
+    write_run(table_dir, "b0", "byol", 0, metrics=metrics(85.0, 75.0))
+    write_run(table_dir, "b1", "byol", 1, metrics=metrics(87.0, 75.0))
+    write_run(table_dir, "m0", "moco", 0, status="failed", metrics={"linear/top1": 1.0},
+              error="ValueError: loss is NaN at step 12")
+    write_run(table_dir, "r0", "moco", 1, status="running")
+    (table_dir / "runs" / "corrupt").mkdir()
+    (table_dir / "runs" / "corrupt" / "run.json").write_text('{"run_id": "c0", "met')
+    (table_dir / "runs" / "empty").mkdir()
+    return table_dir
+
+
+@pytest.fixture
+def reference(tmp_path: Path) -> Path:
+    """A reference folder with a published SimCLR number (and one for another table)."""
+    ref_dir = tmp_path / "reference"
+    ref_dir.mkdir()
+    pd.DataFrame({"table": ["table1", "table2"], "method": ["simclr", "simclr"],
+                  "metric": ["linear/top1", "linear/top1"], "value": [69.3, 12.5],
+                  "source": ["Chen et al. 2020, Table 6", "Other et al. 2021"]}).to_csv(
+        ref_dir / "simclr.csv", index=False)
+    return ref_dir
+
+
+def test_load_runs_skips_unreadable_folders(table: Path) -> None:
+    with pytest.warns(UserWarning) as caught:
+        df = load_runs(table)
+    assert len(caught) == 2
+    assert df.attrs["skipped"] == 2
+    assert len(df) == 4 * 2 + 2  # two metrics per done run, one row per failed/running run
+    failed = df[df["run_id"] == "m0"]
+    assert len(failed) == 1 and failed["metric"].isna().all() and failed["value"].isna().all()
+
+
+def test_leaderboard_means_stds_and_order(table: Path, reference: Path) -> None:
+    with pytest.warns(UserWarning):
+        board = collate(table, reference)
+    assert list(board["method"]) == ["byol", "simclr"]  # moco failed/running: no row
+    simclr = board.set_index("method").loc["simclr"]
+    assert simclr["linear/top1 mean"] == pytest.approx(81.0)
+    assert simclr["linear/top1 std"] == pytest.approx(math.sqrt(2.0))
+    assert simclr["knn/top1@200 mean"] == pytest.approx(72.0)
+    assert simclr["knn/top1@200 std"] == pytest.approx(math.sqrt(8.0))
+    assert simclr["seeds"] == 2 and simclr["linear/top1 n"] == 2
+    assert simclr["cost_s"] == pytest.approx(70.5)  # (60 + 10 + 61 + 10) / 2
+    assert simclr["paper linear/top1"] == pytest.approx(69.3)
+    assert pd.isna(board.set_index("method").loc["byol", "paper linear/top1"])
+    saved = pd.read_csv(table / "leaderboard.csv")
+    assert {"method", "linear/top1 mean", "linear/top1 std", "seeds", "cost_s"} <= set(saved.columns)
+    assert saved["linear/top1 mean"].tolist() == pytest.approx([86.0, 81.0])
+
+
+def test_files_failed_section_and_reference(table: Path, reference: Path) -> None:
+    with pytest.warns(UserWarning):
+        collate(table, reference)
+    md = (table / "leaderboard.md").read_text(encoding="utf-8")
+    board_part, failed_part = md.split("## Failed runs")
+    assert "# table1 leaderboard" in md
+    assert "81.0 ± 1.4" in board_part and "86.0 ± 1.4" in board_part
+    assert "moco" not in board_part.split("¹ Published")[0]
+    assert "69.3" in board_part and "Chen et al. 2020, Table 6" in board_part
+    assert "12.5" not in md and "Other et al." not in md  # other table's reference
+    assert "m0" in failed_part and "ValueError: loss is NaN at step 12" in failed_part
+    assert "/logs/m0/log.txt" in failed_part
+    assert "3 run(s) still running or incomplete" in failed_part
+    failed = pd.read_csv(table / "failed.csv")
+    assert failed["run_id"].tolist() == ["m0"] and failed["method"].tolist() == ["moco"]
+    png = (table / "leaderboard.png").read_bytes()
+    assert png.startswith(PNG_MAGIC) and len(png) > 1000
+    assert not list(table.glob("*.tmp")) and not list(table.glob(".*.tmp"))
+
+
+def test_rerun_after_fix_removes_failed_csv(table: Path) -> None:
+    with pytest.warns(UserWarning):
+        collate(table)
+    assert (table / "failed.csv").exists()
+    (table / "runs" / "m0" / "run.json").unlink()
+    (table / "runs" / "m0").rmdir()
+    write_run(table, "m0", "moco", 0, metrics=metrics(90.0, 80.0))
+    with pytest.warns(UserWarning):
+        board = collate(table)
+    assert not (table / "failed.csv").exists()
+    assert "## Failed runs" not in (table / "leaderboard.md").read_text(encoding="utf-8")
+    assert board["method"].iloc[0] == "moco" and board["linear/top1 std"].isna().iloc[0]
+
+
+def test_swept_keys_split_rows(tmp_path: Path) -> None:
+    table_dir = tmp_path / "table2"
+    for i, (epochs, seed, top1) in enumerate([(10, 0, 70.0), (10, 1, 72.0), (20, 0, 80.0)]):
+        write_run(table_dir, f"e{i}", "simclr", seed, metrics={"linear/top1": top1},
+                  swept={"trainer.Trainer.epochs": epochs})
+    board = leaderboard(load_runs(table_dir))
+    assert board["swept:trainer.Trainer.epochs"].tolist() == [20, 10]
+    assert board["linear/top1 mean"].tolist() == pytest.approx([80.0, 71.0])
+    assert board["seeds"].tolist() == [1, 2]
+
+
+def test_no_done_runs_still_writes_files(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    table_dir = tmp_path / "table3"
+    write_run(table_dir, "f0", "simclr", 0, status="failed", error="RuntimeError: out | of memory")
+    main([str(table_dir)])
+    out = capsys.readouterr().out
+    assert "No finished runs yet" in out and r"RuntimeError: out \| of memory" in out
+    for name in ("leaderboard.csv", "leaderboard.md", "leaderboard.png", "failed.csv"):
+        assert (table_dir / name).stat().st_size > 0
