@@ -1,0 +1,155 @@
+"""Datasets as in-memory uint8 tensors, read from their real on-disk formats.
+
+Fashion-MNIST (Xiao et al. 2017) is the embedded default: the IDX files of Debian's
+``dataset-fashion-mnist`` package, else a configured folder, else torchvision's download.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+import struct
+from pathlib import Path
+from typing import Sequence
+
+import gin
+import numpy as np
+import torch
+
+SYSTEM_DIRS = ("/usr/share/datasets/fashion-mnist",)
+FMNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                  "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+
+class DataError(FileNotFoundError):
+    """Data that is missing or malformed; the message says where it looked and how to fix it."""
+
+
+@dataclasses.dataclass
+class ImageSet:
+    """A labelled split held in memory.
+
+    Attributes:
+        images: uint8 ``[N, C, H, W]``.
+        labels: int64 ``[N]``.
+        classes: class names, indexed by label.
+        mean: per-channel mean of the training images in [0, 1].
+        std: per-channel std of the training images in [0, 1].
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    def subset(self, n: int | None, seed: int = 0) -> "ImageSet":
+        """The first `n` items of a fixed permutation (the same for every run of a table)."""
+        if n is None or n >= len(self):
+            return self
+        idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]
+        return dataclasses.replace(self, images=self.images[idx], labels=self.labels[idx])
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Reads an IDX file (LeCun's MNIST format), gzipped or not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as fh:
+            zero, dtype, ndim = struct.unpack(">HBB", fh.read(4))
+            if zero != 0 or dtype != 0x08:
+                raise DataError(f"{path}: not an unsigned-byte IDX file (magic {zero:#x}, type {dtype:#x})")
+            shape = struct.unpack(f">{ndim}I", fh.read(4 * ndim))
+            data = np.frombuffer(fh.read(), dtype=np.uint8)
+    except (OSError, EOFError, struct.error) as err:
+        raise DataError(f"{path}: unreadable IDX file ({err}); delete it and fetch the data again") from err
+    if data.size != int(np.prod(shape)):
+        raise DataError(f"{path}: truncated IDX file ({data.size} bytes of {int(np.prod(shape))}); fetch it again")
+    return data.reshape(shape)
+
+
+def _find(folder: Path, stem: str) -> Path | None:
+    for name in (stem + ".gz", stem, stem.replace("-idx", ".idx")):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _candidates(root: str | None) -> list[Path]:
+    dirs = [Path(d) for d in SYSTEM_DIRS]
+    for d in (root, os.environ.get("SSLBENCH_DATA")):
+        if d:
+            dirs += [Path(d), Path(d) / "fashion-mnist", Path(d) / "FashionMNIST" / "raw"]
+    return dirs
+
+
+@gin.configurable(module="data")
+class FashionMNIST:
+    """Fashion-MNIST, 60k train / 10k test 28x28 grayscale images, 10 classes.
+
+    Args:
+        root: a folder holding the IDX files (also read from ``$SSLBENCH_DATA``);
+            the Debian package's folder is always tried first.
+        download: fall back to torchvision's download into `root` (or ``data/``).
+        pretrain_size: images used for pretraining (a fixed subset of train); None: all.
+    """
+
+    name = "fashion_mnist"
+
+    def __init__(self, root: str | None = None, download: bool = True, pretrain_size: int | None = None):
+        self.root, self.download, self.pretrain_size = root, download, pretrain_size
+        self._cache: dict[str, ImageSet] = {}
+
+    def _locate(self) -> Path:
+        tried = _candidates(self.root)
+        for d in tried:
+            if all(_find(d, stem) for pair in FMNIST_FILES.values() for stem in pair):
+                return d
+        if self.download:
+            target = Path(self.root or os.environ.get("SSLBENCH_DATA") or "data")
+            try:
+                import torchvision
+                torchvision.datasets.FashionMNIST(str(target), train=True, download=True)
+                torchvision.datasets.FashionMNIST(str(target), train=False, download=True)
+                return target / "FashionMNIST" / "raw"
+            except Exception as err:  # noqa: BLE001 - any download failure ends in the same advice
+                tried.append(Path(f"torchvision download into {target} failed: {err}"))
+        raise DataError(
+            "Fashion-MNIST not found. Looked in:\n  " + "\n  ".join(map(str, tried)) +
+            "\nFix: `sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or put the four IDX files "
+            "(train-images-idx3-ubyte.gz, ...) in a folder and bind `data.FashionMNIST.root = '<folder>'` "
+            "or set SSLBENCH_DATA=<folder>.")
+
+    def split(self, which: str) -> ImageSet:
+        """``train`` (60k), ``test`` (10k) or ``pretrain`` (a subset of train)."""
+        if which == "pretrain":
+            return self.split("train").subset(self.pretrain_size)
+        if which not in FMNIST_FILES:
+            raise ValueError(f"unknown split {which!r}; use train, test or pretrain")
+        if which not in self._cache:
+            folder = self._locate()
+            img_file, lbl_file = (_find(folder, s) for s in FMNIST_FILES[which])
+            images, labels = read_idx(img_file), read_idx(lbl_file)
+            if images.ndim != 3 or len(images) != len(labels):
+                raise DataError(f"{img_file}: expected [N, 28, 28] images matching {lbl_file}")
+            self._cache[which] = ImageSet(
+                images=torch.from_numpy(images.copy()).unsqueeze(1), labels=torch.from_numpy(labels.astype(np.int64)),
+                classes=FMNIST_CLASSES, mean=(0.2860,), std=(0.3530,))
+        return self._cache[which]
+
+
+def channel_stats(images: torch.Tensor) -> tuple[Sequence[float], Sequence[float]]:
+    """Per-channel mean and std in [0, 1] of uint8 ``[N, C, H, W]`` images."""
+    x = images.float().div_(255).transpose(0, 1).flatten(1)  # [C, N*H*W]
+    return tuple(x.mean(1).tolist()), tuple(x.std(1).tolist())

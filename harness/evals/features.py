@@ -1,0 +1,68 @@
+"""Frozen-feature extraction, once per (encoder, dataset split), cached on disk.
+
+Every frozen-feature protocol (kNN, linear probe, ...) reads the same cached
+features: ``<pretrain folder>/features/<key>.pt``, the key hashing the split, the
+subset and the preprocessing.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gin
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from harness import ginutil, store
+from harness.data import ImageSet
+from harness.evals import Features
+from harness.views import eval_view
+
+
+@torch.no_grad()
+def extract(encoder: nn.Module, data: ImageSet, image_size: int, batch_size: int = 512,
+            device: torch.device | str = "cpu", desc: str = "features", progress: bool = True) -> Features:
+    """Pooled features of every image, in eval mode. Returns x ``[N, D]``, y ``[N]``."""
+    encoder = encoder.to(device).eval()
+    chunks = []
+    for i in tqdm(range(0, len(data), batch_size), desc=desc, disable=not progress, dynamic_ncols=True,
+                  mininterval=1.0):
+        x = eval_view(data.images[i:i + batch_size].to(device), image_size, data.mean, data.std)
+        chunks.append(encoder(x).flatten(1).float().cpu())  # [b, D]
+    return Features(x=torch.cat(chunks), y=data.labels.clone())
+
+
+@gin.configurable(module="features")
+class FrozenFeatures:
+    """Which images the frozen-feature protocols see, and how they are preprocessed.
+
+    Args:
+        image_size: side of the centre view (the pretraining view size).
+        train_size: labelled training images for the protocols (a fixed subset; None: all).
+        test_size: test images (a fixed subset; None: all).
+        batch_size: extraction batch size.
+    """
+
+    def __init__(self, image_size: int = gin.REQUIRED, train_size: int | None = None,
+                 test_size: int | None = None, batch_size: int = 512):
+        self.image_size, self.batch_size = image_size, batch_size
+        self.sizes = {"train": train_size, "test": test_size}
+
+    def key(self, dataset_name: str, split: str) -> str:
+        return ginutil.digest([json.dumps([dataset_name, split, self.sizes[split], self.image_size])])
+
+    def __call__(self, encoder: nn.Module, dataset, cache: Path, device: torch.device | str = "cpu",
+                 progress: bool = True) -> dict[str, Features]:
+        """``{"train": Features, "test": Features}``, read from `cache` when present."""
+        out = {}
+        for split in ("train", "test"):
+            path = cache / f"{self.key(dataset.name, split)}.pt"
+            if path.exists():
+                d = store.load_torch(path)
+                out[split] = Features(d["x"], d["y"])
+                continue
+            data = dataset.split(split).subset(self.sizes[split])
+            out[split] = extract(encoder, data, self.image_size, self.batch_size, device, f"features/{split}", progress)
+            store.save_torch(path, {"x": out[split].x, "y": out[split].y})
+        return out

@@ -1,0 +1,139 @@
+"""Gin plumbing in one place: parsing with clear errors, and the settings that key a run.
+
+A run is identified by what its gin files *resolve to*, not by their paths: two
+tables that bind the same settings share ids, and editing a value changes them.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib
+import pkgutil
+import pprint
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import gin
+from gin import config as gin_config
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+GIN_ROOT = REPO_ROOT / "gin"
+
+# Configurables defined in these modules never change the pretrained weights.
+_NOT_PRETRAIN_MODULES = ("harness.evals", "harness.table", "harness.launch")
+# ... nor do these parameters of the root.
+_NOT_PRETRAIN_PARAMS = {("job.run", "evaluations")}
+
+
+class GinError(ValueError):
+    """A user error in gin files or bindings; the message names file, key and fix."""
+
+
+def register_all() -> None:
+    """Import every module that defines configurables, so any gin file may bind them."""
+    for pkg_name in ("harness", "harness.evals", "methods"):
+        pkg = importlib.import_module(pkg_name)
+        for info in pkgutil.iter_modules(pkg.__path__):
+            if not info.name.startswith("_") and info.name not in ("sweep", "collate", "bench"):
+                importlib.import_module(f"{pkg_name}.{info.name}")
+
+
+def method_gin(name: str) -> Path:
+    """Path of a method's gin file; unknown names get the closest known ones."""
+    path = GIN_ROOT / "methods" / f"{name}.gin"
+    if not path.is_file():
+        known = sorted(p.stem for p in (GIN_ROOT / "methods").glob("*.gin"))
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise GinError(
+            f"unknown method {name!r}: no file {path}.{hint} Known methods: {', '.join(known)}. "
+            "Fix the table's `table.Table.methods` or `--only`, or add the method's gin file.")
+    return path
+
+
+def parse(files: Sequence[str], bindings: Sequence[str] = ()) -> None:
+    """Clears gin and parses `files` then `bindings`, later ones overriding earlier ones.
+
+    Raises:
+        GinError: with the file, the key and a suggestion when a name is unknown.
+    """
+    register_all()
+    gin.clear_config()
+    gin.add_config_file_search_path(str(REPO_ROOT))
+    for f in files:
+        if not Path(f).is_file() and not (REPO_ROOT / f).is_file():
+            raise GinError(f"gin file not found: {f} (paths are relative to the current folder or {REPO_ROOT})")
+    current = "--bind"
+    try:
+        for current in files:
+            gin.parse_config_file(current if Path(current).is_file() else str(REPO_ROOT / current))
+        current = "--bind"
+        gin.parse_config(list(bindings))
+    except (ValueError, SyntaxError, KeyError, ImportError, ModuleNotFoundError) as err:
+        raise GinError(f"{current}: {_explain(err)}") from err
+
+
+def _explain(err: Exception) -> str:
+    msg = str(err).strip().strip('"')
+    if "No configurable matching" in msg:
+        name = msg.split("'")[1] if "'" in msg else ""
+        known = [k for k in gin_config._REGISTRY.keys() if "." in k]  # noqa: SLF001
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+        if close:
+            msg += f". Did you mean {', '.join(close)}?"
+    elif "not a valid parameter" in msg or "Configurable" in msg and "doesn't have" in msg:
+        msg += ". Check the parameter name against the function's signature."
+    return msg
+
+
+def reference(key: str) -> object:
+    """The callable bound to `key` as ``@name`` (``@name()`` is called), e.g. ``job.run.method``."""
+    value = gin.query_parameter(key)
+    if isinstance(value, gin_config.ConfigurableReference):
+        return value.scoped_configurable_fn() if value.evaluate else value.scoped_configurable_fn
+    return value
+
+
+def _value(v: object) -> str:
+    return pprint.pformat(v, width=10_000)
+
+
+def settings() -> dict[str, str]:
+    """All parsed bindings as sorted ``{"scope/selector.param": repr}`` (macros as ``NAME``)."""
+    out = {}
+    for (scope, selector), params in gin_config._CONFIG.items():  # noqa: SLF001 - no public view of unparsed bindings
+        if selector == "gin.macro":
+            out[scope] = _value(params["value"])
+            continue
+        for param, v in params.items():
+            out[f"{scope + '/' if scope else ''}{selector}.{param}"] = _value(v)
+    return dict(sorted(out.items()))
+
+
+def _affects_pretraining(key: str) -> bool:
+    if "." not in key:  # a macro: conservatively part of pretraining
+        return True
+    scoped, param = key.rsplit(".", 1)
+    selector = scoped.rsplit("/", 1)[-1]
+    if (selector, param) in _NOT_PRETRAIN_PARAMS:
+        return False
+    module = gin_config._REGISTRY[selector].wrapped.__module__  # noqa: SLF001
+    return not module.startswith(_NOT_PRETRAIN_MODULES)
+
+
+def digest(items: Iterable[str]) -> str:
+    return hashlib.sha256("\n".join(items).encode()).hexdigest()[:12]
+
+
+def ids() -> tuple[str, str]:
+    """(pretrain_id, run_id) of the parsed config.
+
+    The pretraining id hashes every binding that can change the pretrained weights;
+    the run id adds the evaluation bindings. Launcher and table bookkeeping are in
+    neither, so moving a table to SLURM or listing it differently re-runs nothing.
+    """
+    s = settings()
+    pre = digest(f"{k} = {v}" for k, v in s.items() if _affects_pretraining(k))
+    evals = [f"{k} = {v}" for k, v in s.items()
+             if not _affects_pretraining(k) and not k.startswith(("table.", "launch."))]
+    return pre, digest([pre, *evals])

@@ -1,0 +1,133 @@
+"""One run, in its own process: parse gin, pretrain (or reuse), evaluate, store.
+
+``job.run`` is the root configurable: a table binds it (evaluations, seed) and a
+method's gin file binds its method and views; everything else is a ``@reference``.
+"""
+from __future__ import annotations
+
+import inspect
+import time
+import traceback
+from pathlib import Path
+from typing import Callable, Sequence
+
+import gin
+import torch
+from torch import nn
+
+from harness import backbone as backbone_lib
+from harness import ginutil, store
+from harness.data import ImageSet
+from harness.evals.features import FrozenFeatures
+from harness.runspec import RunSpec
+from harness.trainer import Trainer
+from harness.views import Views
+from methods.base import Method
+
+
+def _log_path() -> str | None:
+    try:
+        import submitit
+        return str(submitit.JobEnvironment().paths.stdout)
+    except Exception:  # noqa: BLE001 - not inside a submitit job
+        return None
+
+
+def _build_method(method: Callable[..., Method], net: nn.Module, num_classes: int) -> Method:
+    """Calls the method's constructor; methods that take ``num_classes`` get the dataset's."""
+    kwargs = {"num_classes": num_classes} if "num_classes" in inspect.signature(method).parameters else {}
+    return method(net, **kwargs)
+
+
+def build(method: Callable[..., Method], views: Callable[..., Views], data: ImageSet,
+          seed: int) -> tuple[Method, Views]:
+    """The method on a freshly initialised backbone (initialisation depends on `seed` only),
+    and the views normalised with the data's statistics."""
+    torch.manual_seed(seed)
+    net = backbone_lib.create(in_chans=data.channels)
+    return _build_method(method, net, len(data.classes)), views(mean=data.mean, std=data.std)
+
+
+def pretrain(folder: Path, method: Callable[..., Method], dataset, views: Callable[..., Views],
+             trainer: Trainer, seed: int, stop_after: int | None = None) -> dict:
+    """Pretrains into `folder` (resuming a checkpoint there), exports the encoder, writes pretrain.json."""
+    t0 = time.time()
+    data = dataset.split("pretrain")
+    m, v = build(method, views, data, seed)
+    fit = trainer.fit(m, data, v, folder, seed, stop_after=stop_after)
+    if m.encoder() is m.backbone:
+        backbone_lib.export(m.backbone, folder)
+    record = {"status": "done", "seconds": time.time() - t0, **fit, "git": store.git_revision(),
+              "finished": store.now()}
+    store.write_text(folder / "config.gin", gin.operative_config_str())
+    store.write_json(folder / "pretrain.json", record)
+    return record
+
+
+def encoder_for_eval(folder: Path, method: Callable[..., Method], in_chans: int, num_classes: int) -> nn.Module:
+    """The exported encoder, rebuilt by timm alone; methods without one (pixels) build theirs."""
+    if (folder / "encoder.pt").exists():
+        return backbone_lib.load(folder)
+    return _build_method(method, backbone_lib.create(in_chans=in_chans), num_classes).encoder()
+
+
+@gin.configurable(module="job", denylist=["spec"])
+def run(spec: RunSpec, method: Callable[..., Method] = gin.REQUIRED, dataset=gin.REQUIRED,
+        views: Callable[..., Views] = gin.REQUIRED, trainer: Trainer | None = None,
+        features: FrozenFeatures | None = None, evaluations: Sequence = (), seed: int = 0) -> dict:
+    """Pretrains (unless already done for this pretraining id) and evaluates one run.
+
+    Args:
+        spec: the run's strings (ids, table, results root).
+        method: the method's class, e.g. ``@simclr.SimCLR``; called with the backbone.
+        dataset: e.g. ``@data.FashionMNIST()``.
+        views: e.g. ``@views.Views``; called with the dataset's mean and std.
+        trainer: e.g. ``@trainer.Trainer()``.
+        features: which images the frozen-feature protocols see.
+        evaluations: protocols, each ``(train, test) -> {metric: value}`` with ``name`` and ``params()``.
+        seed: the run's seed (initialisation, data order, augmentations).
+    Returns:
+        The run record written to run.json.
+    """
+    trainer, features = trainer or Trainer(), features or FrozenFeatures()
+    pre_dir = store.pretrain_dir(spec.results, spec.pretrain_id)
+    out_dir = store.run_dir(spec.results, spec.table, spec.run_id)
+    record = {"run_id": spec.run_id, "pretrain_id": spec.pretrain_id, "table": spec.table, "method": spec.method,
+              "seed": seed, "swept": dict(spec.swept), "status": "running", "metrics": {}, "protocols": {},
+              "timings": {}, "git": store.git_revision(), "error": None, "log": _log_path(),
+              "started": store.now(), "finished": None}
+    store.write_json(out_dir / "run.json", record)
+    try:
+        with store.locked(pre_dir):
+            pre = store.read_json(pre_dir / "pretrain.json")
+            if not pre or pre.get("status") != "done":
+                pre = pretrain(pre_dir, method, dataset, views, trainer, seed)
+            else:
+                print(f"pretraining {spec.pretrain_id} already done: reusing {pre_dir}", flush=True)
+        t0 = time.time()
+        data = dataset.split("test")
+        enc = encoder_for_eval(pre_dir, method, data.channels, len(data.classes))
+        feats = features(enc, dataset, pre_dir / "features", trainer.device, trainer.progress)
+        for protocol in evaluations:
+            record["metrics"].update(protocol(feats["train"], feats["test"]))
+            record["protocols"][protocol.name] = protocol.params()
+        record["timings"] = {"pretrain_s": round(pre["seconds"], 2), "eval_s": round(time.time() - t0, 2)}
+        record.update(status="done", finished=store.now())
+        store.write_text(out_dir / "config.gin", gin.operative_config_str())
+        store.write_json(out_dir / "run.json", record)
+        return record
+    except BaseException as err:
+        record.update(status="failed", error=f"{type(err).__name__}: {err}", finished=store.now(),
+                      traceback=traceback.format_exc())
+        store.write_json(out_dir / "run.json", record)
+        raise
+
+
+def execute(spec: RunSpec) -> dict:
+    """Entry point in a job process: parse the spec's gin, check its ids, run."""
+    ginutil.parse(spec.gin_files, spec.bindings)
+    ids = ginutil.ids()
+    if ids != (spec.pretrain_id, spec.run_id):
+        raise RuntimeError(f"run {spec.run_id}: its settings resolve to ids {ids} now, not the ids planned by the "
+                           "sweep (a gin file or the code changed since); run the sweep again")
+    return run(spec)

@@ -1,0 +1,190 @@
+"""The trainer: devices, optimizer, schedule, checkpoints, resume, logging.
+
+Determinism: the batch order is a pure function of (seed, step), augmentations and
+methods draw from torch's global RNG, and every checkpoint stores the step, the
+method, the optimizer and the RNG states; on CPU a resumed run ends with exactly the
+weights of an uninterrupted one (tests/test_trainer.py).
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Callable
+
+import gin
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from harness import store
+from harness.data import ImageSet
+from harness.views import Views
+from methods.base import Batch, Method
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The loss became NaN or infinite; the message names the step."""
+
+
+class Interrupted(RuntimeError):
+    """Raised after `stop_after` steps (used to test and exercise resume)."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+             "numpy_pos": torch.tensor(np_state[2]), "python": torch.tensor(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(state["numpy_pos"]), 0, 0.0))
+    random.setstate((3, tuple(int(v) for v in state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
+    """Indices of `step`'s batch: epoch-wise permutations, drop-last, a pure function."""
+    per_epoch = n // batch_size
+    epoch, j = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return perm[j * batch_size:(j + 1) * batch_size]
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on weights only; biases and norm parameters are exempt (and skip LARS)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0, "lars": False}]
+
+
+@gin.configurable(module="trainer")
+class Trainer:
+    """Pretrains a method on a dataset's views.
+
+    Args:
+        epochs: passes over the pretraining set (fractions allowed).
+        batch_size: images per step (each yields one sample per view).
+        optimizer: an optimizer class, e.g. ``@optim.SGD``; called with parameter groups and lr.
+        base_lr: learning rate at batch 256; the applied lr is ``base_lr * batch_size / 256``
+            (Goyal et al. 2017's linear scaling), or ``base_lr`` when `scale_lr` is False.
+        weight_decay: decoupled from biases and norm parameters.
+        schedule: ``(step, total) -> multiplier``, e.g. ``@optim.warmup_cosine``.
+        max_steps: overrides `epochs` when set (smoke tests).
+        checkpoint_every: steps between checkpoints (and one at the end).
+        log_every: steps between JSON-lines log records.
+        device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
+        progress: show a progress bar.
+    """
+
+    def __init__(self, epochs: float = 1.0, batch_size: int = 256, optimizer: Callable = torch.optim.SGD,
+                 base_lr: float = 0.1, scale_lr: bool = True, weight_decay: float = 0.0,
+                 schedule: Callable[[int, int], float] | None = None, max_steps: int | None = None,
+                 checkpoint_every: int = 100, log_every: int = 1, device: str = "auto", progress: bool = True):
+        self.epochs, self.batch_size, self.optimizer = epochs, batch_size, optimizer
+        self.lr = base_lr * batch_size / 256 if scale_lr else base_lr
+        self.weight_decay, self.max_steps = weight_decay, max_steps
+        self.schedule = schedule or (lambda step, total: 1.0)
+        self.checkpoint_every, self.log_every, self.progress = checkpoint_every, log_every, progress
+        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                                   ("cpu" if device == "auto" else device))
+
+    def total_steps(self, method: Method, n: int) -> int:
+        if method.pretrain_steps is not None:
+            return method.pretrain_steps
+        if self.max_steps is not None:
+            return self.max_steps
+        if n < self.batch_size:
+            raise ValueError(f"trainer.Trainer.batch_size = {self.batch_size} exceeds the {n} pretraining images; "
+                             "lower the batch size or use more images")
+        return max(1, math.ceil(self.epochs * n / self.batch_size))
+
+    def fit(self, method: Method, data: ImageSet, views: Views, folder: Path, seed: int,
+            stop_after: int | None = None) -> dict:
+        """Trains `method` in place, checkpointing to ``folder/checkpoint.pt``; resumes from it.
+
+        Returns:
+            ``{"steps": total, "resumed_from": step or None, "final_loss": float}``.
+        Raises:
+            NonFiniteLoss: with the step number.
+            Interrupted: after `stop_after` steps of this call (tests).
+        """
+        total = self.total_steps(method, len(data))
+        method.to(self.device).train()
+        trainable = [p for p in method.parameters() if p.requires_grad]
+        opt = self.optimizer(param_groups(method, self.weight_decay), lr=self.lr) if trainable else None
+        folder.mkdir(parents=True, exist_ok=True)
+        ckpt_path, log_path = folder / "checkpoint.pt", folder / "log.jsonl"
+        start, resumed = 0, None
+        seed_everything(seed)
+        if ckpt_path.exists():
+            ckpt = store.load_torch(ckpt_path)
+            method.load_state_dict(ckpt["method"])
+            if opt is not None:
+                opt.load_state_dict(ckpt["optimizer"])
+            set_rng_state(ckpt["rng"])
+            start = resumed = int(ckpt["step"])
+        _truncate_log(log_path, start)
+        last = float("nan")
+        bar = tqdm(range(start, total), initial=start, total=total, disable=not self.progress or total == 0,
+                   desc="pretrain", dynamic_ncols=True, mininterval=1.0)
+        with open(log_path, "a") as log:
+            for step in bar:
+                idx = batch_indices(len(data), self.batch_size, seed, step)
+                batch = Batch(views=views(data.images[idx].to(self.device)), labels=data.labels[idx].to(self.device),
+                              index=idx.to(self.device))
+                lr = self.lr * self.schedule(step, total)
+                out = method.loss(batch)
+                loss = out["loss"]
+                if not torch.isfinite(loss):
+                    raise NonFiniteLoss(f"loss is {loss.item()} at step {step} of {total}; lower the learning "
+                                        f"rate (trainer.Trainer.base_lr = {self.lr}) or check the method")
+                if opt is not None:
+                    for g in opt.param_groups:
+                        g["lr"] = lr
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                method.after_step(step, total)
+                last = loss.item()
+                if step % self.log_every == 0 or step == total - 1:
+                    rec = {"step": step, "lr": lr, **{k: round(float(v.detach()), 6) for k, v in out.items()}}
+                    log.write(json.dumps(rec) + "\n")
+                    bar.set_postfix(loss=f"{last:.4f}", refresh=False)
+                done = step + 1
+                if done % self.checkpoint_every == 0 or done == total:
+                    log.flush()
+                    self._checkpoint(ckpt_path, done, method, opt)
+                if stop_after is not None and done - start >= stop_after and done < total:
+                    raise Interrupted(f"stopped after step {done} of {total}")
+        bar.close()
+        return {"steps": total, "resumed_from": resumed, "final_loss": last}
+
+    @staticmethod
+    def _checkpoint(path: Path, step: int, method: Method, opt: torch.optim.Optimizer | None) -> None:
+        store.save_torch(path, {"step": step, "method": method.state_dict(),
+                                "optimizer": opt.state_dict() if opt is not None else {}, "rng": rng_state()})
+
+
+def _truncate_log(path: Path, start: int) -> None:
+    """Drops log records of steps that will be redone after a resume."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < start]
+    store.write_text(path, "".join(ln + "\n" for ln in keep))

@@ -1,0 +1,42 @@
+"""Random baseline: the untrained backbone, as in every SSL paper's lower reference
+(e.g. Goyal et al. 2019, "Scaling and Benchmarking Self-Supervised Visual
+Representation Learning", Table 2 "Random").
+
+Choice made here: the weights stay at timm's random initialisation, but BatchNorm's
+running statistics are recomputed on training images (cumulative average over
+`calibration_steps` batches of the pretraining views, no gradient). Without that,
+BN would normalise with the initial mean 0 / variance 1 and the features would
+mostly measure the input scale rather than the random network.
+"""
+from __future__ import annotations
+
+import gin
+import torch
+from torch import nn
+
+from methods.base import Batch, Method
+
+
+@gin.configurable(module="random")
+class Random(Method):
+    """Untrained encoder with recalibrated BatchNorm statistics.
+
+    Args:
+        backbone: the shared timm encoder.
+        calibration_steps: batches used to estimate BatchNorm statistics.
+    """
+
+    def __init__(self, backbone: nn.Module, calibration_steps: int = 50):
+        super().__init__(backbone)
+        self.pretrain_steps = calibration_steps
+        for p in self.parameters():
+            p.requires_grad_(False)
+        for m in self.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.reset_running_stats()
+                m.momentum = None  # cumulative moving average over all calibration batches
+
+    def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            self.backbone(batch.views[0])  # train mode: updates BN running statistics
+        return {"loss": torch.zeros(())}
