@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +19,8 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from harness import store
 
 RUN_COLUMNS = ["run_id", "pretrain_id", "table", "method", "seed", "status", "metric", "value",
                "pretrain_s", "eval_s"]
@@ -212,15 +212,8 @@ def plot_leaderboard(df: pd.DataFrame, board: pd.DataFrame, path: Path, table: s
 
 def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Calls ``write`` on a temp file beside ``path``, then renames it onto ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with store.atomic_path(path) as tmp:
+        write(tmp)
 
 
 def collate(table_dir: Path, reference_dir: Path | None = None) -> pd.DataFrame:

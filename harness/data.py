@@ -87,11 +87,11 @@ def _find(folder: Path, stem: str) -> Path | None:
 
 
 def _candidates(root: str | None) -> list[Path]:
-    dirs = [Path(d) for d in SYSTEM_DIRS]
-    for d in (root, os.environ.get("SSLBENCH_DATA")):
-        if d:
-            dirs += [Path(d), Path(d) / "fashion-mnist", Path(d) / "FashionMNIST" / "raw"]
-    return dirs
+    """Where to look, in order: the configured root, the Debian package, $SSLBENCH_DATA."""
+    def under(d: str) -> list[Path]:
+        return [Path(d), Path(d) / "fashion-mnist", Path(d) / "FashionMNIST" / "raw"]
+    env = os.environ.get("SSLBENCH_DATA")
+    return [*(under(root) if root else []), *map(Path, SYSTEM_DIRS), *(under(env) if env else [])]
 
 
 @gin.configurable(module="data")
@@ -99,8 +99,8 @@ class FashionMNIST:
     """Fashion-MNIST, 60k train / 10k test 28x28 grayscale images, 10 classes.
 
     Args:
-        root: a folder holding the IDX files (also read from ``$SSLBENCH_DATA``);
-            the Debian package's folder is always tried first.
+        root: a folder holding the IDX files, tried first; then the Debian package's
+            folder, then ``$SSLBENCH_DATA``.
         download: fall back to torchvision's download into `root` (or ``data/``).
         pretrain_size: images used for pretraining (a fixed subset of train); None: all.
     """

@@ -8,8 +8,10 @@ from __future__ import annotations
 import difflib
 import hashlib
 import importlib
+import inspect
 import pkgutil
 import pprint
+import re
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -74,15 +76,20 @@ def parse(files: Sequence[str], bindings: Sequence[str] = ()) -> None:
 
 
 def _explain(err: Exception) -> str:
+    """Gin's message, plus the closest known configurable or parameter names."""
     msg = str(err).strip().strip('"')
     if "No configurable matching" in msg:
-        name = msg.split("'")[1] if "'" in msg else ""
-        known = [k for k in gin_config._REGISTRY.keys() if "." in k]  # noqa: SLF001
+        name = msg.split("'")[1]
+        known = [k for k, _ in gin_config._REGISTRY.items() if not k.startswith("gin.")]  # noqa: SLF001
         close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
-        if close:
-            msg += f". Did you mean {', '.join(close)}?"
-    elif "not a valid parameter" in msg or "Configurable" in msg and "doesn't have" in msg:
-        msg += ". Check the parameter name against the function's signature."
+        msg += f"\nFix: did you mean {', '.join(close)}?" if close else "\nFix: check the name and its `import` line."
+    elif "doesn't have a parameter named" in msg:
+        selector, param = re.search(r"'([^']+)' doesn't have a parameter named '([^']+)'", msg).groups()
+        fn = gin_config._REGISTRY.get_match(selector).wrapped  # noqa: SLF001
+        names = list(inspect.signature(fn).parameters)
+        close = difflib.get_close_matches(param, names, n=3, cutoff=0.5)
+        msg += f"\nFix: did you mean {', '.join(close)}? " if close else "\nFix: "
+        msg += f"{selector} takes {', '.join(n for n in names if n not in ('self', 'args', 'kwargs'))}."
     return msg
 
 
@@ -99,11 +106,21 @@ def _value(v: object) -> str:
 
 
 def settings() -> dict[str, str]:
-    """All parsed bindings as sorted ``{"scope/selector.param": repr}`` (macros as ``NAME``)."""
+    """The parsed bindings that concern this run, as sorted ``{"scope/selector.param": repr}``.
+
+    Macros appear as ``NAME``. Bindings of other methods' configurables (a table or
+    scale file may bind several methods) are left out: a configurable defined in
+    ``methods.*`` counts only when its module is referenced (``@name``) by the config.
+    """
+    config = gin_config._CONFIG  # noqa: SLF001 - gin has no public view of parsed, uncalled bindings
+    used = {ref.configurable.wrapped.__module__ for ref in gin_config.iterate_references(config)}
     out = {}
-    for (scope, selector), params in gin_config._CONFIG.items():  # noqa: SLF001 - no public view of unparsed bindings
+    for (scope, selector), params in config.items():
         if selector == "gin.macro":
             out[scope] = _value(params["value"])
+            continue
+        module = gin_config._REGISTRY[selector].wrapped.__module__  # noqa: SLF001
+        if module.startswith("methods.") and module not in used:
             continue
         for param, v in params.items():
             out[f"{scope + '/' if scope else ''}{selector}.{param}"] = _value(v)

@@ -110,7 +110,8 @@ def run(spec: RunSpec, method: Callable[..., Method] = gin.REQUIRED, dataset=gin
         feats = features(enc, dataset, pre_dir / "features", trainer.device, trainer.progress)
         for protocol in evaluations:
             record["metrics"].update(protocol(feats["train"], feats["test"]))
-            record["protocols"][protocol.name] = protocol.params()
+            record["protocols"][protocol.name] = {**protocol.params(), **(
+                {"selected": protocol.selected} if getattr(protocol, "selected", None) else {})}
         record["timings"] = {"pretrain_s": round(pre["seconds"], 2), "eval_s": round(time.time() - t0, 2)}
         record.update(status="done", finished=store.now())
         store.write_text(out_dir / "config.gin", gin.operative_config_str())

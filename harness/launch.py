@@ -5,6 +5,7 @@ through submitit's LocalExecutor, `parallel` at a time, echoing each job's outpu
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -47,7 +48,8 @@ class Local:
     """Local processes via submitit's LocalExecutor.
 
     Args:
-        parallel: jobs running at once (on a 2-core laptop, 1 is fastest).
+        parallel: jobs running at once (on a 2-core laptop, 1 is fastest); with more than
+            one, each job gets ``cpu_count // parallel`` torch threads.
         timeout_min: per-job time limit in minutes.
         echo: copy each job's output (progress bars included) to this terminal.
     """
@@ -59,22 +61,30 @@ class Local:
         """Runs every spec; returns each with the exception it raised, or None."""
         executor = submitit.LocalExecutor(folder=str(folder))
         executor.update_parameters(timeout_min=self.timeout_min)
+        if self.parallel > 1:  # share the cores: oversubscribed torch threads run many times slower
+            threads = max(1, (os.cpu_count() or 1) // self.parallel)
+            executor.update_parameters(setup=[f"export OMP_NUM_THREADS={threads}"])
         results, pending = [], list(specs)
         running: list[tuple[RunSpec, submitit.Job]] = []
         offsets: dict[Path, int] = {}
-        while pending or running:
-            while pending and len(running) < self.parallel:
-                spec = pending.pop(0)
-                print(f"\n=== [{len(specs) - len(pending)}/{len(specs)}] {spec.method} seed={spec.seed} "
-                      f"{dict(spec.swept) or ''} run {spec.run_id}", file=sys.stderr, flush=True)
-                running.append((spec, executor.submit(Job(), spec.to_json())))
-            time.sleep(0.5)
-            for spec, j in list(running):
-                if self.echo and self.parallel == 1:
-                    _echo([j.paths.stdout, j.paths.stderr], offsets)
-                if j.done():
-                    if self.echo and self.parallel == 1:
+        echo = self.echo and self.parallel == 1
+        try:
+            while pending or running:
+                while pending and len(running) < self.parallel:
+                    spec = pending.pop(0)
+                    print(f"\n=== [{len(specs) - len(pending)}/{len(specs)}] {spec.method} seed={spec.seed} "
+                          f"{dict(spec.swept) or ''} run {spec.run_id}", file=sys.stderr, flush=True)
+                    running.append((spec, executor.submit(Job(), spec.to_json())))
+                time.sleep(0.5)
+                for spec, j in list(running):
+                    finished = j.done()  # read before echoing, so the last output is echoed too
+                    if echo:
                         _echo([j.paths.stdout, j.paths.stderr], offsets)
-                    running.remove((spec, j))
-                    results.append((spec, j.exception()))
+                    if finished:
+                        running.remove((spec, j))
+                        results.append((spec, j.exception()))
+        except KeyboardInterrupt:
+            for _, j in running:  # local jobs must not outlive the sweep that started them
+                j.cancel(check=False)
+            raise
         return results

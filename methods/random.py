@@ -2,11 +2,15 @@
 (e.g. Goyal et al. 2019, "Scaling and Benchmarking Self-Supervised Visual
 Representation Learning", Table 2 "Random").
 
-Choice made here: the weights stay at timm's random initialisation, but BatchNorm's
-running statistics are recomputed on training images (cumulative average over
-`calibration_steps` batches of the pretraining views, no gradient). Without that,
-BN would normalise with the initial mean 0 / variance 1 and the features would
-mostly measure the input scale rather than the random network.
+Choices made here:
+- BatchNorm running statistics are recomputed on training images (cumulative average
+  over `calibration_steps` batches of the pretraining views, no gradient). Without
+  that, BN would normalise with the initial mean 0 / variance 1 and the features
+  would mostly measure the input scale rather than the random network.
+- BatchNorm scales are set to 1. timm zero-initialises the last BN of each residual
+  block (a trick that helps *training*, Goyal et al. 2017); left at zero, every
+  residual branch of an untrained network is switched off and "random" would measure
+  a stem plus shortcuts (28 % kNN on Fashion-MNIST instead of 76 %, measured).
 """
 from __future__ import annotations
 
@@ -33,6 +37,8 @@ class Random(Method):
             p.requires_grad_(False)
         for m in self.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                if m.affine:
+                    nn.init.ones_(m.weight)
                 m.reset_running_stats()
                 m.momentum = None  # cumulative moving average over all calibration batches
 

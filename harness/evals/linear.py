@@ -98,8 +98,8 @@ class LinearProbe:
         when parallel jobs share the cores, and one thread gives the same numbers everywhere.
 
         Returns:
-            ``linear/top1``, ``linear/top5`` (only with more than 5 train classes), in percent,
-            and ``linear/l2``, the chosen strength.
+            ``linear/top1``, ``linear/top5`` (only with more than 5 train classes), in percent.
+            The chosen strength is left in ``self.selected = {"l2": ...}`` (recorded in run.json).
         """
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
@@ -128,4 +128,5 @@ class LinearProbe:
         out = {"linear/top1": 100.0 * int(hit[:, 0].sum()) / len(hit)}
         if num_classes > 5:
             out["linear/top5"] = 100.0 * int(hit.any(1).sum()) / len(hit)
-        return out | {"linear/l2": best}
+        self.selected = {"l2": best}
+        return out

@@ -1,0 +1,136 @@
+"""Benchmarks: speed targets live here, not in timed tests.
+
+    python -m harness.bench throughput            # backbone candidates, img/s
+    python -m harness.bench methods               # s/step of each method at the embedded scale
+    python -m harness.bench table gin/table1.gin  # wall time of a whole table (fresh results)
+
+Each writes ``benchmarks/<command>.json`` (machine, versions, numbers) and prints
+a markdown table; BENCHMARKS.md quotes them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from harness import backbone, ginutil, store
+
+OUT = ginutil.REPO_ROOT / "benchmarks"
+CANDIDATES = [("resnet18", 32, False), ("resnet18", 28, False), ("resnet10t", 32, False), ("resnet34", 32, False),
+              ("resnet18", 64, False), ("resnet18", 32, True)]
+
+
+def machine() -> dict:
+    return {"cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+            "git": store.git_revision(), "date": store.now()}
+
+
+def _timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    t = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - t) / repeats
+
+
+def throughput(batch: int = 256, repeats: int = 3) -> list[dict]:
+    """Training (forward, backward, SGD step) and inference img/s of backbone candidates, 1 channel."""
+    rows = []
+    for name, size, small in CANDIDATES:
+        net = backbone.create(name, in_chans=1, small_input=small)
+        opt = torch.optim.SGD(net.parameters(), lr=0.01)
+        x = torch.randn(batch if not small else batch // 4, 1, size, size)
+
+        def train_step():
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+
+        def infer():
+            with torch.no_grad():
+                net.eval()(x)
+            net.train()
+        rows.append({"backbone": name, "size": size, "small_input": small, "params_m": round(
+            sum(p.numel() for p in net.parameters()) / 1e6, 1),
+            "train_img_s": round(len(x) / _timed(train_step, repeats)), "infer_img_s": round(len(x) / _timed(infer, repeats))})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def methods(names: Sequence[str], steps: int = 4) -> list[dict]:
+    """Seconds per training step of each method at the embedded scale (its own views and batch)."""
+    from harness import job
+    from harness.trainer import Trainer, batch_indices
+    from methods.base import Batch
+    rows = []
+    for name in names:
+        ginutil.parse([str(ginutil.method_gin(name)), "gin/scale/embedded.gin"])
+        dataset = ginutil.reference("job.run.dataset")
+        data = dataset.split("pretrain")
+        method, views = job.build(ginutil.reference("job.run.method"), ginutil.reference("job.run.views"), data, 0)
+        trainer = Trainer()
+        if trainer.total_steps(method, len(data)) == 0:
+            continue
+        opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad] or [torch.zeros(1, requires_grad=True)], lr=1e-3)
+        state = {"step": 0}
+
+        def step():
+            idx = batch_indices(len(data), trainer.batch_size, 0, state["step"])
+            state["step"] += 1
+            loss = method.loss(Batch(views(data.images[idx]), data.labels[idx], idx))["loss"]
+            if loss.requires_grad:
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        sec = _timed(step, steps)
+        total = trainer.total_steps(method, len(data))
+        rows.append({"method": name, "batch": trainer.batch_size, "views": len(views.augmentations),
+                     "s_per_step": round(sec, 3), "steps": total, "est_pretrain_s": round(sec * total)})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def table(gin_files: Sequence[str]) -> list[dict]:
+    """Wall time of a whole table run from scratch through the CLI, and its per-run costs."""
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "harness.sweep", *gin_files, "--results", tmp],
+                              cwd=ginutil.REPO_ROOT, capture_output=True, text=True)
+        wall = time.perf_counter() - t
+        if proc.returncode != 0:
+            raise SystemExit(f"table failed:\n{proc.stderr[-3000:]}")
+        name = next(Path(tmp).glob("*/leaderboard.md")).parent
+        board = (name / "leaderboard.md").read_text()
+    print(board)
+    return [{"table": " ".join(gin_files), "wall_s": round(wall, 1), "leaderboard_md": board}]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m harness.bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("what", choices=["throughput", "methods", "table"])
+    ap.add_argument("args", nargs="*", help="methods: names (default: those of gin/table1.gin); table: gin files")
+    args = ap.parse_args(argv)
+    if args.what == "throughput":
+        rows = throughput()
+    elif args.what == "methods":
+        rows = methods(args.args or ["supervised", "random", "rotnet", "simclr"])
+    else:
+        rows = table(args.args or ["gin/table1.gin"])
+    OUT.mkdir(exist_ok=True)
+    store.write_json(OUT / f"{args.what}.json", {"machine": machine(), "rows": rows})
+    print(f"wrote {OUT / (args.what + '.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""End to end on the real Fashion-MNIST files: the README's table at the smoke scale."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.conftest import REPO, fmnist_available
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not fmnist_available(), reason="Fashion-MNIST IDX files absent from "
+                                 "/usr/share/datasets/fashion-mnist (apt-get install dataset-fashion-mnist)")]
+
+
+def sweep(results: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "harness.sweep", "gin/table1.gin", "gin/scale/smoke.gin", "--results", str(results),
+           "--bind", "data.FashionMNIST.download = False", *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+
+
+def test_table1_smoke_end_to_end_then_nothing_to_do(tmp_path):
+    first = sweep(tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    table = tmp_path / "table1"
+    board = pd.read_csv(table / "leaderboard.csv")
+    assert sorted(board["method"]) == ["pixels", "random", "rotnet", "simclr", "supervised"]
+    assert (board["seeds"] == 2).all()
+    for col in ("linear/top1 mean", "knn/top1@20 mean", "knn/top1@200 mean"):
+        assert board[col].between(0, 100).all(), col
+    assert (board["linear/top1 mean"] > 15).all()  # 10 classes: every method beats chance on the probe
+    assert (table / "leaderboard.md").read_text().count("|") > 20
+    assert (table / "leaderboard.png").stat().st_size > 1000
+    assert len(list(table.glob("runs/*/config.gin"))) == 10
+    exported = list((tmp_path / "pretrain").glob("*/encoder.pt"))
+    assert len(exported) == 8  # every method but pixels exports its encoder
+
+    again = sweep(tmp_path)
+    assert again.returncode == 0 and "10 already done, 0 to run" in again.stderr
+    assert "pretrain:" not in again.stderr

@@ -1,0 +1,124 @@
+"""The sweep CLI: planning, stable ids, filters, errors, skip-if-done and pretraining reuse."""
+import json
+import re
+
+import pytest
+
+from harness import sweep
+from tests.test_data import write_fake_fmnist
+
+TABLE = "gin/table1.gin"
+
+
+def run(capsys, *args: str) -> tuple[int, str]:
+    rc = sweep.main(list(args))
+    out = capsys.readouterr()
+    return rc, out.out + out.err
+
+
+def dry(capsys, *args: str) -> list[dict]:
+    rc, out = run(capsys, TABLE, "--dry-run", *args)
+    assert rc == 0, out
+    rows = []
+    for line in out.splitlines():
+        m = re.match(r"(\w+)\s+(\d+)\s+([0-9a-f]{12})\s+([0-9a-f]{12})\s+(\w+)\s*(.*)$", line)
+        if m:
+            rows.append(dict(zip(("method", "seed", "run", "pre", "status", "swept"), m.groups())))
+    return rows
+
+
+def test_dry_run_lists_every_method_and_seed(capsys):
+    rows = dry(capsys)
+    assert len(rows) == 10
+    assert {r["method"] for r in rows} == {"supervised", "random", "pixels", "rotnet", "simclr"}
+    assert {r["seed"] for r in rows} == {"0", "1"}
+    assert len({r["run"] for r in rows}) == 10 and all(r["status"] == "todo" for r in rows)
+
+
+def test_run_ids_are_stable_and_follow_the_settings(capsys):
+    base = {(r["method"], r["seed"]): r for r in dry(capsys)}
+    again = {(r["method"], r["seed"]): r for r in dry(capsys)}
+    assert base == again
+    # An evaluation setting: same pretraining, new runs.
+    ev = {(r["method"], r["seed"]): r for r in dry(capsys, "--bind", "knn.KNN.temperature = 0.05")}
+    assert all(ev[k]["pre"] == base[k]["pre"] and ev[k]["run"] != base[k]["run"] for k in base)
+    # A pretraining setting of one method: only that method's ids move.
+    lr = {(r["method"], r["seed"]): r for r in dry(capsys, "--bind", "simclr.SimCLR.temperature = 0.5")}
+    assert all((lr[k]["pre"] != base[k]["pre"]) == (k[0] == "simclr") for k in base)
+    # The launcher changes nothing.
+    la = {(r["method"], r["seed"]): r for r in dry(capsys, "--bind", "launch.Local.parallel = 2")}
+    assert la == base
+
+
+def test_only_and_sweep(capsys):
+    rows = dry(capsys, "--only", "simclr", "--bind", "table.Table.sweep = {'simclr.SimCLR.temperature': [0.1, 0.5]}")
+    assert len(rows) == 4 and {r["method"] for r in rows} == {"simclr"}
+    assert {r["swept"] for r in rows} == {"{'simclr.SimCLR.temperature': '0.1'}", "{'simclr.SimCLR.temperature': '0.5'}"}
+
+
+@pytest.mark.parametrize("args, expected", [
+    (("--only", "simclrr"), "Did you mean simclr"),
+    (("--bind", "trainer.Trainer.epoch = 3"), "did you mean epochs"),
+    (("--bind", "trainer.Trainr.epochs = 3"), "did you mean trainer.Trainer"),
+    (("--bind", "table.Table.methods = ['simclr', 'byol2']"), "unknown method 'byol2'"),
+])
+def test_bad_input_fails_before_anything_runs(capsys, tmp_path, args, expected):
+    rc, out = run(capsys, TABLE, "--results", str(tmp_path), *args)
+    assert rc == 2 and expected in out
+    assert not any(tmp_path.rglob("run.json"))
+
+
+def test_gin_syntax_error_names_file_and_line(capsys, tmp_path):
+    bad = tmp_path / "bad.gin"
+    bad.write_text("# a comment\ntrainer.Trainer.epochs = = 3\n")
+    rc, out = run(capsys, TABLE, str(bad), "--dry-run")
+    assert rc == 2 and "bad.gin" in out and "line 2" in out
+
+
+@pytest.fixture
+def fake_data(tmp_path):
+    write_fake_fmnist(tmp_path / "data", n_train=300, n_test=100)
+    return ["gin/scale/smoke.gin", "--bind", f"data.FashionMNIST.root = '{tmp_path / 'data'}'",
+            "--bind", "data.FashionMNIST.download = False", "--results", str(tmp_path / "results")]
+
+
+def test_finished_runs_are_skipped_and_pretraining_is_reused(capsys, tmp_path, fake_data):
+    args = [TABLE, *fake_data, "--only", "random", "--bind", "table.Table.seeds = [0]",
+            "--bind", "job.run.evaluations = [@knn.KNN()]"]
+    rc, out = run(capsys, *args)
+    assert rc == 0, out
+    (run_json,) = (tmp_path / "results" / "table1" / "runs").glob("*/run.json")
+    rec = json.loads(run_json.read_text())
+    assert rec["status"] == "done" and set(rec["metrics"]) == {"knn/top1@20", "knn/top1@200"}
+    pre_json = tmp_path / "results" / "pretrain" / rec["pretrain_id"] / "pretrain.json"
+    stamp = (run_json.stat().st_mtime_ns, pre_json.stat().st_mtime_ns)
+
+    rc, out = run(capsys, *args)  # again: nothing runs
+    assert rc == 0 and "0 to run" in out
+    assert (run_json.stat().st_mtime_ns, pre_json.stat().st_mtime_ns) == stamp
+
+    # An evaluation added later: a new run that reuses the pretrained encoder.
+    rc, out = run(capsys, *args[:-2], "--bind", "job.run.evaluations = [@knn.KNN(), @linear.LinearProbe()]")
+    assert rc == 0, out
+    assert "already done: reusing" in out and pre_json.stat().st_mtime_ns == stamp[1]
+    runs = [json.loads(p.read_text()) for p in (tmp_path / "results" / "table1" / "runs").glob("*/run.json")]
+    assert len(runs) == 2 and {r["pretrain_id"] for r in runs} == {rec["pretrain_id"]}
+    assert (tmp_path / "results" / "table1" / "leaderboard.md").exists()
+
+
+def test_a_failing_run_is_recorded_and_the_sweep_exits_nonzero(capsys, tmp_path, fake_data):
+    rc, out = run(capsys, TABLE, *fake_data, "--only", "supervised", "--bind", "table.Table.seeds = [0]",
+                  "--bind", "trainer.Trainer.base_lr = 1e30", "--bind", "optim.SGD.momentum = 0.0")
+    assert rc == 1 and "FAILED supervised" in out
+    (run_json,) = (tmp_path / "results" / "table1" / "runs").glob("*/run.json")
+    rec = json.loads(run_json.read_text())
+    assert rec["status"] == "failed" and "NonFiniteLoss" in rec["error"] and "at step" in rec["error"]
+    assert rec["metrics"] == {} and rec["log"]
+    assert "Failed runs" in (tmp_path / "results" / "table1" / "leaderboard.md").read_text()
+
+
+def test_unwritable_results_folder(capsys, tmp_path, fake_data):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")  # a results root below a file can never be created (even as root)
+    rc, out = run(capsys, TABLE, *fake_data[:-2], "--results", str(blocker / "results"), "--only", "pixels")
+    assert rc == 2 and "not writable" in out and str(blocker) in out
