@@ -6,6 +6,8 @@ method's gin file binds its method and views; everything else is a ``@reference`
 from __future__ import annotations
 
 import inspect
+import os
+import socket
 import time
 import traceback
 from pathlib import Path
@@ -33,10 +35,12 @@ def _log_path() -> str | None:
         return None
 
 
-def _build_method(method: Callable[..., Method], net: nn.Module, num_classes: int) -> Method:
-    """Calls the method's constructor; methods that take ``num_classes`` get the dataset's."""
-    kwargs = {"num_classes": num_classes} if "num_classes" in inspect.signature(method).parameters else {}
-    return method(net, **kwargs)
+def _build_method(method: Callable[..., Method], net: nn.Module, num_classes: int, num_images: int) -> Method:
+    """Calls the method's constructor with the backbone; a method whose constructor takes
+    ``num_classes`` (supervised) or ``num_images`` (memory banks) gets the pretraining data's."""
+    params = inspect.signature(method).parameters
+    given = {"num_classes": num_classes, "num_images": num_images}
+    return method(net, **{k: v for k, v in given.items() if k in params})
 
 
 def build(method: Callable[..., Method], views: Callable[..., Views], data: ImageSet,
@@ -45,7 +49,7 @@ def build(method: Callable[..., Method], views: Callable[..., Views], data: Imag
     and the views normalised with the data's statistics."""
     torch.manual_seed(seed)
     net = backbone_lib.create(in_chans=data.channels)
-    return _build_method(method, net, len(data.classes)), views(mean=data.mean, std=data.std)
+    return _build_method(method, net, len(data.classes), len(data)), views(mean=data.mean, std=data.std)
 
 
 def pretrain(folder: Path, method: Callable[..., Method], dataset, views: Callable[..., Views],
@@ -64,11 +68,11 @@ def pretrain(folder: Path, method: Callable[..., Method], dataset, views: Callab
     return record
 
 
-def encoder_for_eval(folder: Path, method: Callable[..., Method], in_chans: int, num_classes: int) -> nn.Module:
+def encoder_for_eval(folder: Path, method: Callable[..., Method], data: ImageSet) -> nn.Module:
     """The exported encoder, rebuilt by timm alone; methods without one (pixels) build theirs."""
     if (folder / "encoder.pt").exists():
         return backbone_lib.load(folder)
-    return _build_method(method, backbone_lib.create(in_chans=in_chans), num_classes).encoder()
+    return build(method, lambda **_: None, data, seed=0)[0].encoder()
 
 
 @gin.configurable(module="job", denylist=["spec"])
@@ -95,7 +99,7 @@ def run(spec: RunSpec, method: Callable[..., Method] = gin.REQUIRED, dataset=gin
     record = {"run_id": spec.run_id, "pretrain_id": spec.pretrain_id, "table": spec.table, "method": spec.method,
               "seed": seed, "swept": dict(spec.swept), "status": "running", "metrics": {}, "protocols": {},
               "timings": {}, "git": store.git_revision(), "error": None, "log": _log_path(),
-              "started": store.now(), "finished": None}
+              "host": socket.gethostname(), "pid": os.getpid(), "started": store.now(), "finished": None}
     store.write_json(out_dir / "run.json", record)
     try:
         with store.locked(pre_dir):
@@ -105,8 +109,7 @@ def run(spec: RunSpec, method: Callable[..., Method] = gin.REQUIRED, dataset=gin
             else:
                 print(f"pretraining {spec.pretrain_id} already done: reusing {pre_dir}", flush=True)
         t0 = time.time()
-        data = dataset.split("test")
-        enc = encoder_for_eval(pre_dir, method, data.channels, len(data.classes))
+        enc = encoder_for_eval(pre_dir, method, dataset.split("test"))
         feats = features(enc, dataset, pre_dir / "features", trainer.device, trainer.progress)
         for protocol in evaluations:
             record["metrics"].update(protocol(feats["train"], feats["test"]))
@@ -117,6 +120,10 @@ def run(spec: RunSpec, method: Callable[..., Method] = gin.REQUIRED, dataset=gin
         store.write_text(out_dir / "config.gin", gin.operative_config_str())
         store.write_json(out_dir / "run.json", record)
         return record
+    except SystemExit:  # submitit requeues a preempted or timed-out job by exiting it
+        record.update(status="requeued", finished=store.now())
+        store.write_json(out_dir / "run.json", record)
+        raise
     except BaseException as err:
         record.update(status="failed", error=f"{type(err).__name__}: {err}", finished=store.now(),
                       traceback=traceback.format_exc())

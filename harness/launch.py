@@ -2,10 +2,20 @@
 
 ``launch.Local`` (``gin/launch/local.gin``, the default) runs jobs as local processes
 through submitit's LocalExecutor, `parallel` at a time, echoing each job's output.
+``launch.Slurm`` (``gin/launch/slurm.gin``) submits them as one SLURM job array and
+leaves a ``queued.json`` marker (job id) in each run folder.
+
+Jobs are ``submitit.helpers.Checkpointable``: on preemption or timeout (SIGUSR2) the
+trainer saves a checkpoint at the next step boundary, submitit requeues the job, and
+the new attempt resumes from that checkpoint. The store, not the scheduler, says what
+is done: ``run.json`` files, plus ``squeue`` for what is queued.
 """
 from __future__ import annotations
 
 import os
+import shutil
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,7 +24,7 @@ from typing import Sequence
 import gin
 import submitit
 
-from harness import job
+from harness import job, store, trainer
 from harness.runspec import RunSpec
 
 
@@ -22,6 +32,8 @@ class Job(submitit.helpers.Checkpointable):
     """The callable submitit pickles: it receives only the RunSpec's JSON string."""
 
     def __call__(self, spec_json: str) -> dict:
+        sig = submitit.JobEnvironment._usr_sig()  # noqa: SLF001 - the signal submitit preempts with
+        signal.signal(sig, trainer.defer_while_training(signal.getsignal(sig)))
         return job.execute(RunSpec.from_json(spec_json))
 
 
@@ -88,3 +100,97 @@ class Local:
                 j.cancel(check=False)
             raise
         return results
+
+
+class LaunchError(RuntimeError):
+    """The chosen launcher cannot run here; the message says what to use instead."""
+
+
+def squeue_states() -> dict[str, str] | None:
+    """``{job id: state}`` of this user's SLURM jobs (array tasks one per line); None without SLURM."""
+    exe = shutil.which("squeue")
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run([exe, "-h", "-r", "--me", "-o", "%i|%T"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return dict(line.split("|", 1) for line in out.stdout.split() if "|" in line)
+
+
+def marker_path(spec: RunSpec) -> Path:
+    return store.run_dir(spec.results, spec.table, spec.run_id) / "queued.json"
+
+
+@gin.configurable(module="launch")
+class Slurm:
+    """A SLURM job array through submitit; one task per RunSpec, each receiving only its strings.
+
+    Args:
+        partition: ``--partition``.
+        time_min: per-job time limit in minutes (a job past it is requeued and resumes).
+        gpus_per_node: GPUs per job.
+        cpus_per_task: CPUs per task.
+        mem_gb: memory per job.
+        tasks_per_node: processes per job (DDP ranks).
+        array_parallelism: tasks of the array running at once.
+        account: ``--account``.
+        qos: ``--qos``.
+        constraint: ``--constraint``.
+        additional: further sbatch options, e.g. ``{"reservation": "x"}``.
+        max_num_timeout: requeues after time-outs or preemptions before giving up.
+        wait: block until every job has finished (tests, small clusters).
+        poll_s: seconds between checks when waiting.
+    """
+
+    def __init__(self, partition: str | None = None, time_min: int = 24 * 60, gpus_per_node: int = 0,
+                 cpus_per_task: int = 8, mem_gb: float | None = None, tasks_per_node: int = 1,
+                 array_parallelism: int = 64, account: str | None = None, qos: str | None = None,
+                 constraint: str | None = None, additional: dict | None = None, max_num_timeout: int = 10,
+                 wait: bool = False, poll_s: float = 5.0):
+        self.wait, self.poll_s, self.max_num_timeout = wait, poll_s, max_num_timeout
+        self.params = {"timeout_min": time_min, "gpus_per_node": gpus_per_node, "cpus_per_task": cpus_per_task,
+                       "tasks_per_node": tasks_per_node, "mem_gb": mem_gb,
+                       "slurm_array_parallelism": array_parallelism, "slurm_partition": partition,
+                       "slurm_account": account, "slurm_qos": qos, "slurm_constraint": constraint,
+                       "slurm_additional_parameters": additional}
+
+    def check(self) -> None:
+        if shutil.which("sbatch") is None:
+            raise LaunchError("sbatch not found on PATH: gin/launch/slurm.gin submits to a SLURM cluster. Run the "
+                              "sweep on a cluster's login node, or use local processes (drop gin/launch/slurm.gin, "
+                              "or give gin/launch/local.gin after it)")
+
+    def launch(self, specs: Sequence[RunSpec], folder: Path) -> list[tuple[RunSpec, Exception | None]]:
+        """Submits every spec as one job array; returns outcomes only when `wait` is set."""
+        self.check()
+        executor = submitit.AutoExecutor(folder=str(folder), cluster="slurm", slurm_max_num_timeout=self.max_num_timeout)
+        executor.update_parameters(**{k: v for k, v in self.params.items() if v is not None})
+        jobs = executor.map_array(Job(), [s.to_json() for s in specs])
+        for spec, j in zip(specs, jobs):
+            store.write_json(marker_path(spec), {"job_id": j.job_id, "launcher": "slurm", "submitted": store.now(),
+                                                 "log": str(j.paths.stdout)})
+        print(f"submitted {len(jobs)} runs as SLURM job array {jobs[0].job_id.split('_')[0]}", file=sys.stderr)
+        return wait_for(specs, self.poll_s) if self.wait else []
+
+
+def wait_for(specs: Sequence[RunSpec], poll_s: float) -> list[tuple[RunSpec, Exception | None]]:
+    """Polls run.json files and squeue until every spec is done, failed, or gone from the queue."""
+    results: list[tuple[RunSpec, Exception | None]] = []
+    pending = list(specs)
+    while pending:
+        time.sleep(poll_s)
+        queued = squeue_states() or {}
+        for spec in list(pending):
+            rec = store.read_json(marker_path(spec).with_name("run.json")) or {}
+            job_id = (store.read_json(marker_path(spec)) or {}).get("job_id")
+            if rec.get("status") == "done":
+                results.append((spec, None))
+            elif rec.get("status") == "failed" or job_id not in queued:
+                results.append((spec, RuntimeError(rec.get("error") or f"job {job_id} left the queue unfinished")))
+            else:
+                continue
+            pending.remove(spec)
+    return results

@@ -8,6 +8,8 @@ each one's gin up front (so a typo fails before anything trains), skips runs who
 from __future__ import annotations
 
 import argparse
+import os
+import socket
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -51,12 +53,47 @@ def plan(gin_files: Sequence[str], bindings: Sequence[str], only: Sequence[str] 
     return table, specs
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def run_state(spec: RunSpec, queued: dict[str, str] | None) -> tuple[str, str]:
+    """``(state, detail)`` of a run from the store and the queue.
+
+    States: ``done``; ``pending``/``running``/... (its SLURM job, from squeue);
+    ``running`` (a local process alive on this host); ``failed`` (with the error's first
+    line and the log); ``todo`` (never run, or a stale marker whose job is gone).
+    """
+    folder = store.run_dir(spec.results, spec.table, spec.run_id)
+    rec = store.read_json(folder / "run.json") or {}
+    if rec.get("status") == "done":
+        return "done", ""
+    marker = store.read_json(folder / "queued.json") or {}
+    job_id = marker.get("job_id")
+    if job_id and queued is not None and job_id in queued:
+        return queued[job_id].lower(), f"job {job_id}, log {marker.get('log')}"
+    if rec.get("status") == "running" and rec.get("host") == socket.gethostname() and _alive(rec.get("pid", -1)):
+        return "running", f"pid {rec['pid']}, log {rec.get('log')}"
+    if rec.get("status") == "failed":
+        return "failed", f"{(rec.get('error') or '').splitlines()[0][:200]} (log {rec.get('log')})"
+    if rec or marker:
+        return "todo", "stale: its job is no longer queued or running"
+    return "todo", ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m harness.sweep", description=__doc__.split("\n\n")[0])
     ap.add_argument("gin", nargs="+", help="table gin file, then overrides (scale, launcher, ...)")
     ap.add_argument("--bind", action="append", default=[], help="a gin binding, e.g. 'trainer.Trainer.epochs = 2'")
     ap.add_argument("--only", help="comma-separated methods of the table to run")
     ap.add_argument("--dry-run", action="store_true", help="list the runs and whether they are done; train nothing")
+    ap.add_argument("--status", action="store_true", help="print each run's state (store and squeue); run nothing")
     ap.add_argument("--results", default="results", help="results root; the table lands in <root>/<table>/")
     args = ap.parse_args(argv)
     only = [m.strip() for m in args.only.split(",") if m.strip()] if args.only else None
@@ -68,14 +105,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     table_dir = Path(args.results) / table.name
-    todo = [s for s in specs if not store.is_done(store.run_dir(s.results, s.table, s.run_id) / "run.json")]
-    if args.dry_run:
-        print(f"table {table.name}: {len(specs)} runs, {len(specs) - len(todo)} done, results in {table_dir}/")
-        print(f"{'method':<14} {'seed':>4}  {'run id':<12}  {'pretrain id':<12}  {'status':<7} swept")
-        for s in specs:
-            rec = store.read_json(store.run_dir(s.results, s.table, s.run_id) / "run.json") or {}
-            print(f"{s.method:<14} {s.seed:>4}  {s.run_id:<12}  {s.pretrain_id:<12}  "
-                  f"{rec.get('status', 'todo'):<7} {dict(s.swept) or ''}")
+    queued = launch_lib.squeue_states()
+    states = [(s, *run_state(s, queued)) for s in specs]
+    todo = [s for s, state, _ in states if state in ("todo", "failed")]
+    if args.dry_run or args.status:
+        print(f"table {table.name}: {len(specs)} runs, {sum(st == 'done' for _, st, _ in states)} done, "
+              f"{len(todo)} to run, results in {table_dir}/")
+        print(f"{'method':<14} {'seed':>4}  {'run id':<12}  {'pretrain id':<12}  {'status':<9} "
+              f"{'swept' if args.dry_run else 'detail'}")
+        for s, state, detail in states:
+            extra = (dict(s.swept) or "") if args.dry_run else detail
+            print(f"{s.method:<14} {s.seed:>4}  {s.run_id:<12}  {s.pretrain_id:<12}  {state:<9} {extra}")
         return 0
     try:
         table_dir.mkdir(parents=True, exist_ok=True)
@@ -85,9 +125,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as err:
         print(f"error: results folder {table_dir} is not writable ({err}); pass --results DIR", file=sys.stderr)
         return 2
-    print(f"table {table.name}: {len(specs)} runs, {len(specs) - len(todo)} already done, {len(todo)} to run",
-          file=sys.stderr)
+    print(f"table {table.name}: {len(specs)} runs, {sum(st == 'done' for _, st, _ in states)} already done, "
+          f"{len(specs) - len(todo) - sum(st == 'done' for _, st, _ in states)} queued or running, "
+          f"{len(todo)} to run", file=sys.stderr)
+    try:
+        if todo and hasattr(launch, "check"):
+            launch.check()
+    except launch_lib.LaunchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     outcomes = launch.launch(todo, table_dir / "jobs") if todo else []
+    if todo and not outcomes:
+        print(f"check progress with: python -m harness.sweep {' '.join(args.gin)} --status", file=sys.stderr)
     failed = [(s, e) for s, e in outcomes if e is not None]
     for s, e in failed:
         rec = store.read_json(store.run_dir(s.results, s.table, s.run_id) / "run.json") or {}

@@ -25,6 +25,24 @@ from harness.views import Views
 from methods.base import Batch, Method
 
 
+# Preemption (SLURM or submitit's local executor send SIGUSR2): the launcher routes the
+# signal here, so the checkpoint is saved at a step boundary, never mid-step.
+_training = False
+_pending: Callable[[], None] | None = None
+
+
+def defer_while_training(handler: Callable[[int, object], None]) -> Callable[[int, object], None]:
+    """Wraps a signal handler: while a trainer is inside a step, it runs after the step's
+    checkpoint is saved; otherwise at once."""
+    def wrapped(signum: int, frame: object) -> None:
+        global _pending
+        if _training:
+            _pending = lambda: handler(signum, frame)
+        else:
+            handler(signum, frame)
+    return wrapped
+
+
 class NonFiniteLoss(FloatingPointError):
     """The loss became NaN or infinite; the message names the step."""
 
@@ -140,10 +158,23 @@ class Trainer:
                 opt.load_state_dict(ckpt["optimizer"])
             set_rng_state(ckpt["rng"])
             start = resumed = int(ckpt["step"])
+            print(f"resuming from step {start} of {total} ({ckpt_path})", flush=True)
         _truncate_log(log_path, start)
-        last = float("nan")
         bar = tqdm(range(start, total), initial=start, total=total, disable=not self.progress or total == 0,
                    desc="pretrain", dynamic_ncols=True, mininterval=1.0)
+        global _training, _pending
+        _training = True
+        try:
+            self._loop(method, opt, data, views, bar, total, start, seed, ckpt_path, log_path, stop_after)
+        finally:
+            _training, _pending = False, None
+        bar.close()
+        return {"steps": total, "resumed_from": resumed, "final_loss": self.last_loss}
+
+    def _loop(self, method: Method, opt: torch.optim.Optimizer | None, data: ImageSet, views: Views, bar: tqdm,
+              total: int, start: int, seed: int, ckpt_path: Path, log_path: Path, stop_after: int | None) -> None:
+        global _pending
+        self.last_loss = float("nan")
         with open(log_path, "a") as log:
             for step in bar:
                 idx = batch_indices(len(data), self.batch_size, seed, step)
@@ -162,19 +193,21 @@ class Trainer:
                     loss.backward()
                     opt.step()
                 method.after_step(step, total)
-                last = loss.item()
+                self.last_loss = loss.item()
                 if step % self.log_every == 0 or step == total - 1:
                     rec = {"step": step, "lr": lr, **{k: round(float(v.detach()), 6) for k, v in out.items()}}
                     log.write(json.dumps(rec) + "\n")
-                    bar.set_postfix(loss=f"{last:.4f}", refresh=False)
+                    bar.set_postfix(loss=f"{self.last_loss:.4f}", refresh=False)
                 done = step + 1
-                if done % self.checkpoint_every == 0 or done == total:
+                if done % self.checkpoint_every == 0 or done == total or _pending is not None:
                     log.flush()
                     self._checkpoint(ckpt_path, done, method, opt)
+                if _pending is not None:  # preempted: checkpoint saved, now requeue and exit
+                    print(f"preempted after step {done} of {total}: checkpoint saved, requeueing", flush=True)
+                    handler, _pending = _pending, None
+                    handler()
                 if stop_after is not None and done - start >= stop_after and done < total:
                     raise Interrupted(f"stopped after step {done} of {total}")
-        bar.close()
-        return {"steps": total, "resumed_from": resumed, "final_loss": last}
 
     @staticmethod
     def _checkpoint(path: Path, step: int, method: Method, opt: torch.optim.Optimizer | None) -> None:

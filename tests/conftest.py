@@ -50,3 +50,39 @@ def tiny_data() -> ImageSet:
 def parse_method(name: str, *bindings: str) -> None:
     """Parses a method's gin file at the embedded scale with the tiny test network."""
     ginutil.parse([str(REPO / "gin" / "methods" / f"{name}.gin"), "gin/scale/embedded.gin"], [*TINY, *bindings])
+
+
+def _slurm_can_start() -> str | None:
+    """None when a local SLURM can be started here, else the reason it cannot."""
+    import os
+    import shutil
+    if os.geteuid() != 0:
+        return "starting the local SLURM cluster needs root (scripts/local-slurm.sh)"
+    if not (shutil.which("slurmctld") or shutil.which("apt-get")):
+        return "neither slurmctld nor apt-get (to install slurm-wlm) is available"
+    return None
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real single-node SLURM on localhost for the session (scripts/local-slurm.sh).
+
+    Skipped with the reason where it cannot start; in CI (``CI`` set) that is a failure.
+    Stops the cluster afterwards only if this fixture started it.
+    """
+    import os
+    import subprocess
+    reason = _slurm_can_start()
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(f"slurm tests must run in CI: {reason}")
+        pytest.skip(reason)
+    script = str(REPO / "scripts" / "local-slurm.sh")
+    was_up = subprocess.run([script, "status"], capture_output=True).returncode == 0
+    up = subprocess.run([script, "up"], capture_output=True, text=True, timeout=600)
+    if up.returncode != 0:
+        msg = f"local SLURM did not start:\n{up.stdout[-2000:]}\n{up.stderr[-2000:]}"
+        pytest.fail(msg) if os.environ.get("CI") else pytest.skip(msg)
+    yield
+    if not was_up:
+        subprocess.run([script, "down"], capture_output=True, timeout=120)

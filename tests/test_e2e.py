@@ -36,5 +36,5 @@ def test_table1_smoke_end_to_end_then_nothing_to_do(tmp_path):
     assert len(exported) == 8  # every method but pixels exports its encoder
 
     again = sweep(tmp_path)
-    assert again.returncode == 0 and "10 already done, 0 to run" in again.stderr
+    assert again.returncode == 0 and "10 already done, 0 queued or running, 0 to run" in again.stderr
     assert "pretrain:" not in again.stderr
