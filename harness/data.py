@@ -2,6 +2,7 @@
 
 Fashion-MNIST (Xiao et al. 2017) is the embedded default: the IDX files of Debian's
 ``dataset-fashion-mnist`` package, else a configured folder, else torchvision's download.
+`ImageFolder` reads ImageNet-style ``split/class/image`` trees, decoding on demand.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ class ImageSet:
     """A labelled split held in memory.
 
     Attributes:
-        images: uint8 ``[N, C, H, W]``.
+        images: uint8 ``[N, C, H, W]``, a tensor or `ImageFiles` decoded when indexed.
         labels: int64 ``[N]``.
         classes: class names, indexed by label.
         mean: per-channel mean of the training images in [0, 1].
@@ -59,7 +60,8 @@ class ImageSet:
         if n is None or n >= len(self):
             return self
         idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]
-        return dataclasses.replace(self, images=self.images[idx], labels=self.labels[idx])
+        images = self.images.select(idx) if isinstance(self.images, ImageFiles) else self.images[idx]
+        return dataclasses.replace(self, images=images, labels=self.labels[idx])
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -149,7 +151,143 @@ class FashionMNIST:
         return self._cache[which]
 
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class ImageFiles:
+    """Image files decoded when indexed: ``files[idx]`` is uint8 ``[B, C, S, S]``.
+
+    Each image is resized (shorter side to `size`) and centre-cropped to ``size x size``;
+    the views then crop from that copy. Decoding runs on `threads` threads (PIL releases
+    the GIL). A file that cannot be decoded stops the run with its path: a benchmark
+    whose images silently vary between runs cannot be compared; `python -m harness.data
+    verify DIR` lists every bad file at once.
+    """
+
+    def __init__(self, paths: Sequence[str], size: int, channels: int = 3, threads: int = 8):
+        self.paths, self.size, self.channels, self.threads = list(paths), size, channels, threads
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.paths), self.channels, self.size, self.size)
+
+    def select(self, idx: torch.Tensor) -> "ImageFiles":
+        return ImageFiles([self.paths[i] for i in idx.tolist()], self.size, self.channels, self.threads)
+
+    def load(self, path: str) -> torch.Tensor:
+        from PIL import Image, UnidentifiedImageError
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB" if self.channels == 3 else "L")
+                scale = self.size / min(im.size)
+                w, h = max(self.size, round(im.width * scale)), max(self.size, round(im.height * scale))
+                im = im.resize((w, h), Image.BILINEAR)
+                left, top = (w - self.size) // 2, (h - self.size) // 2
+                im = im.crop((left, top, left + self.size, top + self.size))
+                arr = np.asarray(im, dtype=np.uint8).reshape(self.size, self.size, self.channels)
+        except (OSError, UnidentifiedImageError, ValueError) as err:
+            raise DataError(f"{path}: cannot decode image ({err}). Fix: delete or replace the file; "
+                            "`python -m harness.data verify <folder>` lists every unreadable image") from err
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1)  # [C, S, S]
+
+    def __getitem__(self, idx: torch.Tensor | slice | int) -> torch.Tensor:
+        if isinstance(idx, int):
+            return self.load(self.paths[idx])
+        picks = self.paths[idx] if isinstance(idx, slice) else [self.paths[i] for i in idx.tolist()]
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(self.threads) as pool:
+            return torch.stack(list(pool.map(self.load, picks)))  # [B, C, S, S]
+
+
+def scan_folder(folder: Path) -> tuple[list[str], list[int], list[str]]:
+    """``(paths, labels, classes)`` of a ``class/image`` tree, classes sorted by name."""
+    if not folder.is_dir():
+        raise DataError(f"image folder not found: {folder}. Fix: bind `data.ImageFolder.root` to a folder holding "
+                        "train/ and val/ (one subfolder per class, as torchvision's ImageFolder reads)")
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
+    paths, labels = [], []
+    for label, c in enumerate(classes):
+        for f in sorted((folder / c).rglob("*")):
+            if f.suffix.lower() in IMAGE_EXTENSIONS:
+                paths.append(str(f))
+                labels.append(label)
+    if not paths:
+        raise DataError(f"{folder}: no images found in class subfolders ({', '.join(IMAGE_EXTENSIONS)})")
+    return paths, labels, classes
+
+
+@gin.configurable(module="data")
+class ImageFolder:
+    """A ``root/<split>/<class>/<image>`` tree (ImageNet's layout), decoded on demand.
+
+    Args:
+        root: the dataset folder.
+        train_dir: subfolder of the training split.
+        test_dir: subfolder of the evaluation split (ImageNet: ``val``).
+        load_size: side of the stored copy the views crop from (shorter side resize + centre crop).
+        channels: 3 (RGB) or 1 (grayscale).
+        pretrain_size: images used for pretraining (a fixed subset of train); None: all.
+        mean: per-channel mean for normalisation (default: ImageNet's).
+        std: per-channel std.
+        threads: decoding threads.
+    """
+
+    name = "imagefolder"
+
+    def __init__(self, root: str = gin.REQUIRED, train_dir: str = "train", test_dir: str = "val",
+                 load_size: int = 256, channels: int = 3, pretrain_size: int | None = None,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, threads: int = 8):
+        self.root, self.dirs = Path(root), {"train": train_dir, "test": test_dir}
+        self.load_size, self.channels, self.pretrain_size, self.threads = load_size, channels, pretrain_size, threads
+        self.mean, self.std = tuple(mean), tuple(std)
+        self._cache: dict[str, ImageSet] = {}
+
+    def split(self, which: str) -> ImageSet:
+        """``train``, ``test`` or ``pretrain`` (a subset of train)."""
+        if which == "pretrain":
+            return self.split("train").subset(self.pretrain_size)
+        if which not in self.dirs:
+            raise ValueError(f"unknown split {which!r}; use train, test or pretrain")
+        if which not in self._cache:
+            paths, labels, classes = scan_folder(self.root / self.dirs[which])
+            self._cache[which] = ImageSet(ImageFiles(paths, self.load_size, self.channels, self.threads),
+                                          torch.tensor(labels), classes, self.mean, self.std)
+        return self._cache[which]
+
+
+def verify(folder: Path) -> list[str]:
+    """Every image under `folder` that cannot be decoded, with the reason."""
+    files = ImageFiles([str(f) for f in sorted(folder.rglob("*")) if f.suffix.lower() in IMAGE_EXTENSIONS], 8)
+    bad = []
+    for p in files.paths:
+        try:
+            files.load(p)
+        except DataError as err:
+            bad.append(str(err).split(". Fix:")[0])
+    return bad
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m harness.data verify DIR``: list unreadable images; exit 1 if any."""
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m harness.data")
+    ap.add_argument("command", choices=["verify"])
+    ap.add_argument("folder", type=Path)
+    args = ap.parse_args(argv)
+    bad = verify(args.folder)
+    print("\n".join(bad) or f"{args.folder}: every image decodes")
+    return 1 if bad else 0
+
+
 def channel_stats(images: torch.Tensor) -> tuple[Sequence[float], Sequence[float]]:
     """Per-channel mean and std in [0, 1] of uint8 ``[N, C, H, W]`` images."""
     x = images.float().div_(255).transpose(0, 1).flatten(1)  # [C, N*H*W]
     return tuple(x.mean(1).tolist()), tuple(x.std(1).tolist())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
