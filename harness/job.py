@@ -19,6 +19,7 @@ from torch import nn
 
 from harness import backbone as backbone_lib
 from harness import ginutil, store
+from harness import trainer as trainer_lib
 from harness.data import ImageSet
 from harness.evals.features import FrozenFeatures
 from harness.runspec import RunSpec
@@ -59,6 +60,8 @@ def pretrain(folder: Path, method: Callable[..., Method], dataset, views: Callab
     data = dataset.split("pretrain")
     m, v = build(method, views, data, seed)
     fit = trainer.fit(m, data, v, folder, seed, stop_after=stop_after)
+    if trainer_lib.distributed()[0] > 0:  # other ranks only help train; rank 0 writes
+        return fit
     if m.encoder() is m.backbone:
         backbone_lib.export(m.backbone, folder)
     record = {"status": "done", "seconds": time.time() - t0, **fit, "git": store.git_revision(),
@@ -95,6 +98,10 @@ def run(spec: RunSpec, method: Callable[..., Method] = gin.REQUIRED, dataset=gin
     """
     trainer, features = trainer or Trainer(), features or FrozenFeatures()
     pre_dir = store.pretrain_dir(spec.results, spec.pretrain_id)
+    if trainer_lib.distributed()[0] > 0:  # data-parallel helper rank: pretraining only, no records
+        if not store.is_done(pre_dir / "pretrain.json"):
+            pretrain(pre_dir, method, dataset, views, trainer, seed)
+        return {}
     out_dir = store.run_dir(spec.results, spec.table, spec.run_id)
     record = {"run_id": spec.run_id, "pretrain_id": spec.pretrain_id, "table": spec.table, "method": spec.method,
               "seed": seed, "swept": dict(spec.swept), "status": "running", "metrics": {}, "protocols": {},
@@ -131,11 +138,27 @@ def run(spec: RunSpec, method: Callable[..., Method] = gin.REQUIRED, dataset=gin
         raise
 
 
+def init_distributed() -> None:
+    """Joins the job's tasks into one process group when submitit started several."""
+    import submitit
+    try:
+        env = submitit.JobEnvironment()
+    except RuntimeError:  # not a submitit job
+        return
+    if env.num_tasks > 1 and not torch.distributed.is_initialized():
+        submitit.helpers.TorchDistributedEnvironment().export()
+        if torch.cuda.is_available():
+            torch.cuda.set_device(env.local_rank)
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
 def execute(spec: RunSpec) -> dict:
-    """Entry point in a job process: parse the spec's gin, check its ids, run."""
+    """Entry point in a job process: parse the spec's gin, check its ids, join the job's
+    other tasks (data parallel), run."""
     ginutil.parse(spec.gin_files, spec.bindings)
     ids = ginutil.ids()
     if ids != (spec.pretrain_id, spec.run_id):
         raise RuntimeError(f"run {spec.run_id}: its settings resolve to ids {ids} now, not the ids planned by the "
                            "sweep (a gin file or the code changed since); run the sweep again")
+    init_distributed()
     return run(spec)

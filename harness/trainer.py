@@ -4,11 +4,19 @@ Determinism: the batch order is a pure function of (seed, step), augmentations a
 methods draw from torch's global RNG, and every checkpoint stores the step, the
 method, the optimizer and the RNG states; on CPU a resumed run ends with exactly the
 weights of an uninterrupted one (tests/test_trainer.py).
+
+Data parallel: inside an initialised process group (several tasks of a SLURM job, or
+any torch.distributed launch), the method is wrapped in DistributedDataParallel and
+each rank trains on its shard of the global batch; views are drawn for the whole
+batch on every rank, so a run on N processes follows a one-process run's trajectory
+(tests/test_ddp.py, gloo on CPU). On GPUs BatchNorm becomes SyncBatchNorm; on CPU
+(no SyncBatchNorm there) each rank normalises its own shard.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -17,6 +25,7 @@ from typing import Callable
 import gin
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from harness import store
@@ -72,6 +81,19 @@ def set_rng_state(state: dict) -> None:
     random.setstate((3, tuple(int(v) for v in state["python"]), None))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def distributed() -> tuple[int, int]:
+    """``(rank, world size)`` of the initialised process group, or ``(0, 1)``."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _mean_across_ranks(v: torch.Tensor) -> torch.Tensor:
+    v = v.detach().clone().float()
+    dist.all_reduce(v)
+    return v / dist.get_world_size()
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
@@ -144,6 +166,9 @@ class Trainer:
             Interrupted: after `stop_after` steps of this call (tests).
         """
         total = self.total_steps(method, len(data))
+        if self.batch_size % distributed()[1]:
+            raise ValueError(f"trainer.Trainer.batch_size = {self.batch_size} must divide evenly among "
+                             f"{distributed()[1]} processes")
         method.to(self.device).train()
         trainable = [p for p in method.parameters() if p.requires_grad]
         opt = self.optimizer(param_groups(method, self.weight_decay), lr=self.lr) if trainable else None
@@ -160,7 +185,8 @@ class Trainer:
             start = resumed = int(ckpt["step"])
             print(f"resuming from step {start} of {total} ({ckpt_path})", flush=True)
         _truncate_log(log_path, start)
-        bar = tqdm(range(start, total), initial=start, total=total, disable=not self.progress or total == 0,
+        bar = tqdm(range(start, total), initial=start, total=total,
+                   disable=not self.progress or total == 0 or distributed()[0] > 0,
                    desc="pretrain", dynamic_ncols=True, mininterval=1.0)
         global _training, _pending
         _training = True
@@ -175,16 +201,29 @@ class Trainer:
               total: int, start: int, seed: int, ckpt_path: Path, log_path: Path, stop_after: int | None) -> None:
         global _pending
         self.last_loss = float("nan")
-        with open(log_path, "a") as log:
+        rank, world = distributed()
+        model = method
+        if world > 1 and opt is not None:  # gradients averaged across ranks
+            if self.device.type == "cuda":
+                model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[torch.cuda.current_device()] if self.device.type == "cuda" else None)
+        shard = slice(rank * self.batch_size // world, (rank + 1) * self.batch_size // world)
+        with open(log_path, "a") if rank == 0 else open(os.devnull, "w") as log:
             for step in bar:
                 idx = batch_indices(len(data), self.batch_size, seed, step)
-                batch = Batch(views=views(data.images[idx].to(self.device)), labels=data.labels[idx].to(self.device),
-                              index=idx.to(self.device))
+                # Views of the whole global batch on every rank, then this rank's shard: the
+                # augmentations (and the RNG) stay identical to a one-process run.
+                all_views = views(data.images[idx].to(self.device))
+                batch = Batch(views=[v[shard] for v in all_views], labels=data.labels[idx][shard].to(self.device),
+                              index=idx[shard].to(self.device))
                 lr = self.lr * self.schedule(step, total)
-                out = method.loss(batch)
+                out = model(batch)
                 loss = out["loss"]
-                if not torch.isfinite(loss):
-                    raise NonFiniteLoss(f"loss is {loss.item()} at step {step} of {total}; lower the learning "
+                if world > 1:  # the logged and checked loss is the global batch's
+                    out = {k: _mean_across_ranks(v) for k, v in out.items()}
+                if not torch.isfinite(out["loss"]):
+                    raise NonFiniteLoss(f"loss is {out['loss'].item()} at step {step} of {total}; lower the learning "
                                         f"rate (trainer.Trainer.base_lr = {self.lr}) or check the method")
                 if opt is not None:
                     for g in opt.param_groups:
@@ -193,13 +232,13 @@ class Trainer:
                     loss.backward()
                     opt.step()
                 method.after_step(step, total)
-                self.last_loss = loss.item()
+                self.last_loss = out["loss"].item()
                 if step % self.log_every == 0 or step == total - 1:
                     rec = {"step": step, "lr": lr, **{k: round(float(v.detach()), 6) for k, v in out.items()}}
                     log.write(json.dumps(rec) + "\n")
                     bar.set_postfix(loss=f"{self.last_loss:.4f}", refresh=False)
                 done = step + 1
-                if done % self.checkpoint_every == 0 or done == total or _pending is not None:
+                if (done % self.checkpoint_every == 0 or done == total or _pending is not None) and rank == 0:
                     log.flush()
                     self._checkpoint(ckpt_path, done, method, opt)
                 if _pending is not None:  # preempted: checkpoint saved, now requeue and exit

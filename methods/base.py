@@ -45,6 +45,10 @@ class Method(nn.Module):
         """``{"loss": scalar, ...}``; extra entries are logged."""
         raise NotImplementedError
 
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """The loss; lets DistributedDataParallel wrap a method and average its gradients."""
+        return self.loss(batch)
+
     def after_step(self, step: int, total: int) -> None:
         """Updates that follow the optimizer step (EMA targets, queues, banks)."""
 

@@ -113,3 +113,25 @@ def test_slurm_launcher_without_sbatch_says_what_to_use(tmp_path, base, monkeypa
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "sbatch not found" in proc.stderr and "gin/launch/local.gin" in proc.stderr
     assert not list((tmp_path / "results").rglob("run.json"))
+
+
+def test_two_tasks_of_one_job_train_data_parallel(slurm_cluster, tmp_path, base):
+    """tasks_per_node = 2: submitit starts two processes that join one gloo group; the loss
+    trajectory matches a one-process local run of the same table (see tests/test_ddp.py)."""
+    args = ["--only", "supervised", "--bind", "table.Table.seeds = [0]", "--bind", "trainer.Trainer.max_steps = 6",
+            "--bind", "backbone.create.name = 'test_vit'"]
+    local = sweep(*[a if not a.endswith("slurm.gin") else "gin/launch/local.gin" for a in base[:-1]],
+                  str(tmp_path / "local"), *args)
+    assert local.returncode == 0, local.stderr[-3000:]
+    ddp = sweep(*base, *args, "--bind", "launch.Slurm.tasks_per_node = 2", "--bind", "launch.Slurm.wait = True")
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    (rec,) = runs(tmp_path)
+    rank1 = list((tmp_path / "results" / "table1" / "jobs").glob("*_1_log.out"))
+    assert rank1, "no log of a second task: the job did not run data parallel"
+
+    def losses(root) -> list[float]:
+        log = root / "pretrain" / rec["pretrain_id"] / "log.jsonl"
+        return [json.loads(ln)["loss"] for ln in log.read_text().splitlines()]
+    one, two = losses(tmp_path / "local"), losses(tmp_path / "results")
+    assert len(one) == len(two) == 6
+    assert all(abs(a - b) <= 1e-4 * abs(a) for a, b in zip(one, two)), (one, two)
