@@ -122,3 +122,29 @@ def test_unwritable_results_folder(capsys, tmp_path, fake_data):
     blocker.write_text("")  # a results root below a file can never be created (even as root)
     rc, out = run(capsys, TABLE, *fake_data[:-2], "--results", str(blocker / "results"), "--only", "pixels")
     assert rc == 2 and "not writable" in out and str(blocker) in out
+
+
+def test_stale_markers_are_ignored(capsys, tmp_path):
+    """A queued.json whose job is gone, or a 'running' record of a dead process, is todo."""
+    rows = dry(capsys, "--only", "pixels")
+    results = tmp_path / "results"
+    for row, what in zip(rows, ("marker", "record")):
+        folder = results / "table1" / "runs" / row["run"]
+        folder.mkdir(parents=True)
+        if what == "marker":
+            (folder / "queued.json").write_text(json.dumps({"job_id": "987654321_0", "log": "x"}))
+        else:
+            (folder / "run.json").write_text(json.dumps({"status": "running", "host": __import__("socket").gethostname(),
+                                                         "pid": 2**22 + 17, "run_id": row["run"], "method": "pixels"}))
+    rc, out = run(capsys, TABLE, "--status", "--only", "pixels", "--results", str(results))
+    assert rc == 0 and out.count("stale: its job is no longer queued or running") == 2
+    assert "2 to run" in out
+
+
+def test_missing_dataset_folder_fails_the_run_with_the_path(capsys, tmp_path, fake_data):
+    missing = tmp_path / "no-such-imagenet"
+    rc, out = run(capsys, TABLE, *fake_data, "--only", "supervised", "--bind", "table.Table.seeds = [0]",
+                  "--bind", "job.run.dataset = @data.ImageFolder()", "--bind", f"data.ImageFolder.root = '{missing}'")
+    assert rc == 1 and f"image folder not found: {missing}" in out
+    (rec,) = [json.loads(p.read_text()) for p in (tmp_path / "results").rglob("run.json")]
+    assert rec["status"] == "failed" and "DataError" in rec["error"]
