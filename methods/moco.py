@@ -1,0 +1,120 @@
+"""MoCo: He, Fan, Wu, Xie & Girshick 2020, "Momentum Contrast for Unsupervised Visual
+Representation Learning" (CVPR), and MoCo v2: Chen, Fan, Girshick & He 2020, "Improved
+Baselines with Momentum Contrastive Learning" (arXiv 2003.04297). Headline: ResNet-50,
+200 epochs, ImageNet linear probe 60.6 % top-1 (v1, Table 3) and 67.5 % (v2, Table 1;
+71.1 % at 800 epochs). One class; ``gin/methods/moco_v1.gin`` and ``moco.gin`` (v2)
+differ only in settings (head, tau, augmentation, schedule).
+
+A query encoder (backbone + head) and a key encoder, its exponential moving average
+(m = 0.999, updated in `after_step`, never exported). InfoNCE (eq. 1) classifies each
+query's positive key (logit index 0) against a queue of K keys from earlier batches;
+the batch's keys are enqueued after the step, the oldest dropped.
+
+Queue size: K = 65,536 in the paper (5 % of ImageNet). It is clipped to half the
+pretraining set, ``min(K, num_images // 2)``, so that the queue plus any batch of up
+to half the data never holds more keys than there are images (K + B <= N): the queue
+never needs two keys of one image within an epoch. It starts as random unit vectors,
+as in the paper's code.
+
+Shuffling BN (sec. 3.3). On 8 GPUs each GPU normalises its own 32 queries, and the
+keys are computed after a random shuffle of the batch across GPUs, so the BN statistics
+of a query and of its positive key come from different subsets: the model cannot find
+its positive from the batch statistics it shares with it. On one device we do the
+same: the queries are split, in order, into `bn_splits` sub-batches normalised
+separately (one forward per sub-batch), and the keys are permuted by a random
+permutation (torch's global RNG), split the same way, encoded, and un-permuted. A
+query's BN subset is its position block; its key's is a random one, as with GPUs.
+The key encoder's BatchNorm keeps no running statistics (MoCo never runs it in eval
+mode), so computing keys in `loss` changes no state; the query backbone's running
+statistics see each sub-batch in turn.
+"""
+from __future__ import annotations
+
+import copy
+
+import gin
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from methods.base import Batch, Method, mlp
+from methods.memory import Queue
+
+
+def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
+    """MoCo eq. 1: cross-entropy with the positive at logit index 0.
+
+    Args:
+        q: queries, ``[B, D]``, L2-normalised.
+        k: their positive keys, ``[B, D]``, L2-normalised.
+        queue: negative keys, ``[K, D]``, L2-normalised.
+        temperature: tau.
+    """
+    pos = (q * k).sum(1, keepdim=True)  # [B, 1]
+    neg = q @ queue.T  # [B, K]
+    logits = torch.cat([pos, neg], 1) / temperature  # [B, 1 + K]
+    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+
+
+def split_forward(net: nn.Module, x: torch.Tensor, splits: int) -> torch.Tensor:
+    """``net`` applied to `splits` consecutive sub-batches, each normalised by its own BN statistics."""
+    return torch.cat([net(part) for part in x.chunk(splits)])
+
+
+def _drop_running_stats(net: nn.Module) -> None:
+    """BatchNorm layers that always use batch statistics and store none (no side effects in forward)."""
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.track_running_stats = False
+            m.running_mean = m.running_var = m.num_batches_tracked = None
+
+
+@gin.configurable(module="moco")
+class MoCo(Method):
+    """Momentum contrast with a queue of keys.
+
+    Args:
+        backbone: the shared timm encoder.
+        num_images: pretraining images (the job passes the data's); clips the queue.
+        out_dim: feature width (paper: 128).
+        hidden_dim: MLP head hidden width (v2: 2048); 0 for v1's linear head.
+        temperature: tau (v1: 0.07, v2: 0.2).
+        queue_size: K (paper: 65536), clipped to ``num_images // 2``.
+        momentum: key encoder EMA m (paper: 0.999).
+        bn_splits: sub-batches for shuffled BN (paper: 8 GPUs); 1 turns shuffling off.
+    """
+
+    def __init__(self, backbone: nn.Module, num_images: int = gin.REQUIRED, out_dim: int = 128,
+                 hidden_dim: int = 2048, temperature: float = 0.2, queue_size: int = 65536,
+                 momentum: float = 0.999, bn_splits: int = 8):
+        super().__init__(backbone)
+        dims = [backbone.num_features, hidden_dim, out_dim] if hidden_dim else [backbone.num_features, out_dim]
+        self.head = mlp(dims, batch_norm=False)  # v2: fc-ReLU-fc; v1: one fc
+        self.key_encoder = nn.Sequential(copy.deepcopy(backbone), copy.deepcopy(self.head)).requires_grad_(False)
+        _drop_running_stats(self.key_encoder)
+        self.queue = Queue(max(1, min(queue_size, num_images // 2)), out_dim)
+        self.temperature, self.momentum, self.bn_splits = temperature, momentum, bn_splits
+        self._keys: torch.Tensor | None = None  # this step's keys, enqueued in after_step
+
+    def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
+        xq, xk = batch.views[:2]  # [B, C, S, S] each
+        splits = max(1, min(self.bn_splits, len(xq) // 2))  # at least two samples per BN sub-batch
+        q = F.normalize(split_forward(nn.Sequential(self.backbone, self.head), xq, splits), dim=1)  # [B, D]
+        with torch.no_grad():
+            perm = torch.randperm(len(xk), device=xk.device)  # shuffle, encode per sub-batch, unshuffle
+            k = F.normalize(split_forward(self.key_encoder, xk[perm], splits), dim=1)[torch.argsort(perm)]  # [B, D]
+        loss = info_nce(q, k, self.queue.keys, self.temperature)
+        self._keys = k
+        with torch.no_grad():
+            acc = ((q * k).sum(1) > (q @ self.queue.keys.T).amax(1)).float().mean()  # positive ranks first
+        return {"loss": loss, "acc": acc}
+
+    @torch.no_grad()
+    def after_step(self, step: int, total: int) -> None:
+        """Key encoder <- m * key + (1 - m) * query; then the step's keys join the queue."""
+        query = list(self.backbone.parameters()) + list(self.head.parameters())
+        for pk, pq in zip(self.key_encoder.parameters(), query, strict=True):
+            pk.mul_(self.momentum).add_(pq.detach(), alpha=1 - self.momentum)
+        if self._keys is not None:
+            self.queue.push(self._keys)
+            self._keys = None
