@@ -26,7 +26,7 @@ def base(tmp_path):
             "--bind", "launch.Slurm.poll_s = 1.0", "--results", str(tmp_path / "results")]
 
 
-def sweep(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def sweep(*args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "harness.sweep", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout)
 
@@ -77,7 +77,7 @@ def re_state(text: str) -> str:
 
 
 def test_preempted_job_requeues_resumes_and_matches_an_uninterrupted_run(slurm_cluster, tmp_path, base):
-    steps = ["--only", "supervised", "--bind", "table.Table.seeds = [0]", "--bind", "trainer.Trainer.max_steps = 200",
+    steps = ["--only", "supervised", "--bind", "table.Table.seeds = [0]", "--bind", "trainer.Trainer.max_steps = 150",
              "--bind", "trainer.Trainer.checkpoint_every = 1000", "--bind", "launch.Slurm.cpus_per_task = 2",
              "--bind", "backbone.create.name = 'resnet18'"]
     reference = sweep(*[a if not a.endswith("slurm.gin") else "gin/launch/local.gin" for a in base[:-1]],
@@ -104,7 +104,7 @@ def test_preempted_job_requeues_resumes_and_matches_an_uninterrupted_run(slurm_c
     ours = torch.load(log.parent / "encoder.pt", weights_only=True)
     theirs = torch.load(tmp_path / "reference" / "pretrain" / ref_run["pretrain_id"] / "encoder.pt", weights_only=True)
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
-    assert [json.loads(ln)["step"] for ln in log.read_text().splitlines()] == list(range(200))
+    assert [json.loads(ln)["step"] for ln in log.read_text().splitlines()] == list(range(150))
 
 
 def test_slurm_launcher_without_sbatch_says_what_to_use(tmp_path, base, monkeypatch):
