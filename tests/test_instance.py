@@ -1,13 +1,14 @@
 """Instance discrimination with banks and queues (NPID, InvaSpread, Exemplar-CNN, MoCo):
 the loss maths against independent computations, the bank and queue by hand, and
 resume restoring every buffer exactly."""
+import copy
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from harness import ginutil, job, store
+from harness import backbone, ginutil, job, store
 from harness.trainer import Interrupted, Trainer
 from methods.base import Batch
 from methods.exemplar import surrogate_labels
@@ -192,6 +193,33 @@ def test_split_forward_normalises_each_sub_batch_on_its_own():
     y = split_forward(bn, x, 4)
     for part in y.chunk(4):
         assert torch.allclose(part.mean(0), torch.zeros(3), atol=1e-5)
+
+
+def test_split_forward_in_one_pass_equals_a_forward_per_sub_batch():
+    parse_method("moco")  # the embedded backbone with the tiny test network
+    torch.manual_seed(0)
+    net = backbone.create(in_chans=1).train()
+    ref = copy.deepcopy(net)
+    x = torch.randn(16, 1, 32, 32)
+    y, y_ref = split_forward(net, x, 4), torch.cat([ref(p) for p in x.chunk(4)])
+    assert torch.allclose(y, y_ref, atol=1e-5)
+    y.square().sum().backward()
+    y_ref.square().sum().backward()
+    for (name, p), q in zip(net.named_parameters(), ref.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-4, rtol=1e-4), name
+    assert not any("forward" in vars(m) for m in net.modules())  # the BatchNorm layers are restored
+
+
+def test_split_forward_moves_running_statistics_to_the_mean_of_the_sub_batches():
+    bn = nn.BatchNorm2d(3)
+    x = torch.randn(8, 3, 4, 4) * 3 + 1
+    split_forward(bn, x, 4)
+    parts = x.chunk(4)
+    mean = torch.stack([p.mean((0, 2, 3)) for p in parts]).mean(0)
+    var = torch.stack([p.transpose(0, 1).reshape(3, -1).var(1) for p in parts]).mean(0)  # unbiased, as torch
+    assert torch.allclose(bn.running_mean, 0.1 * mean, atol=1e-5)
+    assert torch.allclose(bn.running_var, 0.9 + 0.1 * var, atol=1e-5)
+    assert bn.num_batches_tracked.item() == 1
 
 
 def test_moco_shuffle_keeps_keys_aligned_with_their_queries():
