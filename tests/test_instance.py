@@ -206,7 +206,9 @@ def test_split_forward_in_one_pass_equals_a_forward_per_sub_batch():
     y.square().sum().backward()
     y_ref.square().sum().backward()
     for (name, p), q in zip(net.named_parameters(), ref.parameters()):
-        assert torch.allclose(p.grad, q.grad, atol=1e-4, rtol=1e-4), name
+        # float32 sums in another order: tolerance relative to the gradient's scale (a wrong
+        # split would differ by the gradient's own size)
+        assert torch.allclose(p.grad, q.grad, atol=1e-4 * float(q.grad.abs().max()), rtol=1e-3), name
     assert not any("forward" in vars(m) for m in net.modules())  # the BatchNorm layers are restored
 
 
