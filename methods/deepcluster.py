@@ -178,7 +178,7 @@ class DeepCluster(Method):
         k = min(len(self.sizes), len(rows))
         seed = int(torch.randint(0, 2**31 - 1, ()))
         with threadpool_limits(limits=1):
-            km = KMeans(k, init="k-means++", n_init=1, max_iter=self.kmeans_iterations, random_state=seed).fit(x.numpy())
+            km = KMeans(k, n_init=1, max_iter=self.kmeans_iterations, random_state=seed).fit(x.numpy())
         centroids = torch.zeros(self.centroids.shape)
         centroids[:k] = torch.from_numpy(km.cluster_centers_).float()
         labels = fill_empty_clusters(x, torch.from_numpy(km.labels_).long(), centroids)

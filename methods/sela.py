@@ -56,7 +56,7 @@ def self_label(logits: torch.Tensor, lam: float, tolerance: float = 0.1,
         labels ``[N]`` (argmax of each row of the transport plan) and the log column
         scaling ``[K]``.
     """
-    log_p = lam * F.log_softmax(logits.double(), dim=1)  # [N, K], log P^lambda
+    log_p = lam * F.log_softmax(logits.detach().double(), dim=1)  # [N, K], log P^lambda
     _, log_col = sinkhorn_scalings(log_p, max_iterations, tolerance, check_every=10)
     return (log_p + log_col[None]).argmax(1), log_col
 

@@ -1,4 +1,4 @@
-"""Sinkhorn-Knopp in the log domain: equipartitioned assignments of samples to clusters.
+"""Sinkhorn-Knopp: equipartitioned assignments of samples to clusters.
 
 Shared by SwAV (Caron et al. 2020, "Unsupervised Learning of Visual Features by Contrasting
 Cluster Assignments", NeurIPS: soft codes of a batch, 3 iterations at epsilon = 0.05) and
@@ -12,8 +12,6 @@ This is not a method (no gin file); it holds no state.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 
@@ -23,13 +21,15 @@ def sinkhorn_scalings(logits: torch.Tensor, iterations: int, tolerance: float = 
 
     Each iteration first rescales the columns to sum to ``1/K``, then the rows to ``1/N``
     (SwAV's order; SeLa's ``r`` then ``c``), so the rows of the plan sum exactly to ``1/N``.
-    Computed in float64.
+    The scalings are iterated as vectors against a fixed kernel (two matrix-vector products
+    per iteration, as in SeLa's code), in float64; each row of the kernel is shifted by its
+    maximum and exponents are clamped at -700, so nothing overflows or vanishes entirely.
 
     Args:
         logits: ``[N, K]`` log of the unnormalised plan (SwAV: scores / epsilon; SeLa:
             lambda * log-probabilities).
         iterations: at most this many iterations.
-        tolerance: stop once ``sum_i |exp(u_i - u_i') - 1|`` (SeLa's ``|c / c_new - 1|``)
+        tolerance: stop once ``sum_i |c_i / c_i' - 1|`` (SeLa's test on the row scaling)
             falls below it; 0 runs all `iterations`.
         check_every: test the tolerance every this many iterations (SeLa: 10).
     Returns:
@@ -37,16 +37,18 @@ def sinkhorn_scalings(logits: torch.Tensor, iterations: int, tolerance: float = 
     """
     x = logits.double()  # [N, K]
     n, k = x.shape
-    u = (-torch.logsumexp(x.flatten(), 0)).expand(n)  # [N]: total mass 1
-    v = torch.zeros(k, dtype=x.dtype, device=x.device)
+    shift = x.max(1).values  # [N]
+    kernel = torch.exp((x - shift[:, None]).clamp_min(-700.0))  # [N, K], row maxima 1
+    c = torch.exp((shift - shift.max()).clamp_min(-700.0)) / n  # [N]: c * kernel is exp(x) up to a constant
+    r = torch.ones(k, dtype=x.dtype, device=x.device)  # [K]
     for it in range(iterations):
-        v = -math.log(k) - torch.logsumexp(x + u[:, None], dim=0)  # columns sum to 1/K
-        u_new = -math.log(n) - torch.logsumexp(x + v[None], dim=1)  # rows sum to 1/N
-        done = tolerance > 0 and it % check_every == 0 and float((torch.exp(u - u_new) - 1).abs().sum()) < tolerance
-        u = u_new
+        r = (1 / k) / (c @ kernel)  # columns sum to 1/K
+        c_new = (1 / n) / (kernel @ r)  # rows sum to 1/N
+        done = tolerance > 0 and it % check_every == 0 and float((c / c_new - 1).abs().sum()) < tolerance
+        c = c_new
         if done:
             break
-    return u, v
+    return c.log() - shift, r.log()
 
 
 def sinkhorn(scores: torch.Tensor, epsilon: float, iterations: int) -> torch.Tensor:
