@@ -3,7 +3,7 @@ Unsupervised Feature Learning with Convolutional Neural Networks" (NIPS); extend
 Dosovitskiy, Fischer, Springenberg, Riedmiller & Brox 2016, "Discriminative
 Unsupervised Feature Learning with Exemplar Convolutional Neural Networks" (TPAMI).
 The papers report no ImageNet number; headline: STL-10, 64c5-128c5-256c5-512f network,
-72.8 % top-1 with a linear SVM on pooled features (NIPS 2014, Table 1).
+72.8 % top-1 with a linear SVM on pooled features (NIPS 2014).
 
 N "seed" images each define a surrogate class; the network learns to classify heavily
 transformed versions of a seed (translation, scaling, rotation, contrast, colour) as

@@ -1,7 +1,7 @@
 """Invariant and Spreading Instance Feature: Ye, Zhang, Yuen & Chang 2019, "Unsupervised
 Embedding Learning via Invariant and Spreading Instance Feature" (CVPR). The paper
 reports no ImageNet number; headline: CIFAR-10, ResNet-18, 128-d, weighted kNN 83.6 %
-top-1 (Table 1), with STL-10 results beside it.
+top-1, with STL-10 results beside it.
 
 Instance discrimination inside the mini-batch, without memory bank or classifier
 weights: each image's augmented view must recognise the image among the batch

@@ -1,8 +1,8 @@
 """MoCo: He, Fan, Wu, Xie & Girshick 2020, "Momentum Contrast for Unsupervised Visual
 Representation Learning" (CVPR), and MoCo v2: Chen, Fan, Girshick & He 2020, "Improved
 Baselines with Momentum Contrastive Learning" (arXiv 2003.04297). Headline: ResNet-50,
-200 epochs, ImageNet linear probe 60.6 % top-1 (v1, Table 3) and 67.5 % (v2, Table 1;
-71.1 % at 800 epochs). One class; ``gin/methods/moco_v1.gin`` and ``moco.gin`` (v2)
+200 epochs, ImageNet linear probe 60.6 % top-1 (v1) and 67.5 % (v2; 71.1 % at
+800 epochs). One class; ``gin/methods/moco_v1.gin`` and ``moco.gin`` (v2)
 differ only in settings (head, tau, augmentation, schedule).
 
 A query encoder (backbone + head) and a key encoder, its exponential moving average

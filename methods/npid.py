@@ -1,7 +1,7 @@
 """NPID: Wu, Xiong, Yu & Lin 2018, "Unsupervised Feature Learning via Non-Parametric
 Instance Discrimination" (CVPR). Headline: ResNet-50, 200 epochs, ImageNet linear
-classifier on conv5 54.0 % top-1 and weighted kNN 46.5 % top-1 (Table 2, NCE with
-m = 4096 noise samples).
+classifier on conv5 54.0 % top-1 and weighted kNN 46.5 % top-1 (NCE with m = 4096
+noise samples).
 
 Every image is its own class. A linear head maps the backbone's features to 128-d,
 L2-normalised; a memory bank holds one 128-d feature per image (random on the unit
