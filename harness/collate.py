@@ -93,7 +93,8 @@ def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
     Returns:
         Columns: the keys, then ``<metric> mean``, ``<metric> std`` (ddof=1, NaN for one
         seed), ``<metric> n`` per metric, then ``seeds`` (finished runs) and ``cost_s``
-        (mean pretrain + eval seconds per run); best ``linear/top1`` mean first.
+        (mean pretrain + eval seconds per run), ``note``; best ``linear/top1`` mean first, then
+        methods whose runs were all skipped (no numbers; ``note`` gives the reason).
     """
     keys = _keys(df)
     done = df[df["status"] == "done"]
@@ -111,6 +112,13 @@ def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
     board = board[keys + list(columns) + ["seeds", "cost_s"]]
     by = [f"{m} mean" for m in ([SORT_METRIC] if SORT_METRIC in metrics else metrics[:1])]
     board = board.sort_values(by + ["method"], ascending=[False] * len(by) + [True], kind="stable")
+    board["note"] = ""
+    skipped = df[df["status"] == "skipped"].drop_duplicates(keys)  # methods that refused the data
+    skipped = skipped[~skipped.set_index(keys).index.isin(board.set_index(keys).index)]
+    if not skipped.empty:
+        rows = skipped[keys].assign(seeds=0, note="skipped: " + skipped["error"].fillna("").astype(str))
+        board = pd.concat([board, rows], ignore_index=True)
+        board[counts] = board[counts].fillna(0).astype(int)
     return board.reset_index(drop=True)
 
 
@@ -150,6 +158,8 @@ def _markdown_board(board: pd.DataFrame) -> str:
         shown[f"{column}¹"] = board[column].map(_cell)
     shown["seeds"] = board["seeds"]
     shown["cost_s"] = board["cost_s"].map(lambda s: f"{s:.0f}" if pd.notna(s) else "")
+    if "note" in board and board["note"].fillna("").astype(bool).any():
+        shown["note"] = board["note"].fillna("").astype(str).str.replace("|", r"\|")
     return shown.to_markdown(index=False, disable_numparse=True)
 
 
@@ -168,7 +178,7 @@ def render_markdown(df: pd.DataFrame, board: pd.DataFrame, ref: pd.DataFrame, ta
     if not failed.empty:
         failed = failed.apply(lambda col: col.str.replace("|", r"\|").str.replace("\n", " "))
         lines += ["## Failed runs", "", failed.to_markdown(index=False, disable_numparse=True), ""]
-    pending = df[~df["status"].isin(["done", "failed"])].drop_duplicates("run_id")["status"].fillna("?")
+    pending = df[~df["status"].isin(["done", "failed", "skipped"])].drop_duplicates("run_id")["status"].fillna("?")
     counts = {**pending.value_counts(), "without a readable run.json": df.attrs.get("skipped", 0)}
     if total := sum(counts.values()):
         detail = ", ".join(f"{n} {status}" for status, n in counts.items() if n)

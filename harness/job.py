@@ -21,11 +21,12 @@ from harness import backbone as backbone_lib
 from harness import ginutil, store
 from harness import trainer as trainer_lib
 from harness.data import ImageSet
+from harness.evals import Context
 from harness.evals.features import FrozenFeatures
 from harness.runspec import RunSpec
 from harness.trainer import Trainer
 from harness.views import Views
-from methods.base import Method
+from methods.base import Method, Unsupported
 
 
 def _log_path() -> str | None:
@@ -36,11 +37,14 @@ def _log_path() -> str | None:
         return None
 
 
-def _build_method(method: Callable[..., Method], net: nn.Module, num_classes: int, num_images: int) -> Method:
-    """Calls the method's constructor with the backbone; a method whose constructor takes
-    ``num_classes`` (supervised) or ``num_images`` (memory banks) gets the pretraining data's."""
+def _build_method(method: Callable[..., Method], net: nn.Module, data: ImageSet) -> Method:
+    """Calls the method's constructor with the backbone. A constructor that takes one of
+    these gets the pretraining data's: ``num_classes`` (supervised), ``num_images`` (memory
+    banks), ``channels`` (colour-only methods raise `methods.base.Unsupported` on 1),
+    ``captions`` (image-text methods; one string per image, or None)."""
     params = inspect.signature(method).parameters
-    given = {"num_classes": num_classes, "num_images": num_images}
+    given = {"num_classes": len(data.classes), "num_images": len(data), "channels": data.channels,
+             "captions": getattr(data, "captions", None)}
     return method(net, **{k: v for k, v in given.items() if k in params})
 
 
@@ -50,7 +54,7 @@ def build(method: Callable[..., Method], views: Callable[..., Views], data: Imag
     and the views normalised with the data's statistics."""
     torch.manual_seed(seed)
     net = backbone_lib.create(in_chans=data.channels)
-    return _build_method(method, net, len(data.classes), len(data)), views(mean=data.mean, std=data.std)
+    return _build_method(method, net, data), views(mean=data.mean, std=data.std)
 
 
 def pretrain(folder: Path, method: Callable[..., Method], dataset, views: Callable[..., Views],
@@ -64,6 +68,8 @@ def pretrain(folder: Path, method: Callable[..., Method], dataset, views: Callab
         return fit
     if m.encoder() is m.backbone:
         backbone_lib.export(m.backbone, folder)
+    if hasattr(m, "export"):  # parts some protocol needs besides the encoder (CLIP's text tower)
+        m.export(folder)
     record = {"status": "done", "seconds": time.time() - t0, **fit, "git": store.git_revision(),
               "finished": store.now()}
     store.write_text(folder / "config.gin", gin.operative_config_str())
@@ -118,14 +124,25 @@ def run(spec: RunSpec, method: Callable[..., Method] = gin.REQUIRED, dataset=gin
         t0 = time.time()
         enc = encoder_for_eval(pre_dir, method, dataset.split("test"))
         feats = features(enc, dataset, pre_dir / "features", trainer.device, trainer.progress)
+        ctx = Context(encoder=lambda: encoder_for_eval(pre_dir, method, dataset.split("test")), dataset=dataset,
+                      pretrain_dir=pre_dir, features=feats, device=trainer.device, seed=seed,
+                      progress=trainer.progress)
         for protocol in evaluations:
-            record["metrics"].update(protocol(feats["train"], feats["test"]))
+            if getattr(protocol, "frozen", True):
+                record["metrics"].update(protocol(feats["train"], feats["test"]))
+            else:
+                record["metrics"].update(protocol.evaluate(ctx))
             record["protocols"][protocol.name] = {**protocol.params(), **(
                 {"selected": protocol.selected} if getattr(protocol, "selected", None) else {})}
         record["timings"] = {"pretrain_s": round(pre["seconds"], 2), "eval_s": round(time.time() - t0, 2)}
         record.update(status="done", finished=store.now())
         store.write_text(out_dir / "config.gin", gin.operative_config_str())
         store.write_json(out_dir / "run.json", record)
+        return record
+    except Unsupported as err:  # e.g. a colour-only method on grayscale data: a reason, not a failure
+        record.update(status="skipped", error=str(err), finished=store.now())
+        store.write_json(out_dir / "run.json", record)
+        print(f"skipped {spec.method}: {err}", flush=True)
         return record
     except SystemExit:  # submitit requeues a preempted or timed-out job by exiting it
         record.update(status="requeued", finished=store.now())

@@ -2,6 +2,7 @@
 
 ``launch.Local`` (``gin/launch/local.gin``, the default) runs jobs as local processes
 through submitit's LocalExecutor, `parallel` at a time, echoing each job's output.
+``launch.InProcess`` (``gin/launch/inprocess.gin``) runs them in the sweep's process.
 ``launch.Slurm`` (``gin/launch/slurm.gin``) submits them as one SLURM job array and
 leaves a ``queued.json`` marker (job id) in each run folder.
 
@@ -53,6 +54,28 @@ def _echo(paths: Sequence[Path], offsets: dict[Path, int]) -> None:
 def chosen(launcher: object | None = None) -> object:
     """The launcher chosen by ``gin/launch/*.gin`` (``launch.chosen.launcher``); local by default."""
     return launcher or Local()
+
+
+@gin.configurable(module="launch")
+class InProcess:
+    """Runs every spec one after another inside the sweep's own process (like submitit's
+    debug executor): no process start per run, and a debugger or profiler sees the run.
+    For tests, quick smoke tables and debugging (``gin/launch/inprocess.gin``); no
+    preemption handling, and a crash of one run can take the sweep down.
+    """
+
+    def launch(self, specs: Sequence[RunSpec], folder: Path) -> list[tuple[RunSpec, Exception | None]]:
+        """Runs every spec; returns each with the exception it raised, or None."""
+        results = []
+        for i, spec in enumerate(specs, 1):
+            print(f"\n=== [{i}/{len(specs)}] {spec.method} seed={spec.seed} {dict(spec.swept) or ''} "
+                  f"run {spec.run_id} (in process)", file=sys.stderr, flush=True)
+            try:
+                job.execute(spec)
+                results.append((spec, None))
+            except Exception as err:  # noqa: BLE001 - recorded in run.json; the sweep reports it
+                results.append((spec, err))
+        return results
 
 
 @gin.configurable(module="launch")

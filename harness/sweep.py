@@ -66,7 +66,7 @@ def _alive(pid: int) -> bool:
 def run_state(spec: RunSpec, queued: dict[str, str] | None) -> tuple[str, str]:
     """``(state, detail)`` of a run from the store and the queue.
 
-    States: ``done``; ``pending``/``running``/... (its SLURM job, from squeue);
+    States: ``done``; ``skipped`` (the method refused the data, with its reason); ``pending``/``running``/... (its SLURM job, from squeue);
     ``running`` (a local process alive on this host); ``failed`` (with the error's first
     line and the log); ``todo`` (never run, or a stale marker whose job is gone).
     """
@@ -74,6 +74,8 @@ def run_state(spec: RunSpec, queued: dict[str, str] | None) -> tuple[str, str]:
     rec = store.read_json(folder / "run.json") or {}
     if rec.get("status") == "done":
         return "done", ""
+    if rec.get("status") == "skipped":  # the method cannot run on this data; re-running changes nothing
+        return "skipped", rec.get("error") or ""
     marker = store.read_json(folder / "queued.json") or {}
     job_id = marker.get("job_id")
     if job_id and queued is not None and job_id in queued:

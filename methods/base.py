@@ -12,6 +12,12 @@ import torch
 from torch import nn
 
 
+class Unsupported(ValueError):
+    """Raised by a method's constructor when it cannot run on the data (e.g. a colour-only
+    method on grayscale images). The run is recorded as ``skipped`` with this message as
+    the reason, and the leaderboard shows it instead of numbers."""
+
+
 @dataclasses.dataclass
 class Batch:
     """What the loader hands a method.

@@ -11,10 +11,13 @@ How the seam (batches only, no data set) is bridged, stated plainly:
     un-augmented view (``views[-1]``, like the paper's centre crop; BatchNorm in train mode,
     no grad), written in ``after_step``. Re-clustering happens in ``after_step`` once per epoch
     (``num_images // batch`` steps), or more often so that a run has at least
-    `min_clusterings` of them (the embedded run is half an epoch long).
+    `min_clusterings` of them (the embedded run is half an epoch long). It clusters only the
+    rows written since the previous clustering (``fresh``): at one clustering per epoch that
+    is every image, as in the paper; when more frequent, it keeps features of older networks
+    out (with them, late assignments piled into a few clusters: 8 of 100 per batch).
   * Warm-up: until the first clustering the loss is zero (the paper clusters before it
     trains); those steps only fill the bank.
-  * ``labels`` ``[num_images]`` are the last clustering's (-1: not in the bank then). An image
+  * ``labels`` ``[num_images]`` are the last clustering's (-1: not clustered then). An image
     without one is assigned, when seen, to the nearest centroid (``centroids``, ``pca_mean``,
     ``pca_proj`` buffers) of its current features: the k-means assignment step, applied late.
     At less than one epoch this is how every image after the warm-up is labelled.
@@ -117,7 +120,7 @@ class DeepCluster(Method):
         self._init_classifier()
         self.num_images, self.min_clusterings, self.kmeans_iterations = num_images, min_clusterings, kmeans_iterations
         self.register_buffer("bank", torch.zeros(num_images, d))
-        self.register_buffer("filled", torch.zeros(num_images, dtype=torch.bool))
+        self.register_buffer("fresh", torch.zeros(num_images, dtype=torch.bool))  # written since the last k-means
         self.register_buffer("labels", torch.full((num_images,), -1, dtype=torch.long))
         self.register_buffer("sizes", torch.zeros(k, dtype=torch.long))
         self.register_buffer("centroids", torch.zeros(k, min(pca_dim, d)))
@@ -161,7 +164,7 @@ class DeepCluster(Method):
             return
         index, f, labels = self._stash
         self._stash = None
-        self.bank[index], self.filled[index] = f, True
+        self.bank[index], self.fresh[index] = f, True
         if labels is not None:
             self.labels[index] = labels
         period = max(1, min(self.num_images // len(index), total // self.min_clusterings))
@@ -170,8 +173,8 @@ class DeepCluster(Method):
 
     @torch.no_grad()
     def cluster(self) -> None:
-        """k-means on the bank's filled rows; new labels, centroids and a fresh classifier."""
-        rows = self.filled.nonzero()[:, 0]
+        """k-means on the bank's fresh rows; new labels, centroids and a re-initialised classifier."""
+        rows = self.fresh.nonzero()[:, 0]
         mean, proj = pca_whitening(self.bank[rows], self.pca_proj.shape[1])
         self.pca_mean.copy_(mean), self.pca_proj.copy_(proj)
         x = self._project(self.bank[rows]).cpu()  # [n, d]
@@ -186,5 +189,6 @@ class DeepCluster(Method):
         self.labels.fill_(-1)
         self.labels[rows] = labels.to(self.labels.device)
         self.sizes.copy_(torch.bincount(labels, minlength=len(self.sizes)))
+        self.fresh.fill_(False)
         self._init_classifier()
         self.clusterings += 1

@@ -141,3 +141,19 @@ def test_no_done_runs_still_writes_files(tmp_path: Path, capsys: pytest.CaptureF
     assert "No finished runs yet" in out and r"RuntimeError: out \| of memory" in out
     for name in ("leaderboard.csv", "leaderboard.md", "leaderboard.png", "failed.csv"):
         assert (table_dir / name).stat().st_size > 0
+
+
+def test_skipped_method_is_listed_with_its_reason_not_as_pending(tmp_path: Path) -> None:
+    reason = "colorization needs colour (3-channel) images; this dataset has 1 channel"
+    table = tmp_path / "table1"
+    write_run(table, "s0", "simclr", 0, metrics=metrics(80.0, 70.0))
+    write_run(table, "b0", "byol", 0, metrics=metrics(85.0, 75.0))
+    for seed in (0, 1):
+        write_run(table, f"col{seed}", "colorization", seed, status="skipped", error=reason)
+    board = collate(table)
+    row = board[board["method"] == "colorization"].iloc[0]
+    assert row["seeds"] == 0 and row["note"] == f"skipped: {reason}" and math.isnan(row["linear/top1 mean"])
+    assert board["method"].iloc[-1] == "colorization"  # after every method with numbers
+    assert (board[board["method"] != "colorization"]["note"] == "").all()
+    md = (table / "leaderboard.md").read_text()
+    assert f"skipped: {reason}" in md and "incomplete" not in md and not (table / "failed.csv").exists()

@@ -7,6 +7,8 @@ frozen features share one extraction per (encoder, dataset split): see `Features
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -30,3 +32,30 @@ class Features:
     @property
     def num_classes(self) -> int:
         return int(self.y.max()) + 1
+
+
+@dataclasses.dataclass
+class Context:
+    """What a protocol that needs more than frozen features gets (fine-tuning, detection,
+    zero-shot). Such a protocol sets ``frozen = False`` and implements
+    ``evaluate(ctx: Context) -> dict[str, float]``; frozen-feature protocols are called as
+    ``protocol(train, test)`` instead.
+
+    Attributes:
+        encoder: returns a fresh copy of the exported encoder on each call (fine-tuning one
+            copy never changes what another protocol sees).
+        dataset: the run's dataset object (``split("train")``, ``split("test")``).
+        pretrain_dir: the pretraining folder (exported encoder, anything a method exported).
+        features: the run's frozen features, ``{"train": Features, "test": Features}``.
+        device: where to compute.
+        seed: the run's seed (for subset draws and initialisation).
+        progress: show progress bars.
+    """
+
+    encoder: Callable[[], torch.nn.Module]
+    dataset: object
+    pretrain_dir: Path
+    features: dict[str, Features]
+    device: torch.device | str = "cpu"
+    seed: int = 0
+    progress: bool = True
