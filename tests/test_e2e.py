@@ -38,3 +38,30 @@ def test_table1_smoke_end_to_end_then_nothing_to_do(tmp_path):
     again = sweep(tmp_path)
     assert again.returncode == 0 and "10 already done, 0 queued or running, 0 to run" in again.stderr
     assert "pretrain:" not in again.stderr
+
+
+FAMILY_TABLES = sorted(p.stem for p in (REPO / "gin").glob("table_*.gin") if p.stem != "table_common")
+
+
+@pytest.mark.parametrize("table", FAMILY_TABLES)
+def test_every_method_of_a_family_table_trains_through_the_cli_at_smoke_scale(table, tmp_path):
+    """Each method of the table, one seed, in the sweep's process (gin/launch/inprocess.gin):
+    pretraining, export, both protocols, collation. A method that refuses the data (colour-only
+    on Fashion-MNIST) must say why instead."""
+    cmd = [sys.executable, "-m", "harness.sweep", f"gin/{table}.gin", "gin/scale/smoke.gin",
+           "gin/launch/inprocess.gin", "--results", str(tmp_path), "--bind", "data.FashionMNIST.download = False",
+           "--bind", "table.Table.seeds = [0]"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    board = pd.read_csv(tmp_path / table / "leaderboard.csv", keep_default_na=False)
+    listed = subprocess.run([sys.executable, "-m", "harness.sweep", f"gin/{table}.gin", "--dry-run"], cwd=REPO,
+                            capture_output=True, text=True).stdout
+    methods = {line.split()[0] for line in listed.splitlines()[2:] if line.strip()}
+    assert set(board["method"]) == methods
+    for _, row in board.iterrows():
+        if row["note"]:
+            assert row["note"].startswith("skipped: ") and "colour" in row["note"], row.to_dict()
+            continue
+        assert row["seeds"] == 1, row.to_dict()
+        for col in ("linear/top1 mean", "knn/top1@20 mean"):
+            assert 0 <= float(row[col]) <= 100, (row["method"], col, row[col])
