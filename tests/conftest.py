@@ -42,9 +42,25 @@ def make_images(n: int = 64, classes: int = 4, channels: int = 1, size: int = 28
                     mean=(0.2,) * channels, std=(0.3,) * channels)
 
 
+def make_colour_images(n: int = 64, classes: int = 4, size: int = 28, seed: int = 0) -> ImageSet:
+    """`make_images` tinted by class (colour carries signal), with one caption per image
+    made from its class name (image-text methods)."""
+    gray = make_images(n, classes, 1, size, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    tints = 0.3 + 0.7 * torch.rand(classes, 3, generator=g)  # [classes, 3]
+    images = (gray.images.float() * tints[gray.labels][:, :, None, None]).round().to(torch.uint8)  # [n, 3, S, S]
+    return ImageSet(images=images, labels=gray.labels, classes=gray.classes, mean=(0.15,) * 3, std=(0.25,) * 3,
+                    captions=[f"a photo of a {gray.classes[y]}." for y in gray.labels.tolist()])
+
+
 @pytest.fixture
 def tiny_data() -> ImageSet:
     return make_images()
+
+
+@pytest.fixture
+def tiny_colour_data() -> ImageSet:
+    return make_colour_images()
 
 
 def parse_method(name: str, *bindings: str) -> None:

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from harness import ginutil, job
-from methods.base import Batch
-from tests.conftest import METHODS, parse_method
+from methods.base import Batch, Unsupported
+from tests.conftest import METHODS, make_colour_images, parse_method
 
 TRAINED = [m for m in METHODS if m not in ("random", "pixels")]
 
@@ -33,6 +33,16 @@ def _build(name: str, data, seed: int = 0, bindings: dict[str, list[str]] | None
     return job.build(ginutil.reference("job.run.method"), ginutil.reference("job.run.views"), data, seed)
 
 
+def _build_on_what_it_accepts(name: str, gray, bindings: dict[str, list[str]] | None = None):
+    """``(method, views, data)`` on the gray tiny data, or on colour data with captions for a
+    method that refuses gray images or needs captions (it must refuse with `Unsupported`)."""
+    try:
+        return (*_build(name, gray, bindings=bindings), gray)
+    except Unsupported:
+        colour = make_colour_images()
+        return (*_build(name, colour, bindings=bindings), colour)
+
+
 def _batch(views, data, n: int = 32) -> Batch:
     torch.manual_seed(1)
     return Batch(views=views(data.images[:n]), labels=data.labels[:n], index=torch.arange(n))
@@ -40,9 +50,9 @@ def _batch(views, data, n: int = 32) -> Batch:
 
 @pytest.mark.parametrize("name", TRAINED)
 def test_loss_finite_and_every_parameter_gets_a_gradient(name, tiny_data):
-    method, views = _build(name, tiny_data, bindings=GRADIENT_BINDINGS)
+    method, views, data = _build_on_what_it_accepts(name, tiny_data, bindings=GRADIENT_BINDINGS)
     method.train()
-    batch = _batch(views, tiny_data)
+    batch = _batch(views, data)
     _warm_up(name, method, batch)
     opt = torch.optim.SGD(method.parameters(), lr=0.01)
     for _ in range(2):  # a step first: zero-initialised residual BNs block gradients at init
@@ -57,9 +67,9 @@ def test_loss_finite_and_every_parameter_gets_a_gradient(name, tiny_data):
 
 @pytest.mark.parametrize("name", TRAINED)
 def test_loss_falls_on_a_fixed_batch(name, tiny_data):
-    method, views = _build(name, tiny_data, bindings=FALLING_BINDINGS)
+    method, views, data = _build_on_what_it_accepts(name, tiny_data, bindings=FALLING_BINDINGS)
     method.train()
-    batch = _batch(views, tiny_data)
+    batch = _batch(views, data)
     _warm_up(name, method, batch)
     opt = torch.optim.Adam([p for p in method.parameters() if p.requires_grad], lr=1e-3)
     losses = []
