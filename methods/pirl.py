@@ -27,6 +27,7 @@ from torch import nn
 
 from methods.base import Batch, Method
 from methods.memory import MemoryBank
+from methods.tiles import jigsaw_tiles, jitter_crop, shuffle_tiles
 
 
 def pirl_nce(query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, tau: float) -> torch.Tensor:
@@ -48,37 +49,6 @@ def pirl_nce(query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tenso
     log_h_pos = s_pos - torch.logaddexp(s_pos, lse_neg)  # [B]
     log_1m_h_neg = lse_neg[:, None] - torch.logaddexp(s_neg, lse_neg[:, None])  # [B, M] log(1 - h(q, n))
     return -(log_h_pos + log_1m_h_neg.sum(1)).mean()
-
-
-def jigsaw_tiles(x: torch.Tensor, grid: int) -> torch.Tensor:
-    """Cuts the central ``grid * (S // grid)`` square into non-overlapping cells, row-major.
-
-    x: ``[B, C, S, S]`` -> ``[B, grid*grid, C, t, t]`` with ``t = S // grid``.
-    """
-    b, c, s, _ = x.shape
-    t = s // grid
-    o = (s - grid * t) // 2
-    x = x[:, :, o:o + grid * t, o:o + grid * t].reshape(b, c, grid, t, grid, t)
-    return x.permute(0, 2, 4, 1, 3, 5).reshape(b, grid * grid, c, t, t)
-
-
-def shuffle_tiles(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A random permutation per image: ``out[b, k] = tiles[b, perm[b, k]]``. Returns (out, perm)."""
-    b, k = tiles.shape[:2]
-    perm = torch.rand(b, k, device=tiles.device).argsort(1)  # [B, K]
-    return tiles[torch.arange(b, device=tiles.device)[:, None], perm], perm
-
-
-def jitter_crop(tiles: torch.Tensor, size: int) -> torch.Tensor:
-    """A random ``size``-px crop inside each tile. ``[B, K, C, t, t]`` -> ``[B, K, C, size, size]``."""
-    b, k, c, t, _ = tiles.shape
-    dev = tiles.device
-    oy, ox = (torch.randint(0, t - size + 1, (2, b, k), device=dev))  # [B, K] each
-    ar = torch.arange(size, device=dev)
-    rows = (oy[..., None] + ar)[:, :, :, None]  # [B, K, size, 1]
-    cols = (ox[..., None] + ar)[:, :, None, :]  # [B, K, 1, size]
-    bi, ki = torch.arange(b, device=dev)[:, None, None, None], torch.arange(k, device=dev)[None, :, None, None]
-    return tiles.permute(0, 1, 3, 4, 2)[bi, ki, rows, cols].permute(0, 1, 4, 2, 3)
 
 
 @gin.configurable(module="pirl")

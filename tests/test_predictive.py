@@ -9,7 +9,8 @@ from harness import ginutil, job, store
 from harness.trainer import Interrupted, Trainer
 from methods.base import Batch
 from methods.cpc import CPC, info_nce, patch_grid
-from methods.pirl import jigsaw_tiles, jitter_crop, pirl_nce, shuffle_tiles
+from methods.pirl import pirl_nce
+from methods.tiles import jigsaw_tiles, jitter_crop, shuffle_tiles
 from tests.conftest import parse_method
 
 
