@@ -74,6 +74,7 @@ def test_loss_falls_on_a_fixed_batch(name, tiny_data):
     opt = torch.optim.Adam([p for p in method.parameters() if p.requires_grad], lr=1e-3)
     losses = []
     for _ in range(8):
+        torch.manual_seed(2)  # fixed draws too: jigsaw/relative_location draw their labels inside the loss
         loss = method.loss(batch)["loss"]
         opt.zero_grad()
         loss.backward()
