@@ -49,8 +49,9 @@ def make_colour_images(n: int = 64, classes: int = 4, size: int = 28, seed: int 
     g = torch.Generator().manual_seed(seed + 1)
     tints = 0.3 + 0.7 * torch.rand(classes, 3, generator=g)  # [classes, 3]
     images = (gray.images.float() * tints[gray.labels][:, :, None, None]).round().to(torch.uint8)  # [n, 3, S, S]
-    return ImageSet(images=images, labels=gray.labels, classes=gray.classes, mean=(0.15,) * 3, std=(0.25,) * 3,
-                    captions=[f"a photo of a {gray.classes[y]}." for y in gray.labels.tolist()])
+    x = images.float() / 255
+    return ImageSet(images=images, labels=gray.labels, classes=gray.classes, mean=tuple(x.mean((0, 2, 3)).tolist()),
+                    std=tuple(x.std((0, 2, 3)).tolist()), captions=[f"a photo of a {gray.classes[y]}." for y in gray.labels.tolist()])
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from methods.colorization import Colorization, colorization_loss, rebalance_weig
 from methods.jigsaw import Jigsaw, hamming_permutations, normalize_tiles
 from methods.relative_location import RelativeLocation, drop_colours, gray_project, patch_pair
 from methods.split_brain import SplitBrain, l_bin, split_brain_loss
-from tests.conftest import make_images, parse_method
+from tests.conftest import make_colour_images, make_images, parse_method
 
 
 def _hamming(p, q) -> int:
@@ -47,14 +47,7 @@ class _Pool(torch.nn.Module):
         return self.conv(F.adaptive_avg_pool2d(x, 2))
 
 
-def tinted_images(n: int = 64, classes: int = 4, seed: int = 0) -> ImageSet:
-    """`make_images` (gray blobs) tinted per class, so that the images carry real colour."""
-    gray = make_images(n, classes, channels=1, seed=seed)
-    tints = torch.tensor([[1.0, 0.35, 0.3], [0.3, 1.0, 0.4], [0.35, 0.4, 1.0], [1.0, 0.9, 0.2]])
-    img = (gray.images.float() * tints[gray.labels % 4].view(n, 3, 1, 1)).round().to(torch.uint8)
-    x = img.float() / 255
-    return ImageSet(images=img, labels=gray.labels, classes=gray.classes,
-                    mean=tuple(x.mean((0, 2, 3)).tolist()), std=tuple(x.std((0, 2, 3)).tolist()))
+tinted_images = make_colour_images  # gray blobs tinted per class: real colour
 
 
 # --- Jigsaw --------------------------------------------------------------------------
