@@ -4,7 +4,10 @@ Every method trains ``timm.create_model(name, num_classes=0, **kwargs)``; its po
 output is ``model.num_features`` wide and ``forward_features`` gives the spatial map.
 Small inputs: ResNets keep their normal stem by default (at 32 px it is 13x faster on
 CPU than a CIFAR stem, see BENCHMARKS.md); ``small_input=True`` swaps in a 3x3
-stride-1 stem without max-pool, and ViTs take ``img_size``/``patch_size`` kwargs.
+stride-1 stem without max-pool, and ViTs take ``img_size``/``patch_size`` kwargs: e.g.
+``create("vit_tiny_patch16_224", in_chans=1, img_size=32, patch_size=4)`` is a ViT-Ti with
+an 8x8 grid of 4-px patches whose pooled output (the class token) is ``num_features`` wide;
+every kwarg (``depth`` too) is kept in the exported ``encoder.json``, so `load` rebuilds it.
 """
 from __future__ import annotations
 

@@ -30,3 +30,20 @@ def test_unknown_backbone_suggests_names():
         assert "resnet18x" in str(err) and "resnet18" in str(err)
     else:
         raise AssertionError("expected ValueError")
+
+
+def test_small_vit_pools_to_num_features_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    net = backbone.create("vit_tiny_patch16_224", in_chans=1, img_size=32, patch_size=4, depth=2)
+    x = torch.randn(3, 1, 32, 32)
+    assert net.forward_features(x).shape == (3, 1 + 64, 192)  # class token + an 8x8 grid of patches
+    assert net(x).shape == (3, net.num_features) and net.num_features == 192
+    with torch.no_grad():
+        net.pos_embed.normal_()  # away from any default
+    backbone.export(net, tmp_path)
+    loaded = backbone.load(tmp_path)
+    assert len(loaded.blocks) == 2 and loaded.patch_embed.patch_size == (4, 4)
+    assert torch.equal(loaded(x), net.eval()(x))
+    fresh = timm.create_model("vit_tiny_patch16_224", num_classes=0, in_chans=1, img_size=32, patch_size=4, depth=2)
+    fresh.load_state_dict(torch.load(tmp_path / "encoder.pt", weights_only=True), strict=True)
+    assert torch.equal(fresh.eval()(x), loaded(x))
