@@ -3,13 +3,17 @@
 Fashion-MNIST (Xiao et al. 2017) is the embedded default: the IDX files of Debian's
 ``dataset-fashion-mnist`` package, else a configured folder, else torchvision's download.
 `ImageFolder` reads ImageNet-style ``split/class/image`` trees, decoding on demand.
+Image-text data: `ImageCaptions` reads a CSV of image paths and captions; `Captioned`
+gives any labelled dataset captions made from its class names and prompt templates.
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import gzip
 import os
 import struct
+import zlib
 from pathlib import Path
 from typing import Sequence
 
@@ -40,6 +44,7 @@ class ImageSet:
         classes: class names, indexed by label.
         mean: per-channel mean of the training images in [0, 1].
         std: per-channel std of the training images in [0, 1].
+        captions: one caption per image (image-text methods), or None.
     """
 
     images: torch.Tensor
@@ -47,6 +52,7 @@ class ImageSet:
     classes: list[str]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    captions: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -61,7 +67,8 @@ class ImageSet:
             return self
         idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]
         images = self.images.select(idx) if isinstance(self.images, ImageFiles) else self.images[idx]
-        return dataclasses.replace(self, images=images, labels=self.labels[idx])
+        captions = None if self.captions is None else [self.captions[i] for i in idx.tolist()]
+        return dataclasses.replace(self, images=images, labels=self.labels[idx], captions=captions)
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -256,6 +263,157 @@ class ImageFolder:
             paths, labels, classes = scan_folder(self.root / self.dirs[which])
             self._cache[which] = ImageSet(ImageFiles(paths, self.load_size, self.channels, self.threads),
                                           torch.tensor(labels), classes, self.mean, self.std)
+        return self._cache[which]
+
+
+# Prompt templates for captions made from class names (`Captioned`) and for zero-shot
+# classification: a few of the kind CLIP (Radford et al. 2021) lists for ImageNet.
+PROMPT_TEMPLATES = ("a photo of a {}.", "a black and white photo of a {}.", "a low resolution photo of a {}.",
+                    "a photo of the {}.", "a close-up photo of a {}.", "a cropped photo of the {}.",
+                    "a good photo of a {}.", "a photo of one {}.")
+
+
+def read_caption_csv(path: Path) -> tuple[list[str], list[str], list[str] | None]:
+    """``(image paths, captions, class names or None)`` of an image-caption CSV.
+
+    The first line names the columns: ``image`` (a path relative to the CSV's folder),
+    ``caption`` and, optionally, ``label`` (a class name, for the evaluations).
+    """
+    if not path.is_file():
+        raise DataError(f"caption CSV not found: {path}. Fix: bind `data.ImageCaptions.csv` to a CSV whose first "
+                        "line is `image,caption` (or `image,caption,label`)")
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        columns = [c.strip() for c in reader.fieldnames or []]
+        reader.fieldnames = columns
+        missing = [c for c in ("image", "caption") if c not in columns]
+        if missing:
+            raise DataError(f"{path}: no {' or '.join(repr(c) for c in missing)} column (its first line names: "
+                            f"{', '.join(columns) or 'nothing'}). Fix: make the first line `image,caption` or "
+                            "`image,caption,label`")
+        paths, captions, labels = [], [], []
+        for row in reader:
+            line = reader.line_num
+            rel, caption = (row.get("image") or "").strip(), (row.get("caption") or "").strip()
+            if not rel or not caption:
+                raise DataError(f"{path}, line {line}: empty {'image path' if not rel else 'caption'}. "
+                                "Fix: fill it in or delete the row")
+            file = path.parent / rel
+            if not file.is_file():
+                raise DataError(f"{path}, line {line}: image {file} not found. Fix: image paths are relative to "
+                                f"the CSV's folder ({path.parent}); correct the path or delete the row")
+            if "label" in columns:
+                label = (row.get("label") or "").strip()
+                if not label:
+                    raise DataError(f"{path}, line {line}: empty label. Fix: give every row a class name, "
+                                    "or drop the label column")
+                labels.append(label)
+            paths.append(str(file))
+            captions.append(caption)
+    if not paths:
+        raise DataError(f"{path}: no rows after the header. Fix: add one `image,caption` row per image")
+    return paths, captions, labels if "label" in columns else None
+
+
+@gin.configurable(module="data")
+class ImageCaptions:
+    """Image-caption pairs listed in CSV files (``image,caption[,label]``), decoded on demand.
+
+    Labels are optional: without them, every label is -1 and only pretraining can read the
+    split (the evaluations need labels). Classes are the sorted label names of both files.
+
+    Args:
+        csv: the training pairs.
+        test_csv: the evaluation split (labels needed); None: no test split.
+        load_size: side of the stored copy the views crop from (shorter side resize + centre crop).
+        channels: 3 (RGB) or 1 (grayscale).
+        pretrain_size: images used for pretraining (a fixed subset of train); None: all.
+        mean: per-channel mean for normalisation (default: ImageNet's).
+        std: per-channel std.
+        threads: decoding threads.
+    """
+
+    name = "imagecaptions"
+
+    def __init__(self, csv: str = gin.REQUIRED, test_csv: str | None = None, load_size: int = 256,
+                 channels: int = 3, pretrain_size: int | None = None, mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD, threads: int = 8):
+        self.files = {"train": Path(csv), "test": Path(test_csv) if test_csv else None}
+        self.load_size, self.channels, self.pretrain_size, self.threads = load_size, channels, pretrain_size, threads
+        self.mean, self.std = tuple(mean), tuple(std)
+        self._rows: dict[str, tuple[list[str], list[str], list[str] | None]] = {}
+        self._cache: dict[str, ImageSet] = {}
+
+    def _read(self, which: str) -> tuple[list[str], list[str], list[str] | None]:
+        if which not in self._rows:
+            if self.files[which] is None:
+                raise DataError(f"data.ImageCaptions has no {which} split. Fix: bind "
+                                f"`data.ImageCaptions.test_csv = '<csv with image,caption,label>'`")
+            self._rows[which] = read_caption_csv(self.files[which])
+        return self._rows[which]
+
+    def split(self, which: str) -> ImageSet:
+        """``train``, ``test`` or ``pretrain`` (a subset of train)."""
+        if which == "pretrain":
+            return self.split("train").subset(self.pretrain_size)
+        if which not in self.files:
+            raise ValueError(f"unknown split {which!r}; use train, test or pretrain")
+        if which not in self._cache:
+            paths, captions, names = self._read(which)
+            known = [s for s in self.files if self.files[s] is not None]
+            classes = sorted({n for s in known for n in (self._read(s)[2] or [])})
+            labels = [classes.index(n) for n in names] if names else [-1] * len(paths)
+            self._cache[which] = ImageSet(ImageFiles(paths, self.load_size, self.channels, self.threads),
+                                          torch.tensor(labels, dtype=torch.long), classes, self.mean, self.std,
+                                          captions=captions)
+        return self._cache[which]
+
+
+def image_keys(images: torch.Tensor | ImageFiles, chunk: int = 4096) -> torch.Tensor:
+    """A deterministic integer per image, int64 ``[N]``: a weighted sum of its pixels, or for
+    files a CRC of the last two parts of its path (the same wherever the data lives)."""
+    if isinstance(images, ImageFiles):
+        return torch.tensor([zlib.crc32("/".join(Path(p).parts[-2:]).encode()) for p in images.paths])
+    flat = images.reshape(len(images), -1)
+    weights = torch.randint(0, 2**20, (flat.shape[1],), generator=torch.Generator().manual_seed(0))
+    return torch.cat([(flat[i:i + chunk].long() * weights).sum(1) for i in range(0, len(flat), chunk)])
+
+
+def with_captions(data: ImageSet, templates: Sequence[str] = PROMPT_TEMPLATES) -> ImageSet:
+    """`data` with a caption per image: its class name in a prompt template, the template
+    chosen by `image_keys` (the same image gets the same caption in every split and subset)."""
+    if len(data) and int(data.labels.min()) < 0:
+        raise DataError("captions from class names need labelled images; this split has unlabelled ones (-1). "
+                        "Fix: give the data a label column, or use its own captions")
+    pick = (image_keys(data.images) % len(templates)).tolist()
+    captions = [templates[k].format(data.classes[y]) for k, y in zip(pick, data.labels.tolist())]
+    return dataclasses.replace(data, captions=captions)
+
+
+@gin.configurable(module="data")
+class Captioned:
+    """Any labelled dataset, each image captioned with its class name in a prompt template
+    (``"a photo of a {}."``). For image-text methods on classification data: the captions
+    say no more than the labels do.
+
+    Args:
+        dataset: e.g. ``@data.FashionMNIST()``.
+        templates: prompt templates, each with one ``{}`` for the class name.
+    """
+
+    def __init__(self, dataset=gin.REQUIRED, templates: Sequence[str] = PROMPT_TEMPLATES):
+        bad = [t for t in templates if t.count("{}") != 1]
+        if not templates or bad:
+            raise ValueError(f"data.Captioned.templates: each template needs exactly one '{{}}' for the class name; "
+                             f"got {bad or 'none'}")
+        self.dataset, self.templates = dataset, tuple(templates)
+        self.name = dataset.name  # the same images, so the same cached features
+        self._cache: dict[str, ImageSet] = {}
+
+    def split(self, which: str) -> ImageSet:
+        """The wrapped dataset's split, captioned."""
+        if which not in self._cache:
+            self._cache[which] = with_captions(self.dataset.split(which), self.templates)
         return self._cache[which]
 
 

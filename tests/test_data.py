@@ -71,3 +71,82 @@ def test_real_fashion_mnist_files():
     assert train.images.shape == (60000, 1, 28, 28) and len(test) == 10000
     assert torch.bincount(train.labels).tolist() == [6000] * 10
     assert abs(train.images.float().mean().item() / 255 - train.mean[0]) < 1e-3
+
+
+# --- image-caption data -----------------------------------------------------------
+
+def write_caption_csv(folder, rows, header="image,caption,label", size=(12, 10)):
+    """A CSV of image-caption pairs beside real PNG files (paths relative to the CSV)."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    lines = [header]
+    for i, (caption, label) in enumerate(rows):
+        arr = rng.integers(0, 255, (size[1], size[0], 3)).astype(np.uint8)
+        Image.fromarray(arr).save(folder / "img" / f"{i}.png")
+        lines.append(f"img/{i}.png,{caption}" + (f",{label}" if label is not None else ""))
+    (folder / "pairs.csv").write_text("\n".join(lines) + "\n")
+    return folder / "pairs.csv"
+
+
+def test_image_captions_reads_pairs_labels_and_subsets_keep_them_aligned(tmp_path):
+    from harness.data import ImageCaptions
+    rows = [(f"a photo of item {i}", "dog" if i % 3 else "cat") for i in range(9)]
+    path = write_caption_csv(tmp_path, rows)
+    ds = ImageCaptions(csv=str(path), test_csv=str(path), load_size=8, pretrain_size=4)
+    train = ds.split("train")
+    assert train.images[torch.arange(9)].shape == (9, 3, 8, 8) and train.images.shape == (9, 3, 8, 8)
+    assert train.captions == [c for c, _ in rows]
+    assert train.classes == ["cat", "dog"] and train.labels.tolist() == [0, 1, 1] * 3
+    pre = ds.split("pretrain")
+    assert len(pre) == 4
+    for p, c in zip(pre.images.paths, pre.captions):  # each image keeps its own caption
+        assert c == f"a photo of item {int(p.rsplit('/', 1)[1].split('.')[0])}"
+    assert len(ds.split("test")) == 9
+
+
+def test_image_captions_without_labels_and_without_a_test_split(tmp_path):
+    from harness.data import ImageCaptions
+    path = write_caption_csv(tmp_path, [("one", None), ("two", None)], header="image,caption")
+    ds = ImageCaptions(csv=str(path), load_size=8)
+    assert ds.split("train").labels.tolist() == [-1, -1] and ds.split("train").classes == []
+    with pytest.raises(DataError, match="no test split.*data.ImageCaptions.test_csv"):
+        ds.split("test")
+
+
+def test_caption_csv_errors_name_the_file_the_row_and_the_fix(tmp_path):
+    from harness.data import ImageCaptions
+    path = write_caption_csv(tmp_path, [("a cat", "cat"), ("a dog", "dog")], header="image,text,label")
+    with pytest.raises(DataError) as err:
+        ImageCaptions(csv=str(path)).split("train")
+    msg = str(err.value)
+    assert str(path) in msg and "'caption' column" in msg and "image,caption" in msg and "image, text, label" in msg
+    path = write_caption_csv(tmp_path, [("a cat", "cat"), ("a dog", "dog")])
+    (tmp_path / "img" / "1.png").unlink()
+    with pytest.raises(DataError) as err:
+        ImageCaptions(csv=str(path)).split("train")
+    msg = str(err.value)
+    assert f"{path}, line 3" in msg and str(tmp_path / "img" / "1.png") in msg and "relative to the CSV's folder" in msg
+    with pytest.raises(DataError, match="caption CSV not found"):
+        ImageCaptions(csv=str(tmp_path / "nope.csv")).split("train")
+
+
+def test_captioned_prompts_name_each_image_class_deterministically(tmp_path):
+    from harness.data import Captioned
+    write_fake_fmnist(tmp_path)
+    templates = ["a photo of a {}.", "a sketch of the {}!", "{} again"]
+    ds = Captioned(dataset=FashionMNIST(root=str(tmp_path), download=False, pretrain_size=50), templates=templates)
+    train = ds.split("train")
+    for caption, y in zip(train.captions, train.labels.tolist()):
+        assert caption in [t.format(train.classes[y]) for t in templates]
+    used = {next(i for i, t in enumerate(templates) if c.startswith(t.split("{}")[0]) and c.endswith(t.split("{}")[1]))
+            for c in train.captions}
+    assert used == {0, 1, 2}  # the templates are spread over the images
+    again = Captioned(dataset=FashionMNIST(root=str(tmp_path), download=False), templates=templates).split("train")
+    assert again.captions == train.captions
+    pre = ds.split("pretrain")  # a subset: each image keeps the caption it has in train
+    by_image = {bytes(img.numpy()): c for img, c in zip(train.images, train.captions)}
+    assert all(by_image[bytes(img.numpy())] == c for img, c in zip(pre.images, pre.captions))
+    assert ds.name == "fashion_mnist" and ds.split("test").captions is not None
+    with pytest.raises(ValueError, match="data.Captioned.templates"):
+        Captioned(dataset=ds, templates=["no slot"])
