@@ -110,14 +110,19 @@ def settings() -> dict[str, str]:
 
     Macros appear as ``NAME``. Bindings of other methods' configurables (a table or
     scale file may bind several methods) are left out: a configurable defined in
-    ``methods.*`` counts only when its module is referenced (``@name``) by the config.
+    ``methods.*`` counts only when its module is referenced (``@name``) by the config, and a
+    scoped binding (``vit/backbone.create.name``) only when a reference enters its scope.
     """
     config = gin_config._CONFIG  # noqa: SLF001 - gin has no public view of parsed, uncalled bindings
-    used = {ref.configurable.wrapped.__module__ for ref in gin_config.iterate_references(config)}
+    refs = list(gin_config.iterate_references(config))
+    used = {ref.configurable.wrapped.__module__ for ref in refs}
+    scopes = {s for ref in refs for s in ref.scoped_selector.split("/")[:-1]}
     out = {}
     for (scope, selector), params in config.items():
         if selector == "gin.macro":
             out[scope] = _value(params["value"])
+            continue
+        if scope and not set(scope.split("/")) <= scopes:  # no reference enters this scope
             continue
         module = gin_config._REGISTRY[selector].wrapped.__module__  # noqa: SLF001
         if module.startswith("methods.") and module not in used:

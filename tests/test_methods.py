@@ -65,7 +65,9 @@ def test_loss_finite_and_every_parameter_gets_a_gradient(name, tiny_data):
     assert not missing, f"{name}: no gradient for {missing}"
 
 
-@pytest.mark.parametrize("name", TRAINED)
+# gan: a two-player game; the discriminator's term falls while the generator's rises, so the
+# sum need not fall (tests/test_transform_generative.py checks each player against a fixed other).
+@pytest.mark.parametrize("name", [m for m in TRAINED if m != "gan"])
 def test_loss_falls_on_a_fixed_batch(name, tiny_data):
     method, views, data = _build_on_what_it_accepts(name, tiny_data, bindings=FALLING_BINDINGS)
     method.train()
