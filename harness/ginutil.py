@@ -105,16 +105,34 @@ def _value(v: object) -> str:
     return pprint.pformat(v, width=10_000)
 
 
+def _reachable_references(config: dict) -> list:
+    """The ``@`` references reachable from ``job.run``'s bindings, transitively (a scoped
+    reference also reaches the unscoped bindings of its configurable, as gin applies both)."""
+    todo, seen, refs = [("", "job.run")], set(), []
+    while todo:
+        key = todo.pop()
+        if key in seen:
+            continue
+        seen.add(key)
+        for ref in gin_config.iterate_references(config.get(key, {})):
+            refs.append(ref)
+            scope = ref.scoped_selector.rpartition("/")[0]
+            todo += [("", ref.configurable.selector), (scope, ref.configurable.selector)]
+    return refs
+
+
 def settings() -> dict[str, str]:
     """The parsed bindings that concern this run, as sorted ``{"scope/selector.param": repr}``.
 
     Macros appear as ``NAME``. Bindings of other methods' configurables (a table or
     scale file may bind several methods) are left out: a configurable defined in
-    ``methods.*`` counts only when its module is referenced (``@name``) by the config, and a
-    scoped binding (``vit/backbone.create.name``) only when a reference enters its scope.
+    ``methods.*`` counts only when ``job.run`` reaches its module through ``@`` references
+    (so a table's ``multitask.MultiTask.tasks = [@exemplar.Exemplar, ...]`` does not make
+    exemplar's bindings part of rotnet's id), and a scoped binding
+    (``vit/backbone.create.name``) only when a reached reference enters its scope.
     """
     config = gin_config._CONFIG  # noqa: SLF001 - gin has no public view of parsed, uncalled bindings
-    refs = list(gin_config.iterate_references(config))
+    refs = _reachable_references(config)
     used = {ref.configurable.wrapped.__module__ for ref in refs}
     scopes = {s for ref in refs for s in ref.scoped_selector.split("/")[:-1]}
     out = {}

@@ -48,6 +48,19 @@ def test_run_ids_are_stable_and_follow_the_settings(capsys):
     # The launcher changes nothing.
     la = {(r["method"], r["seed"]): r for r in dry(capsys, "--bind", "launch.Local.parallel = 2")}
     assert la == base
+    # Bindings that no run reaches from job.run change nothing: another method's task list that
+    # references other methods (multitask), a scoped binding no reference enters.
+    other = {(r["method"], r["seed"]): r for r in dry(
+        capsys, "--bind", "multitask.MultiTask.tasks = [@relative_location.RelativeLocation, @exemplar.Exemplar]",
+        "--bind", "relative_location.RelativeLocation.min_patch = 12", "--bind", "unused/simclr.SimCLR.temperature = 0.9")}
+    assert other == base
+    # ... but a method reached through the run's own task list does.
+    scoped = {(r["method"], r["seed"]): r for r in dry(capsys, "--bind", "table.Table.methods = ['multitask']",
+                                                       "--bind", "multitask.MultiTask.tasks = [@exemplar.Exemplar]")}
+    moved = {(r["method"], r["seed"]): r for r in dry(capsys, "--bind", "table.Table.methods = ['multitask']",
+                                                      "--bind", "multitask.MultiTask.tasks = [@exemplar.Exemplar]",
+                                                      "--bind", "exemplar.Exemplar.num_surrogate = 100")}
+    assert all(moved[k]["pre"] != scoped[k]["pre"] for k in scoped)
 
 
 def test_only_and_sweep(capsys):
