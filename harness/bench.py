@@ -1,7 +1,7 @@
 """Benchmarks: speed targets live here, not in timed tests.
 
     python -m harness.bench throughput            # backbone candidates, img/s
-    python -m harness.bench methods               # s/step of each method at the embedded scale
+    python -m harness.bench methods [TABLE.gin] [NAMES]  # s/step of each method of a table
     python -m harness.bench table gin/table1.gin  # wall time of a whole table (fresh results)
 
 Each writes ``benchmarks/<command>.json`` (machine, versions, numbers) and prints
@@ -67,20 +67,31 @@ def throughput(batch: int = 256, repeats: int = 3) -> list[dict]:
     return rows
 
 
-def methods(names: Sequence[str], steps: int = 4) -> list[dict]:
-    """Seconds per training step of each method at the embedded scale (its own views and batch)."""
+def methods(names: Sequence[str], table_files: Sequence[str] = ("gin/table1.gin",), steps: int = 4) -> list[dict]:
+    """Seconds per training step of each method as a table runs it (the method's gin file, then
+    the table's: scale, data, its own views and batch); a method that refuses the data is listed
+    with its reason. Default names: the table's methods."""
     from harness import job
     from harness.trainer import Trainer, batch_indices
-    from methods.base import Batch
+    from methods.base import Batch, Unsupported
+    if not names:
+        ginutil.parse(list(table_files))
+        names = ginutil.reference("table.Table")().methods
     rows = []
     for name in names:
-        ginutil.parse([str(ginutil.method_gin(name)), "gin/scale/embedded.gin"])
+        ginutil.parse([str(ginutil.method_gin(name)), *table_files])
         dataset = ginutil.reference("job.run.dataset")
         data = dataset.split("pretrain")
-        method, views = job.build(ginutil.reference("job.run.method"), ginutil.reference("job.run.views"), data, 0)
+        try:
+            method, views = job.build(ginutil.reference("job.run.method"), ginutil.reference("job.run.views"), data, 0)
+        except Unsupported as err:
+            rows.append({"method": name, "skipped": str(err).splitlines()[0]})
+            print(rows[-1], flush=True)
+            continue
         trainer = Trainer()
         if trainer.total_steps(method, len(data)) == 0:
             continue
+        method.train()
         opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad] or [torch.zeros(1, requires_grad=True)], lr=1e-3)
         state = {"step": 0}
 
@@ -92,6 +103,7 @@ def methods(names: Sequence[str], steps: int = 4) -> list[dict]:
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+            method.after_step(state["step"] - 1, trainer.total_steps(method, len(data)))
         sec = _timed(step, steps)
         total = trainer.total_steps(method, len(data))
         rows.append({"method": name, "batch": trainer.batch_size, "views": len(views.augmentations),
@@ -118,17 +130,20 @@ def table(gin_files: Sequence[str]) -> list[dict]:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m harness.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("what", choices=["throughput", "methods", "table"])
-    ap.add_argument("args", nargs="*", help="methods: names (default: those of gin/table1.gin); table: gin files")
+    ap.add_argument("args", nargs="*", help="methods: a table's gin files and/or method names (default: the "
+                    "methods of gin/table1.gin); table: gin files")
     args = ap.parse_args(argv)
     if args.what == "throughput":
         rows = throughput()
     elif args.what == "methods":
-        rows = methods(args.args or ["supervised", "random", "rotnet", "simclr"])
+        tables = [a for a in args.args if a.endswith(".gin")] or ["gin/table1.gin"]
+        rows = methods([a for a in args.args if not a.endswith(".gin")], tables)
     else:
         rows = table(args.args or ["gin/table1.gin"])
     OUT.mkdir(exist_ok=True)
-    store.write_json(OUT / f"{args.what}.json", {"machine": machine(), "rows": rows})
-    print(f"wrote {OUT / (args.what + '.json')}")
+    stem = args.what if args.what != "methods" else f"methods-{Path(tables[0]).stem}"
+    store.write_json(OUT / f"{stem}.json", {"machine": machine(), "rows": rows})
+    print(f"wrote {OUT / (stem + '.json')}")
     return 0
 
 
