@@ -4,7 +4,10 @@ Reads every ``<table_dir>/runs/<run_id>/run.json`` into one long DataFrame (a ro
 run and metric), reduces finished runs to mean ± std over seeds per method and swept
 setting, sets published numbers (``results/reference/*.csv``) beside them, and writes
 leaderboard.csv/.md/.png and failed.csv. Failed or unfinished runs are listed, never
-averaged. Usage: ``python -m harness.collate results/table1 [--reference DIR]``.
+averaged; nor are numbers of different protocol settings (run.json records each metric's
+protocol id; a metric made under two ids in one table becomes two columns, ``<metric>
+[<id>]``, and leaderboard.md lists every protocol's name, id and settings).
+Usage: ``python -m harness.collate results/table1 [--reference DIR]``.
 """
 from __future__ import annotations
 
@@ -22,8 +25,8 @@ from matplotlib.figure import Figure
 
 from harness import store
 
-RUN_COLUMNS = ["run_id", "pretrain_id", "table", "method", "seed", "status", "metric", "value",
-               "pretrain_s", "eval_s"]
+RUN_COLUMNS = ["run_id", "pretrain_id", "table", "method", "seed", "status", "metric", "value", "protocol",
+               "protocol_id", "pretrain_s", "eval_s"]
 REFERENCE_COLUMNS = ["table", "method", "metric", "value", "source"]
 SORT_METRIC = "linear/top1"
 PLOT_METRICS = ["linear/top1", "knn/top1@200"]
@@ -54,7 +57,27 @@ def _rows(run: dict) -> list[dict]:
     metrics = (run.get("metrics") or {}) if row["status"] == "done" else {}
     if not metrics:
         return [row | {"metric": np.nan, "value": np.nan}]
-    return [row | {"metric": metric, "value": value} for metric, value in metrics.items()]
+    owner = {m: (name, p.get("id")) for name, p in _protocols(run).items() for m in p.get("metrics") or []}
+    return [row | {"metric": metric, "value": value, "protocol": owner.get(metric, (None, None))[0],
+                   "protocol_id": owner.get(metric, (None, None))[1]} for metric, value in metrics.items()]
+
+
+def _protocols(run: dict) -> dict[str, dict]:
+    """The run's protocol records that name their id and metrics (older records: none)."""
+    return {name: p for name, p in (run.get("protocols") or {}).items() if isinstance(p, dict) and "id" in p}
+
+
+def _split_protocols(df: pd.DataFrame) -> pd.DataFrame:
+    """Renames a metric made under more than one protocol id in the table to ``<metric> [<id>]``
+    (``[unrecorded]`` where a run did not record its protocol), so no mean mixes settings."""
+    scored = df["metric"].notna()
+    ids = df["protocol_id"].where(df["protocol_id"].notna(), "unrecorded")
+    mixed = ids[scored].groupby(df.loc[scored, "metric"]).nunique()
+    mixed = df["metric"].isin(mixed[mixed > 1].index)
+    if not mixed.any():
+        return df
+    df.loc[mixed, "metric"] = df.loc[mixed, "metric"] + " [" + ids[mixed].astype(str) + "]"
+    return df
 
 
 def load_runs(table_dir: Path) -> pd.DataFrame:
@@ -65,7 +88,9 @@ def load_runs(table_dir: Path) -> pd.DataFrame:
 
     Returns:
         One row per (run, metric); failed and running runs have one row with NaN metric
-        and value. ``attrs["skipped"]`` counts run folders without a readable run.json.
+        and value. A metric made under several protocol ids is split (`_split_protocols`).
+        ``attrs["skipped"]`` counts run folders without a readable run.json; ``attrs["protocols"]``
+        maps (name, id) of the finished runs' protocols to their settings and metrics.
     """
     runs_dir = Path(table_dir) / "runs"
     folders = sorted(p for p in runs_dir.iterdir() if p.is_dir()) if runs_dir.is_dir() else []
@@ -75,7 +100,13 @@ def load_runs(table_dir: Path) -> pd.DataFrame:
     as_bound = {c: pd.Series([r.get(c) for r in rows], dtype=object) for c in swept}  # ints stay ints
     df = pd.DataFrame(rows).assign(**as_bound).reindex(columns=RUN_COLUMNS + swept + ["error", "log"])
     df["value"] = pd.to_numeric(df["value"], errors="coerce")
+    df = _split_protocols(df)
     df.attrs["skipped"] = len(folders) - len(records)
+    df.attrs["protocols"] = {}
+    for run in (r for r in records if r.get("status") == "done"):
+        for name, p in _protocols(run).items():
+            entry = df.attrs["protocols"].setdefault((name, p["id"]), {"params": p.get("params"), "metrics": set()})
+            entry["metrics"].update(p.get("metrics") or [])
     return df
 
 
@@ -163,8 +194,21 @@ def _markdown_board(board: pd.DataFrame) -> str:
     return shown.to_markdown(index=False, disable_numparse=True)
 
 
+def _markdown_protocols(protocols: dict) -> list[str]:
+    """The protocols section: name, id, metrics and settings of every protocol in the table."""
+    if not protocols:
+        return []
+    rows = [{"protocol": name, "id": pid, "metrics": ", ".join(sorted(p["metrics"])),
+             "settings": json.dumps(p["params"], sort_keys=True, separators=(", ", ": "))}
+            for (name, pid), p in sorted(protocols.items(), key=lambda item: (item[0][0], str(item[0][1])))]
+    table = pd.DataFrame(rows).apply(lambda col: col.str.replace("|", r"\|"))
+    return ["## Protocols", "", "Every number above was made by one of these protocols (id: a hash of the name and "
+            "settings; a column labelled `[<id>]` holds a metric that this table has under more than one id).", "",
+            table.to_markdown(index=False, disable_numparse=True), ""]
+
+
 def render_markdown(df: pd.DataFrame, board: pd.DataFrame, ref: pd.DataFrame, table: str) -> str:
-    """Builds leaderboard.md: title, table, paper sources, failed runs, pending runs."""
+    """Builds leaderboard.md: title, table, paper sources, protocols, failed runs, pending runs."""
     lines = [f"# {table} leaderboard", ""]
     if board.empty:
         lines += ["No finished runs yet, so there is nothing to average.", ""]
@@ -174,6 +218,7 @@ def render_markdown(df: pd.DataFrame, board: pd.DataFrame, ref: pd.DataFrame, ta
     if not ref.empty:
         sources = ref.groupby("method")["source"].agg(lambda s: "; ".join(pd.unique(s.astype(str))))
         lines += ["¹ Published numbers: " + "; ".join(f"{m}: {s}" for m, s in sources.items()) + ".", ""]
+    lines += _markdown_protocols(df.attrs.get("protocols") or {})
     failed = failed_runs(df).fillna("").astype(str)
     if not failed.empty:
         failed = failed.apply(lambda col: col.str.replace("|", r"\|").str.replace("\n", " "))

@@ -22,6 +22,7 @@ from harness import ginutil, store
 from harness import trainer as trainer_lib
 from harness.data import ImageSet
 from harness.evals import Context
+from harness.evals import protocol as protocol_lib
 from harness.evals.features import FrozenFeatures
 from harness.runspec import RunSpec
 from harness.trainer import Trainer
@@ -41,10 +42,11 @@ def _build_method(method: Callable[..., Method], net: nn.Module, data: ImageSet)
     """Calls the method's constructor with the backbone. A constructor that takes one of
     these gets the pretraining data's: ``num_classes`` (supervised), ``num_images`` (memory
     banks), ``channels`` (colour-only methods raise `methods.base.Unsupported` on 1),
-    ``captions`` (image-text methods; one string per image, or None)."""
+    ``captions`` (image-text methods; one string per image, or None), ``mean``/``std`` (the
+    views' normalisation, for methods that need pixel values back: colorization)."""
     params = inspect.signature(method).parameters
     given = {"num_classes": len(data.classes), "num_images": len(data), "channels": data.channels,
-             "captions": getattr(data, "captions", None)}
+             "captions": getattr(data, "captions", None), "mean": data.mean, "std": data.std}
     return method(net, **{k: v for k, v in given.items() if k in params})
 
 
@@ -97,7 +99,8 @@ def run(spec: RunSpec, method: Callable[..., Method] = gin.REQUIRED, dataset=gin
         views: e.g. ``@views.Views``; called with the dataset's mean and std.
         trainer: e.g. ``@trainer.Trainer()``.
         features: which images the frozen-feature protocols see.
-        evaluations: protocols, each ``(train, test) -> {metric: value}`` with ``name`` and ``params()``.
+        evaluations: protocols with ``name`` and ``params()``, each ``(train, test) -> {metric: value}``
+            on frozen features or, with ``frozen = False``, ``evaluate(ctx)`` (`harness.evals.protocol`).
         seed: the run's seed (initialisation, data order, augmentations).
     Returns:
         The run record written to run.json.
@@ -127,20 +130,18 @@ def run(spec: RunSpec, method: Callable[..., Method] = gin.REQUIRED, dataset=gin
         ctx = Context(encoder=lambda: encoder_for_eval(pre_dir, method, dataset.split("test")), dataset=dataset,
                       pretrain_dir=pre_dir, features=feats, device=trainer.device, seed=seed,
                       progress=trainer.progress)
-        for protocol in evaluations:
-            if getattr(protocol, "frozen", True):
-                record["metrics"].update(protocol(feats["train"], feats["test"]))
-            else:
-                record["metrics"].update(protocol.evaluate(ctx))
-            record["protocols"][protocol.name] = {**protocol.params(), **(
-                {"selected": protocol.selected} if getattr(protocol, "selected", None) else {})}
+        protocol_lib.check_names(evaluations)
+        for protocol in evaluations:  # each number is stored with its protocol's name, id and settings
+            metrics = protocol_lib.evaluate(protocol, ctx)
+            record["metrics"].update(metrics)
+            record["protocols"][protocol.name] = protocol_lib.describe(protocol, metrics)
         record["timings"] = {"pretrain_s": round(pre["seconds"], 2), "eval_s": round(time.time() - t0, 2)}
         record.update(status="done", finished=store.now())
         store.write_text(out_dir / "config.gin", gin.operative_config_str())
         store.write_json(out_dir / "run.json", record)
         return record
     except Unsupported as err:  # e.g. a colour-only method on grayscale data: a reason, not a failure
-        record.update(status="skipped", error=str(err), finished=store.now())
+        record.update(status="skipped", error=str(err).splitlines()[0], finished=store.now())  # not gin's call trace
         store.write_json(out_dir / "run.json", record)
         print(f"skipped {spec.method}: {err}", flush=True)
         return record

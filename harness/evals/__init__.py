@@ -1,8 +1,10 @@
 """Evaluation protocols: small modules, each `(train, test) -> dict[str, float]`.
 
 Every protocol is a gin-configured object with a `name` (e.g. ``knn/npid``) and a
-`params()` dict; both are stored beside its numbers in ``run.json``. Protocols on
-frozen features share one extraction per (encoder, dataset split): see `Features`.
+`params()` dict; both, and an id hashing them (`harness.evals.protocol`), are stored
+beside its numbers in ``run.json``. Protocols on frozen features share one extraction
+per (encoder, dataset split): see `Features`; the others get a `Context`.
+docs/protocols.md lists the protocols, their papers and the settings they pin.
 """
 from __future__ import annotations
 

@@ -1,0 +1,192 @@
+"""Training a classifier on augmented images, shared by the paper linear probe (frozen
+encoder, `harness.evals.linear.PaperProbe`) and semi-supervised fine-tuning (the whole
+network, `harness.evals.semisup.SemiSupervised`).
+
+Training views are a random resized crop and a horizontal flip (`harness.views.resized_crop`,
+the crop of ``views.Augment``), drawn per sample on the training device; evaluation takes
+the central ``eval_crop`` of each image resized to the image size (ImageNet's 224 of 256:
+0.875). Batches follow ``trainer.batch_indices`` (epoch-wise seeded permutations, last
+partial batch dropped), so a run is a pure function of its seed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from harness.data import ImageSet
+from harness.optim import LARS
+from harness.trainer import batch_indices, param_groups
+from harness.views import eval_view, normalize, resized_crop
+
+OPTIMIZERS = ("sgd", "lars")
+SCHEDULES = ("cosine", "step", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """How a classifier is trained (every field changes the numbers).
+
+    Attributes:
+        epochs: passes over the labelled images.
+        batch_size: images per step (clipped to the number of labelled images).
+        lr: learning rate; at batch 256 when `scale_lr` (applied: ``lr * batch / 256``).
+        scale_lr: Goyal et al. 2017's linear scaling rule.
+        optimizer: ``sgd`` (torch's) or ``lars`` (``harness.optim.LARS``).
+        momentum: SGD / LARS momentum.
+        nesterov: Nesterov momentum (SGD only).
+        weight_decay: on weights; biases and norm parameters are exempt (and skip LARS).
+        schedule: ``cosine`` (to zero), ``step`` (x0.1 at each of `milestones`) or ``constant``.
+        milestones: epochs (fractions allowed) at which the ``step`` schedule divides the lr by 10.
+        warmup_epochs: linear warm-up before the schedule.
+        crop_scale: area range of the random resized crop.
+        max_steps: cap on optimizer steps (smoke tests); None: epochs decide.
+    """
+
+    epochs: float
+    batch_size: int
+    lr: float
+    scale_lr: bool = True
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    milestones: Sequence[float] = ()
+    warmup_epochs: float = 0.0
+    crop_scale: Sequence[float] = (0.08, 1.0)
+    max_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer {self.optimizer!r} is not one of {OPTIMIZERS}")
+        if self.schedule not in SCHEDULES:
+            problems.append(f"schedule {self.schedule!r} is not one of {SCHEDULES}")
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum <= 0):
+            problems.append("nesterov needs optimizer 'sgd' and momentum > 0")
+        if self.epochs <= 0 or self.batch_size < 1 or self.lr <= 0:
+            problems.append(f"epochs, batch_size and lr must be positive (got {self.epochs}, {self.batch_size}, "
+                            f"{self.lr})")
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            problems.append(f"crop_scale {tuple(self.crop_scale)} must be (lo, hi) with 0 < lo <= hi <= 1")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def params(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["milestones"], out["crop_scale"] = list(self.milestones), list(self.crop_scale)
+        return out
+
+
+def lr_factor(recipe: Recipe, step: int, per_epoch: int, total: int) -> float:
+    """Multiplier of the learning rate at `step` of `total` (`per_epoch` steps an epoch)."""
+    warmup = round(recipe.warmup_epochs * per_epoch)
+    if step < warmup:
+        return (step + 1) / warmup
+    if recipe.schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    if recipe.schedule == "step":
+        return 0.1 ** sum(step >= m * per_epoch for m in recipe.milestones)
+    return 1.0
+
+
+def optimizer(recipe: Recipe, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """The recipe's optimizer over `model`'s trainable parameters."""
+    groups = [g for g in param_groups(model, recipe.weight_decay) if g["params"]]
+    if recipe.optimizer == "lars":
+        return LARS(groups, lr=lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay, eta=0.001)
+    return torch.optim.SGD(groups, lr=lr, momentum=recipe.momentum, nesterov=recipe.nesterov,
+                           weight_decay=recipe.weight_decay)
+
+
+def feature_dim(encoder: nn.Module, data: ImageSet, image_size: int, device: torch.device | str) -> int:
+    """Width of the encoder's pooled output, from a forward pass in eval mode."""
+    was_training = encoder.training
+    with torch.no_grad():
+        d = encoder.eval()(eval_view(data.images[torch.arange(min(2, len(data)))].to(device), image_size, data.mean,
+                                     data.std)).flatten(1).shape[1]
+    encoder.train(was_training)
+    return d
+
+
+def train(encoder: nn.Module, head: nn.Module, data: ImageSet, index: torch.Tensor, recipe: Recipe, image_size: int,
+          *, fine_tune: bool, seed: int, device: torch.device | str = "cpu", progress: bool = False,
+          desc: str = "classifier") -> dict:
+    """Trains `head` on the encoder's features of augmented views of ``data[index]``; with
+    `fine_tune` the encoder trains too (train mode), else it stays frozen in eval mode.
+
+    Augmentations draw from torch's RNG, seeded with `seed` inside a fork of it (the caller's
+    RNG state is left as it was).
+
+    Returns:
+        ``{"steps": int, "final_loss": float}``.
+    Raises:
+        FloatingPointError: when the loss stops being finite (names the step and the lr).
+    """
+    n = len(index)
+    batch = min(recipe.batch_size, n)
+    per_epoch = n // batch
+    total = max(1, math.ceil(recipe.epochs * per_epoch))
+    total = min(total, recipe.max_steps) if recipe.max_steps else total
+    lr = recipe.lr * batch / 256 if recipe.scale_lr else recipe.lr
+    encoder.to(device).train(fine_tune)
+    head.to(device).train()
+    for p in encoder.parameters():
+        p.requires_grad_(fine_tune)
+    opt = optimizer(recipe, nn.ModuleList([encoder, head]) if fine_tune else head, lr)
+    loss = torch.zeros(())
+    devices = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for step in tqdm(range(total), desc=desc, disable=not progress, dynamic_ncols=True, mininterval=1.0):
+            idx = index[batch_indices(n, batch, seed, step)]  # [b]
+            x = resized_crop(data.images[idx].to(device).float().div_(255), image_size, recipe.crop_scale,
+                             (3 / 4, 4 / 3), 0.5)
+            x = normalize(x, data.mean, data.std)  # [b, C, S, S]
+            with torch.set_grad_enabled(fine_tune):
+                h = encoder(x).flatten(1)  # [b, D]
+            loss = F.cross_entropy(head(h), data.labels[idx].to(device))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{desc}: loss is {loss.item()} at step {step} of {total} (lr {lr:g} at batch "
+                                         f"{batch}); lower the protocol's lr")
+            step_lr = lr * lr_factor(recipe, step, per_epoch, total)
+            for g in opt.param_groups:
+                g["lr"] = step_lr
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return {"steps": total, "final_loss": loss.item()}
+
+
+def center_view(images: torch.Tensor, size: int, crop: float, mean: Sequence[float],
+                std: Sequence[float]) -> torch.Tensor:
+    """The central `crop` fraction of each image, resized to `size`, normalised. uint8 [B,C,H,W] -> float."""
+    h, w = images.shape[-2:]
+    ch, cw = max(1, round(h * crop)), max(1, round(w * crop))
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return eval_view(images[..., top:top + ch, left:left + cw], size, mean, std)
+
+
+@torch.no_grad()
+def test(encoder: nn.Module, head: nn.Module, data: ImageSet, image_size: int, eval_crop: float,
+         device: torch.device | str = "cpu", batch_size: int = 256) -> dict[str, float]:
+    """Top-1 and top-5 accuracy (%) of ``head(encoder(x))`` on centre views; top-5 only with more than 5 classes."""
+    encoder.eval()
+    head.eval()
+    num_classes = len(data.classes)
+    k = min(5, num_classes)
+    hits = torch.zeros(k)
+    for i in range(0, len(data), batch_size):
+        x = center_view(data.images[i:i + batch_size].to(device), image_size, eval_crop, data.mean, data.std)
+        top = head(encoder(x).flatten(1)).topk(k, dim=1).indices.cpu()  # [b, k]
+        hits += (top == data.labels[i:i + batch_size, None]).cumsum(1).sum(0).float()
+    out = {"top1": 100.0 * float(hits[0]) / len(data)}
+    if num_classes > 5:
+        out["top5"] = 100.0 * float(hits[k - 1]) / len(data)
+    return out
