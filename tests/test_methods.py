@@ -7,7 +7,7 @@ from harness import ginutil, job
 from methods.base import Batch, Unsupported
 from tests.conftest import METHODS, make_colour_images, parse_method
 
-TRAINED = [m for m in METHODS if m not in ("random", "pixels")]
+TRAINED = [m for m in METHODS if m not in ("random", "pixels", "external")]  # external: nothing to train (tests/test_protocols.py)
 
 # Per-method adjustments, each for a stated reason (the default is none).
 # swav: its prototypes are frozen for the first epoch (paper: 313 steps), so they would get
