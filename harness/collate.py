@@ -89,11 +89,17 @@ def load_runs(table_dir: Path) -> pd.DataFrame:
     Returns:
         One row per (run, metric); failed and running runs have one row with NaN metric
         and value. A metric made under several protocol ids is split (`_split_protocols`).
+        Only the runs of the table's current plan (``plan.json``, written by the sweep) when it
+        has one: runs of older settings stay on disk, out of the means (``attrs["outside_plan"]``).
         ``attrs["skipped"]`` counts run folders without a readable run.json; ``attrs["protocols"]``
         maps (name, id) of the finished runs' protocols to their settings and metrics.
     """
     runs_dir = Path(table_dir) / "runs"
     folders = sorted(p for p in runs_dir.iterdir() if p.is_dir()) if runs_dir.is_dir() else []
+    plan = store.read_json(Path(table_dir) / "plan.json")
+    planned = set(plan["run_ids"]) if plan and "run_ids" in plan else None
+    outside = [f for f in folders if planned is not None and f.name not in planned]
+    folders = [f for f in folders if planned is None or f.name in planned]
     records = [run for run in (_read_run(folder / "run.json") for folder in folders) if run]
     rows = [row for run in records for row in _rows(run)]
     swept = sorted({key for row in rows for key in row if key.startswith("swept:")})
@@ -102,6 +108,7 @@ def load_runs(table_dir: Path) -> pd.DataFrame:
     df["value"] = pd.to_numeric(df["value"], errors="coerce")
     df = _split_protocols(df)
     df.attrs["skipped"] = len(folders) - len(records)
+    df.attrs["outside_plan"] = len(outside)
     df.attrs["protocols"] = {}
     for run in (r for r in records if r.get("status") == "done"):
         for name, p in _protocols(run).items():
@@ -228,6 +235,8 @@ def render_markdown(df: pd.DataFrame, board: pd.DataFrame, ref: pd.DataFrame, ta
     if total := sum(counts.values()):
         detail = ", ".join(f"{n} {status}" for status, n in counts.items() if n)
         lines += [f"{total} run(s) still running or incomplete ({detail}); not in the table.", ""]
+    if n := df.attrs.get("outside_plan", 0):
+        lines += [f"{n} run(s) in runs/ belong to other settings of this table (not in plan.json); left out.", ""]
     return "\n".join(lines)
 
 

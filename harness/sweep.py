@@ -136,6 +136,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except launch_lib.LaunchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    # The table's current plan (every method, not only --only's): the leaderboard averages these
+    # runs alone, never runs left in runs/ by other settings of the table.
+    full = specs if not only else plan(args.gin, args.bind, None, args.results)[1]
+    store.write_json(table_dir / "plan.json", {"run_ids": sorted({s.run_id for s in full}), "gin": list(args.gin),
+                                               "bind": list(args.bind or [])})
     outcomes = launch.launch(todo, table_dir / "jobs") if todo else []
     if todo and not outcomes:
         print(f"check progress with: python -m harness.sweep {' '.join(args.gin)} --status", file=sys.stderr)

@@ -157,3 +157,16 @@ def test_skipped_method_is_listed_with_its_reason_not_as_pending(tmp_path: Path)
     assert (board[board["method"] != "colorization"]["note"] == "").all()
     md = (table / "leaderboard.md").read_text()
     assert f"skipped: {reason}" in md and "incomplete" not in md and not (table / "failed.csv").exists()
+
+
+def test_runs_outside_the_tables_plan_stay_out_of_the_means(tmp_path: Path) -> None:
+    """Runs left by older settings of a table (another run id) are not averaged in."""
+    table = tmp_path / "table1"
+    write_run(table, "new0", "simclr", 0, metrics=metrics(80.0, 70.0))
+    write_run(table, "new1", "simclr", 1, metrics=metrics(82.0, 72.0))
+    write_run(table, "old0", "simclr", 0, metrics=metrics(50.0, 40.0))
+    assert collate(table).loc[0, "seeds"] == 3  # no plan: every run folder counts
+    (table / "plan.json").write_text(json.dumps({"run_ids": ["new0", "new1"]}))
+    board = collate(table)
+    assert board.loc[0, "seeds"] == 2 and board.loc[0, "linear/top1 mean"] == 81.0
+    assert "1 run(s) in runs/ belong to other settings" in (table / "leaderboard.md").read_text()
