@@ -132,7 +132,13 @@ def run(spec: RunSpec, method: Callable[..., Method] = gin.REQUIRED, dataset=gin
                       progress=trainer.progress)
         protocol_lib.check_names(evaluations)
         for protocol in evaluations:  # each number is stored with its protocol's name, id and settings
-            metrics = protocol_lib.evaluate(protocol, ctx)
+            try:
+                metrics = protocol_lib.evaluate(protocol, ctx)
+            except Unsupported as err:  # this protocol cannot read this encoder (detection on a ViT): the rest can
+                record["protocols"][protocol.name] = {**protocol_lib.describe(protocol, {}),
+                                                      "skipped": str(err).splitlines()[0]}
+                print(f"protocol {protocol.name} skipped: {err}", flush=True)
+                continue
             record["metrics"].update(metrics)
             record["protocols"][protocol.name] = protocol_lib.describe(protocol, metrics)
         record["timings"] = {"pretrain_s": round(pre["seconds"], 2), "eval_s": round(time.time() - t0, 2)}

@@ -416,3 +416,44 @@ def test_table2_smoke_runs_every_protocol_end_to_end(tmp_path):
         assert sorted(listed) == sorted(run["metrics"]) and all(0 <= v <= 100 for v in run["metrics"].values())
     md = (tmp_path / "table2" / "leaderboard.md").read_text()
     assert all(f"| {name}" in md and pid in md for name, pid in expected.items())
+
+
+class _TinySet:
+    """A dataset object as job.run sees one: tiny generated splits."""
+
+    name = "tiny"
+
+    def split(self, which: str):
+        from tests.conftest import make_images
+        return make_images(32, seed=0 if which != "test" else 1)
+
+
+class _Refuses:
+    """A protocol that cannot read this encoder (like detection on a ViT)."""
+
+    name, frozen = "refuses/always", False
+
+    def params(self) -> dict:
+        return {}
+
+    def evaluate(self, ctx) -> dict:
+        from methods.base import Unsupported
+        raise Unsupported("refuses/always cannot read this encoder")
+
+
+def test_a_protocol_that_refuses_the_encoder_is_recorded_and_the_others_still_run(tmp_path):
+    from harness import ginutil, job
+    from harness.evals.features import FrozenFeatures
+    from harness.evals.knn import KNN
+    from harness.runspec import RunSpec
+    from harness.trainer import Trainer
+    from tests.conftest import parse_method
+    parse_method("pixels")
+    spec = RunSpec(table="t", method="pixels", seed=0, gin_files=(), bindings=(), pretrain_id="p0", run_id="r0",
+                   results=str(tmp_path))
+    record = job.run(spec, method=ginutil.reference("job.run.method"), dataset=_TinySet(),
+                     views=ginutil.reference("job.run.views"), trainer=Trainer(progress=False),
+                     features=FrozenFeatures(image_size=32), evaluations=[_Refuses(), KNN()])
+    assert record["status"] == "done" and "knn/top1@20" in record["metrics"]
+    assert record["protocols"]["refuses/always"]["skipped"] == "refuses/always cannot read this encoder"
+    assert "id" in record["protocols"]["refuses/always"]

@@ -16,6 +16,7 @@ from harness.evals import Context
 from harness.evals.voc import (EmbeddedVOC, VOC07SVM, image_labels, l2_normalize, ranking_ap, svm_voc07, voc07_ap,
                                voc_classes)
 from harness.evals.voc_detection import Detection, VOCBoxes, c4_parts, detection_ap
+from methods.base import Unsupported
 from tests.conftest import fmnist_available
 
 needs_fmnist = pytest.mark.skipif(not fmnist_available(), reason="Fashion-MNIST files not installed")
@@ -242,7 +243,7 @@ def test_detection_reads_voc_boxes_as_detectron2_does(tree):
 
 
 def test_c4_split_refuses_a_backbone_without_resnet_stages():
-    with pytest.raises(ValueError, match="ResNet-style timm backbone.*no conv1"):
+    with pytest.raises(Unsupported, match="ResNet-style timm backbone.*no conv1"):
         c4_parts(torch.nn.Linear(3, 3))
 
 

@@ -35,6 +35,7 @@ from harness.data import DataError
 from harness.evals import Context
 from harness.evals.voc import (EmbeddedVOC, in_channels, pixel_stats, pr_curve, resolve_root, voc07_ap,
                                voc_classes, voc_dir)
+from methods.base import Unsupported
 
 STEM = ("conv1", "bn1", "act1", "maxpool")
 
@@ -154,7 +155,7 @@ def c4_parts(encoder: nn.Module) -> tuple[nn.Module, nn.Module, int, int]:
     """Splits a timm ResNet at res4: (backbone to layer3 with ``out_channels``, layer4, C4, C5)."""
     missing = [n for n in (*STEM, "layer1", "layer2", "layer3", "layer4") if not hasattr(encoder, n)]
     if missing:
-        raise ValueError(f"detection/voc07 builds an R-C4 detector from a ResNet-style timm backbone; "
+        raise Unsupported(f"detection/voc07 builds an R-C4 detector from a ResNet-style timm backbone; "
                          f"{type(encoder).__name__} has no {', '.join(missing)}")
     body = nn.Sequential(*(getattr(encoder, n) for n in (*STEM, "layer1", "layer2", "layer3")))
     with torch.no_grad():
