@@ -62,7 +62,7 @@ def build(method: Callable[..., Method], views: Callable[..., Views], data: Imag
 def pretrain(folder: Path, method: Callable[..., Method], dataset, views: Callable[..., Views],
              trainer: Trainer, seed: int, stop_after: int | None = None) -> dict:
     """Pretrains into `folder` (resuming a checkpoint there), exports the encoder, writes pretrain.json."""
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     data = dataset.split("pretrain")
     m, v = build(method, views, data, seed)
     fit = trainer.fit(m, data, v, folder, seed, stop_after=stop_after)
@@ -72,7 +72,10 @@ def pretrain(folder: Path, method: Callable[..., Method], dataset, views: Callab
         backbone_lib.export(m.backbone, folder)
     if hasattr(m, "export"):  # parts some protocol needs besides the encoder (CLIP's text tower)
         m.export(folder)
-    record = {"status": "done", "seconds": time.time() - t0, **fit, "git": store.git_revision(),
+    # cpu_seconds: CPU time of all this process's threads; unlike wall time it barely moves
+    # when other jobs share the cores (BENCHMARKS.md).
+    record = {"status": "done", "seconds": time.time() - t0, "cpu_seconds": time.process_time() - cpu0, **fit,
+              "git": store.git_revision(),
               "finished": store.now()}
     store.write_text(folder / "config.gin", gin.operative_config_str())
     store.write_json(folder / "pretrain.json", record)
@@ -124,7 +127,7 @@ def run(spec: RunSpec, method: Callable[..., Method] = gin.REQUIRED, dataset=gin
                 pre = pretrain(pre_dir, method, dataset, views, trainer, seed)
             else:
                 print(f"pretraining {spec.pretrain_id} already done: reusing {pre_dir}", flush=True)
-        t0 = time.time()
+        t0, cpu0 = time.time(), time.process_time()
         enc = encoder_for_eval(pre_dir, method, dataset.split("test"))
         feats = features(enc, dataset, pre_dir / "features", trainer.device, trainer.progress)
         ctx = Context(encoder=lambda: encoder_for_eval(pre_dir, method, dataset.split("test")), dataset=dataset,
@@ -141,7 +144,9 @@ def run(spec: RunSpec, method: Callable[..., Method] = gin.REQUIRED, dataset=gin
                 continue
             record["metrics"].update(metrics)
             record["protocols"][protocol.name] = protocol_lib.describe(protocol, metrics)
-        record["timings"] = {"pretrain_s": round(pre["seconds"], 2), "eval_s": round(time.time() - t0, 2)}
+        record["timings"] = {"pretrain_s": round(pre["seconds"], 2), "eval_s": round(time.time() - t0, 2),
+                             "pretrain_cpu_s": round(pre["cpu_seconds"], 2) if "cpu_seconds" in pre else None,
+                             "eval_cpu_s": round(time.process_time() - cpu0, 2)}
         record.update(status="done", finished=store.now())
         store.write_text(out_dir / "config.gin", gin.operative_config_str())
         store.write_json(out_dir / "run.json", record)
