@@ -22,6 +22,11 @@ ROT_EX = ["multitask.MultiTask.tasks = [@rotnet.RotNet, @exemplar.Exemplar]",
 # Small heads keep the paper combination's tests fast (its 4096-wide relative-position MLP).
 SMALL_HEADS = ["exemplar.Exemplar.num_surrogate = 20", "relative_location.RelativeLocation.patch_dim = 64",
                "relative_location.RelativeLocation.hidden_dim = 64", "colorization.Colorization.hidden_dim = 32"]
+# The paper's combination as gin/methods/multitask.gin binds it (the embedded scale file
+# replaces it with the two tasks that run on gray data).
+PAPER_TASKS = ["multitask.MultiTask.tasks = [@relative_location.RelativeLocation, @colorization.Colorization, "
+               "@exemplar.Exemplar]", "multitask.MultiTask.weights = [1.0, 1.0, 1.0]",
+               "multitask.MultiTask.inputs = [[0], [1], [2, 3]]"]
 
 
 def _build(data, *bindings, seed=0):
@@ -120,7 +125,7 @@ def test_tasks_get_the_data_facts_the_job_gives_a_method_and_a_refusal_skips_the
 
 
 def test_the_papers_combination_needs_colour_and_trains_on_it(tiny_data):
-    parse_method("multitask", *SMALL_HEADS)  # relative position + colorization + exemplar
+    parse_method("multitask", *PAPER_TASKS, *SMALL_HEADS)  # relative position + colorization + exemplar
     method, views = ginutil.reference("job.run.method"), ginutil.reference("job.run.views")
     with pytest.raises(Unsupported, match="multitask: task Colorization: colorization needs colour"):
         job.build(method, views, tiny_data, 0)
@@ -136,7 +141,7 @@ def test_resume_restores_every_tasks_state_exactly(tmp_path):
     colour = make_colour_images()  # the paper's combination: colorization's bin counts, exemplar's seeds
 
     def fit(folder, stop_after=None):
-        parse_method("multitask", *SMALL_HEADS)
+        parse_method("multitask", *PAPER_TASKS, *SMALL_HEADS)
         method, views = job.build(ginutil.reference("job.run.method"), ginutil.reference("job.run.views"), colour, 3)
         Trainer(max_steps=5, batch_size=16, checkpoint_every=2, progress=False).fit(
             method, colour, views, folder, seed=3, stop_after=stop_after)

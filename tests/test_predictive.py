@@ -170,6 +170,6 @@ def test_cpc_loss_matches_a_loop_over_positions():
 
 
 def test_cpc_patch_size_larger_than_the_image_falls_back_to_the_paper_geometry(tiny_data):
-    parse_method("cpc")  # paper defaults: 7x7 grid of 64 px, on 32-px images
+    parse_method("cpc", "cpc.CPC.grid = 7", "cpc.CPC.steps = 5")  # paper: 7x7 grid of 64 px, on 32-px images
     m, views = job.build(ginutil.reference("job.run.method"), ginutil.reference("job.run.views"), tiny_data, 0)
     assert m.codes(views(tiny_data.images[:2])[0]).shape == (2, m.backbone.num_features, 7, 7)
