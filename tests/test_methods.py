@@ -15,8 +15,10 @@ TRAINED = [m for m in METHODS if m not in ("random", "pixels", "external")]  # e
 GRADIENT_BINDINGS = {"swav": ["swav.SwAV.freeze_prototypes_steps = 0", "SMALL_IMAGE_SIZE = 16"]}
 # swav: the six small crops (5-14 % of a 28-px test image: a few pixels of blob or noise) carry
 # 6/7 of its loss, which falls ~5 % in 8 steps with them; the two global crops alone fall ~15 %.
-FALLING_BINDINGS = {"swav": [*GRADIENT_BINDINGS["swav"], "views.Views.augmentations = "
-                             "[@global_crop/views.Augment(), @global_crop/views.Augment()]"]}
+# With the embedded scale's 100 prototypes the codes of 32 images are coarse and the loss falls
+# 9.6 % in 8 steps (measured); with the paper's 3,000 it clears the 10 %.
+FALLING_BINDINGS = {"swav": [*GRADIENT_BINDINGS["swav"], "swav.SwAV.num_prototypes = 3000",
+                             "views.Views.augmentations = [@global_crop/views.Augment(), @global_crop/views.Augment()]"]}
 
 
 def _warm_up(name: str, method, batch: Batch) -> None:
