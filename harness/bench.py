@@ -3,6 +3,7 @@
     python -m harness.bench throughput            # backbone candidates, img/s
     python -m harness.bench methods [TABLE.gin] [NAMES]  # s/step of each method of a table
     python -m harness.bench table gin/table1.gin  # wall time of a whole table (fresh results)
+    python -m harness.bench runs results/table1   # timings the runs of a table recorded
 
 Each writes ``benchmarks/<command>.json`` (machine, versions, numbers) and prints
 a markdown table; BENCHMARKS.md quotes them.
@@ -127,9 +128,32 @@ def table(gin_files: Sequence[str]) -> list[dict]:
     return [{"table": " ".join(gin_files), "wall_s": round(wall, 1), "leaderboard_md": board}]
 
 
+def runs(table_dirs: Sequence[str]) -> list[dict]:
+    """Timings a table's finished runs recorded (run.json), mean per method: wall and CPU seconds
+    of pretraining and evaluation. CPU seconds barely move when other jobs share the cores;
+    with one torch thread per job (``launch.Local.parallel = 2``) they are the run's wall time
+    on an idle core."""
+    from harness import collate
+    rows = []
+    for table_dir in table_dirs:
+        df = collate.load_runs(Path(table_dir))
+        done = df[df["status"] == "done"].drop_duplicates("run_id")
+        for method, group in done.groupby("method", sort=False):
+            recs = [store.read_json(Path(table_dir) / "runs" / r / "run.json") or {} for r in group["run_id"]]
+            t = [r.get("timings") or {} for r in recs]
+
+            def mean(key: str) -> float | None:
+                vals = [x[key] for x in t if isinstance(x.get(key), (int, float))]
+                return round(sum(vals) / len(vals), 1) if vals else None
+            rows.append({"table": Path(table_dir).name, "method": method, "runs": len(recs),
+                         **{k: mean(k) for k in ("pretrain_s", "pretrain_cpu_s", "eval_s", "eval_cpu_s")}})
+            print(rows[-1], flush=True)
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m harness.bench", description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=["throughput", "methods", "table"])
+    ap.add_argument("what", choices=["throughput", "methods", "table", "runs"])
     ap.add_argument("args", nargs="*", help="methods: a table's gin files and/or method names (default: the "
                     "methods of gin/table1.gin); table: gin files")
     args = ap.parse_args(argv)
@@ -138,10 +162,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.what == "methods":
         tables = [a for a in args.args if a.endswith(".gin")] or ["gin/table1.gin"]
         rows = methods([a for a in args.args if not a.endswith(".gin")], tables)
+    elif args.what == "runs":
+        rows = runs(args.args or ["results/table1"])
     else:
         rows = table(args.args or ["gin/table1.gin"])
     OUT.mkdir(exist_ok=True)
-    stem = args.what if args.what != "methods" else f"methods-{Path(tables[0]).stem}"
+    stem = {"methods": lambda: f"methods-{Path(tables[0]).stem}",
+            "runs": lambda: "runs-" + "-".join(Path(a).name for a in args.args or ["table1"])}.get(args.what, lambda: args.what)()
     store.write_json(OUT / f"{stem}.json", {"machine": machine(), "rows": rows})
     print(f"wrote {OUT / (stem + '.json')}")
     return 0
