@@ -162,6 +162,11 @@ def geodesic_loss(pred: torch.Tensor, target: torch.Tensor, stretch_weight: floa
     return (rotation_angle(rp, rt).pow(2) + stretch_weight * (sp - st).pow(2).sum((1, 2))).mean()
 
 
+# AVT's log-variances are clamped to [-8, 8] (variances 3e-4 .. 3e3): unbounded, exp() of a
+# large log-variance overflowed and the loss went NaN within 40-120 embedded steps.
+LOG_VAR_BOUND = 8.0
+
+
 def gaussian_nll(target: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
     """AVT's loss: -log N(target | mean, diag(exp(log_var))), averaged over the batch and the
     parameters. ``[B, K]`` each."""
@@ -214,7 +219,8 @@ class AET(Method):
         f = self.backbone(torch.cat([x, warp(x, m)]))  # [2B, D]
         z, zt = f[:b], f[b:]
         if self.feature_log_var is not None:  # reparameterization: z~ = mu + sigma * eps
-            zt = zt + torch.exp(0.5 * self.feature_log_var(zt)) * torch.randn_like(zt)
+            log_var = self.feature_log_var(zt).clamp(-LOG_VAR_BOUND, LOG_VAR_BOUND)  # [B, D]
+            zt = zt + torch.exp(0.5 * log_var) * torch.randn_like(zt)
         out = self.decoder(torch.cat([z, zt], 1))  # [B, K] or [B, 2K]
         target = entries(m, self.projective)  # [B, K]
         pred = self.identity + out[:, :len(self.identity)]  # offsets from the identity map
@@ -223,7 +229,7 @@ class AET(Method):
         elif self.objective == "geodesic":
             loss = geodesic_loss(matrices(pred), matrices(target), self.stretch_weight)
         else:
-            loss = gaussian_nll(target, pred, out[:, len(self.identity):])
+            loss = gaussian_nll(target, pred, out[:, len(self.identity):].clamp(-LOG_VAR_BOUND, LOG_VAR_BOUND))
         with torch.no_grad():
             mse = F.mse_loss(pred, target)
         return {"loss": loss, "mse": mse}

@@ -406,3 +406,20 @@ def test_mae_without_a_vit_says_how_to_bind_one():
     from harness import backbone
     with pytest.raises(ValueError, match="vit/backbone.create"):
         MAE(backbone.create("test_resnet", in_chans=1), channels=1)
+
+
+def test_avt_log_variances_are_bounded_so_the_loss_stays_finite(tiny_data):
+    """Extreme log-variances (a decoder or feature head gone far) must not overflow exp()."""
+    from tests.conftest import parse_method
+    parse_method("avt")
+    method, views = job.build(ginutil.reference("job.run.method"), ginutil.reference("job.run.views"), tiny_data, 0)
+    with torch.no_grad():
+        last = method.decoder[-1]
+        last.bias[len(method.identity):] = -200.0  # log-variance of t: exp(200) is inf in float32
+        method.feature_log_var.bias.fill_(200.0)   # log-variance of the features
+    method.train()
+    batch = Batch(views(tiny_data.images[:8]), tiny_data.labels[:8], torch.arange(8))
+    loss = method.loss(batch)["loss"]
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in method.parameters() if p.grad is not None)
