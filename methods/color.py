@@ -21,6 +21,7 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from methods.base import Unsupported
 
 # sRGB primaries -> CIE XYZ (D65), and the D65 white point.
 RGB_TO_XYZ = torch.tensor([[0.4124564, 0.3575761, 0.1804375],
@@ -145,3 +146,17 @@ def flat_targets(lab: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def flat_logits(logits: torch.Tensor) -> torch.Tensor:
     """``[B, Q, h, w]`` -> ``[B * h * w, Q]``."""
     return logits.permute(0, 2, 3, 1).reshape(-1, logits.shape[1])
+
+
+def colour_views(name: str, channels: int, mean: Sequence[float] | None,
+                 std: Sequence[float] | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The views' (mean, std) of a colour-only method, after checking the data suits it:
+    `Unsupported` on non-RGB data (the run is skipped with this reason), ValueError without
+    the normalisation (needed to recover RGB)."""
+    if channels != 3:
+        raise Unsupported(f"{name.split('.')[0]} needs colour (3-channel) images; this dataset has {channels} channel"
+                          + ("s" if channels != 1 else ""))
+    if mean is None or std is None:
+        raise ValueError(f"{name} needs the views' mean and std to recover RGB (harness/job.py passes the "
+                         "pretraining data's)")
+    return tuple(mean), tuple(std)

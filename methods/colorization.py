@@ -35,8 +35,9 @@ import gin
 import torch
 from torch import nn
 
-from methods.base import Batch, Method, Unsupported
-from methods.color import (ab_bins, dense_head, flat_logits, flat_targets, from_unit_rgb, gray_input, rgb_to_lab,
+from methods.base import Batch, Method
+from methods.color import (ab_bins, colour_views, dense_head,
+                           flat_logits, flat_targets, from_unit_rgb, gray_input, rgb_to_lab,
                            soft_cross_entropy, soft_encode, to_unit_rgb)
 
 
@@ -95,13 +96,7 @@ class Colorization(Method):
                  std: Sequence[float] | None = None, grid: float = 10.0, neighbours: int = 5, sigma: float = 5.0,
                  smoothing: float = 5.0, rebalance: float = 0.5, hidden_dim: int = 256, upsamples: int = 3):
         super().__init__(backbone)
-        if channels != 3:
-            raise Unsupported(f"colorization needs colour (3-channel) images; this dataset has {channels} channel"
-                              + ("s" if channels != 1 else ""))
-        if mean is None or std is None:
-            raise ValueError("colorization.Colorization needs the views' mean and std to recover RGB "
-                             "(harness/job.py passes the pretraining data's)")
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.mean, self.std = colour_views("colorization.Colorization", channels, mean, std)
         self.neighbours, self.sigma, self.smoothing, self.rebalance = neighbours, sigma, smoothing, rebalance
         self.register_buffer("bins", ab_bins(grid))  # [Q, 2]
         self.register_buffer("counts", torch.zeros(len(self.bins), dtype=torch.float64))  # [Q] nearest-bin counts

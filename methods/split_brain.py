@@ -34,8 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import Batch, Method, Unsupported
-from methods.color import (ab_bins, colour_input, dense_head, flat_logits, flat_targets, from_unit_rgb, gray_input,
+from methods.base import Batch, Method
+from methods.color import (ab_bins, colour_input, colour_views,
+                           dense_head, flat_logits, flat_targets, from_unit_rgb, gray_input,
                            rgb_to_lab, soft_cross_entropy, soft_encode, to_unit_rgb)
 
 
@@ -77,13 +78,7 @@ class SplitBrain(Method):
                  std: Sequence[float] | None = None, grid: float = 10.0, neighbours: int = 5, sigma: float = 5.0,
                  l_bins: int = 50, hidden_dim: int = 256, upsamples: int = 3):
         super().__init__(backbone)
-        if channels != 3:
-            raise Unsupported(f"split_brain needs colour (3-channel) images; this dataset has {channels} channel"
-                              + ("s" if channels != 1 else ""))
-        if mean is None or std is None:
-            raise ValueError("split_brain.SplitBrain needs the views' mean and std to recover RGB "
-                             "(harness/job.py passes the pretraining data's)")
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.mean, self.std = colour_views("split_brain.SplitBrain", channels, mean, std)
         self.neighbours, self.sigma, self.l_bins = neighbours, sigma, l_bins
         self.register_buffer("bins", ab_bins(grid))  # [Q, 2]
         self.ab_head = dense_head(backbone.num_features, hidden_dim, len(self.bins), upsamples)  # L -> ab
