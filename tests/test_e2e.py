@@ -1,4 +1,5 @@
 """End to end on the real Fashion-MNIST files: the README's table at the smoke scale."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,9 @@ def test_table1_smoke_end_to_end_then_nothing_to_do(tmp_path):
     assert (table / "leaderboard.md").read_text().count("|") > 20
     assert (table / "leaderboard.png").stat().st_size > 1000
     assert len(list(table.glob("runs/*/config.gin"))) == 10
+    timings = [json.loads(p.read_text())["timings"] for p in table.glob("runs/*/run.json")]
+    trained = [t for t in timings if t["pretrain_s"] > 1]  # the methods that pretrain, in this job
+    assert trained and all(0 < t["pretrain_cpu_s"] and 0 < t["eval_cpu_s"] for t in trained)
     exported = list((tmp_path / "pretrain").glob("*/encoder.pt"))
     assert len(exported) == 8  # every method but pixels exports its encoder
 
