@@ -49,6 +49,17 @@ def create(name: str = "resnet18", in_chans: int = 3, small_input: bool = False,
     return model
 
 
+def fit_input_size(model: nn.Module, size: int) -> nn.Module:
+    """`model`, made to read ``size``-px images: a timm ViT built for another size gets its
+    position embeddings resampled (timm's ``set_input_size``; bicubic, as when ViTs are
+    fine-tuned at a higher resolution, Dosovitskiy et al. 2021); CNNs read any size as they are."""
+    embed = getattr(model, "patch_embed", None)
+    img_size = getattr(embed, "img_size", None)
+    if img_size is not None and tuple(img_size) != (size, size) and hasattr(model, "set_input_size"):
+        model.set_input_size(img_size=size)
+    return model
+
+
 def export(model: nn.Module, folder: Path) -> None:
     """Writes ``encoder.pt`` (a plain timm state dict) and ``encoder.json`` (how to rebuild it)."""
     store.save_torch(folder / "encoder.pt", {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})

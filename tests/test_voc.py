@@ -207,6 +207,41 @@ def test_svm_protocol_runs_on_a_generated_tree_and_caches_its_features(tree, tmp
     json.dumps(protocol.params())
 
 
+@needs_fmnist
+def test_svm_protocol_reads_larger_canvases_with_a_vit_built_for_small_images_and_with_raw_pixels(tree, tmp_path):
+    root, _ = tree  # 64-px canvases; the ViT was built for 32-px images (MAE's embedded encoder)
+    torch.manual_seed(0)
+    vit = backbone.create("vit_tiny_patch16_224", in_chans=1, img_size=32, patch_size=4, depth=1)
+    out = VOC07SVM(root=str(root), image_size=64, costs=(1.0,)).evaluate(_ctx(tmp_path / "vit", lambda: vit))
+    assert 0 <= out["svm/voc07/mAP"] <= 100
+    assert tuple(vit.patch_embed.img_size) == (64, 64) and vit.pos_embed.shape[1] == 1 + 16 * 16
+    flat = torch.nn.Flatten()  # raw pixels: no convolution says how many channels; the data's count is read
+    out = VOC07SVM(root=str(root), image_size=16, costs=(1.0,)).evaluate(_ctx(tmp_path / "pixels", lambda: flat))
+    assert 0 <= out["svm/voc07/mAP"] <= 100
+    x = torch.load(next((tmp_path / "pixels" / "results").rglob("voc07-*.pt")))["x"]
+    assert x.shape[1] == 16 * 16  # one grayscale channel, as the encoder's pretraining data
+
+
+def test_fit_input_size_resamples_a_vit_and_leaves_a_cnn_alone():
+    torch.manual_seed(0)
+    vit = backbone.create("vit_tiny_patch16_224", in_chans=1, img_size=32, patch_size=4, depth=1).eval()
+    x = torch.randn(2, 1, 32, 32)
+    before = vit(x)
+    with pytest.raises(Exception):
+        vit(torch.randn(2, 1, 48, 48))
+    backbone.fit_input_size(vit, 48)
+    assert vit(torch.randn(2, 1, 48, 48)).shape == before.shape
+    backbone.fit_input_size(vit, 32)  # back at its size, bicubic resampling both ways keeps the grid close
+    assert torch.allclose(vit(x), before, atol=0.5)
+    cnn = backbone.create("test_resnet", in_chans=1)
+    assert backbone.fit_input_size(cnn, 48) is cnn
+
+
+def test_detection_skips_an_encoder_without_resnet_stages_before_reading_any_data(tmp_path):
+    with pytest.raises(Unsupported, match="ResNet-style timm backbone.*Flatten has no conv1"):
+        Detection(root=str(tmp_path / "absent")).evaluate(_ctx(tmp_path, encoder=lambda: torch.nn.Flatten()))
+
+
 def test_a_missing_voc_root_fails_naming_the_key_and_the_fix(tmp_path):
     with pytest.raises(DataError, match=r"voc\.VOC07SVM\.root is not set.*python -m harness\.vocgen"):
         VOC07SVM().evaluate(_ctx(tmp_path))

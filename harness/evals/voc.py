@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from harness import ginutil, store
+from harness import backbone, ginutil, store
 from harness.data import DataError, ImageSet
 from harness.evals import Context, Features
 from harness.evals.features import extract
@@ -161,13 +161,14 @@ class ResizedImages:
         return torch.stack([self.load(p) for p in self.paths[idx]])
 
 
-def in_channels(encoder: nn.Module) -> int:
-    """Input channels of an encoder (its timm spec, else its first convolution)."""
+def in_channels(encoder: nn.Module, default: int = 3) -> int:
+    """Input channels of an encoder (its timm spec, else its first convolution, else
+    `default`: an encoder without convolutions, like raw pixels, reads what it is given)."""
     spec = getattr(encoder, "sslbench_spec", None)
     if spec and "in_chans" in spec:
         return int(spec["in_chans"])
     conv = next((m for m in encoder.modules() if isinstance(m, nn.Conv2d)), None)
-    return conv.in_channels if conv is not None else 3
+    return conv.in_channels if conv is not None else default
 
 
 def pixel_stats(ctx: Context, channels: int, mean: Sequence[float] | None,
@@ -328,8 +329,8 @@ class VOC07SVM:
         """Frozen features ``[N, D]`` and labels ``[N, C]`` of a split, cached beside the encoder."""
         classes = voc_classes(root)
         ids, labels = image_labels(root, split, classes)
-        encoder = ctx.encoder()
-        channels = in_channels(encoder)
+        encoder = backbone.fit_input_size(ctx.encoder(), self.image_size)  # a ViT built for the pretraining size
+        channels = in_channels(encoder, default=len(ctx.dataset.split("train").mean))
         mean, std = pixel_stats(ctx, channels, self.mean, self.std)
         listing = (voc_dir(root) / "ImageSets" / "Main" / f"{split}.txt").stat()
         key = ginutil.digest([json.dumps([str(root.resolve()), split, self.image_size, channels, mean, std,

@@ -151,12 +151,17 @@ class Res5Head(nn.Module):
         return self.norm(self.layer4(x)).mean((2, 3))  # [K, C, s, s] -> [K, C5]
 
 
-def c4_parts(encoder: nn.Module) -> tuple[nn.Module, nn.Module, int, int]:
-    """Splits a timm ResNet at res4: (backbone to layer3 with ``out_channels``, layer4, C4, C5)."""
+def require_resnet(encoder: nn.Module) -> None:
+    """Raises `Unsupported` unless `encoder` has a timm ResNet's stem and four stages."""
     missing = [n for n in (*STEM, "layer1", "layer2", "layer3", "layer4") if not hasattr(encoder, n)]
     if missing:
         raise Unsupported(f"detection/voc07 builds an R-C4 detector from a ResNet-style timm backbone; "
                          f"{type(encoder).__name__} has no {', '.join(missing)}")
+
+
+def c4_parts(encoder: nn.Module) -> tuple[nn.Module, nn.Module, int, int]:
+    """Splits a timm ResNet at res4: (backbone to layer3 with ``out_channels``, layer4, C4, C5)."""
+    require_resnet(encoder)
     body = nn.Sequential(*(getattr(encoder, n) for n in (*STEM, "layer1", "layer2", "layer3")))
     with torch.no_grad():
         was = encoder.training
@@ -323,9 +328,10 @@ class Detection:
             return self._evaluate(ctx)
 
     def _evaluate(self, ctx: Context) -> dict[str, float]:
+        encoder = ctx.encoder()
+        require_resnet(encoder)  # before any data is read: raw pixels or a ViT are skipped, not failed
         root = resolve_root(self.root, self.generate_embedded, ctx, "voc_detection.Detection")
         classes = voc_classes(root)
-        encoder = ctx.encoder()
         channels = in_channels(encoder)
         mean, std = pixel_stats(ctx, channels, self.mean, self.std)
         parts = [("2007", "trainval")]
