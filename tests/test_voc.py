@@ -11,6 +11,7 @@ import torch
 from torchvision.datasets import VOCDetection
 
 from harness import backbone, vocgen
+from harness.evals import voc
 from harness.data import FMNIST_CLASSES, DataError, FashionMNIST, ImageSet
 from harness.evals import Context
 from harness.evals.voc import (EmbeddedVOC, VOC07SVM, image_labels, l2_normalize, ranking_ap, svm_voc07, voc07_ap,
@@ -190,6 +191,20 @@ def test_svm_scores_about_100_on_perfect_features_and_the_positive_rate_on_const
     aps, _ = svm_voc07(l2_normalize(np.ones((60, 4))), train_y, l2_normalize(np.ones((40, 4))), test_y)
     rate = [((test_y[:, c] == 1).sum() / (test_y[:, c] != 0).sum()) for c in range(3)]
     assert aps == pytest.approx(rate)
+
+
+def test_svms_fit_in_the_training_span_score_as_on_the_full_width(monkeypatch):
+    rng = np.random.default_rng(1)
+    train_y, test_y = _labels(rng, 50, 3), _labels(rng, 30, 3)
+    wide = lambda y: l2_normalize(rng.normal(size=(len(y), 400)) + 0.5 * y[:, :1])  # noqa: E731  # 400 > 50 images
+    train_x, test_x = wide(train_y), wide(test_y)
+    narrow, _ = voc.training_span(train_x, test_x)
+    assert narrow.shape == (50, 50)
+    projected = svm_voc07(train_x, train_y, test_x, test_y, costs=(0.01, 0.1, 1.0, 10.0))
+    monkeypatch.setattr(voc, "training_span", lambda a, b: (a, b))
+    full = svm_voc07(train_x, train_y, test_x, test_y, costs=(0.01, 0.1, 1.0, 10.0))
+    assert projected[1] == full[1] and projected[0] == pytest.approx(full[0], abs=1e-6)
+    assert len(set(np.round(full[0], 6))) > 1  # the check compares different APs, not one constant
 
 
 @needs_fmnist
