@@ -12,7 +12,7 @@
 #                                  # (+ munged if this script started it)
 #   scripts/local-slurm.sh status  # print sinfo/squeue; exit 0 if up, 1 if down
 #
-# Cluster: name `sslbench`, one node (`hostname -s`, CPUs=`nproc`, RealMemory
+# Cluster: name `sslbench`, one node (`hostname -s`, CPUs=`nproc` without OMP_NUM_THREADS, RealMemory
 # = 90% of MemAvailable), partition `debug` (Default, MaxTime=INFINITE) and
 # partition `urgent` (same node, higher PriorityTier): a job in `urgent`
 # preempts jobs in `debug`, which are signalled, get a 10 s GraceTime, and are
@@ -180,7 +180,7 @@ start_munge() {
 
 write_conf() {
     local cpus avail_mb mem_mb def_mem
-    cpus=$(nproc)
+    cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # GNU nproc obeys OMP_NUM_THREADS: not the cores
     avail_mb=$(awk '/^MemAvailable:/ { print int($2 / 1024) }' /proc/meminfo)
     # A bit below what is free, rounded down to 256 MB so that repeated `up`s
     # produce the same file; slurmd drains a node whose RealMemory is too high.
