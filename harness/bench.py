@@ -130,7 +130,7 @@ def table(gin_files: Sequence[str]) -> list[dict]:
 
 def runs(table_dirs: Sequence[str]) -> list[dict]:
     """Timings a table's finished runs recorded (run.json), mean per method: wall and CPU seconds
-    of pretraining and evaluation. CPU seconds barely move when other jobs share the cores;
+    of pretraining and evaluation, and each protocol's CPU seconds where recorded. CPU seconds barely move when other jobs share the cores;
     with one torch thread per job (``launch.Local.parallel = 2``) they are the run's wall time
     on an idle core."""
     from harness import collate
@@ -145,8 +145,12 @@ def runs(table_dirs: Sequence[str]) -> list[dict]:
             def mean(key: str) -> float | None:
                 vals = [x[key] for x in t if isinstance(x.get(key), (int, float))]
                 return round(sum(vals) / len(vals), 1) if vals else None
+            names = dict.fromkeys(n for x in t for n in x.get("protocols") or {})  # run.json since 66273d7
+            per_protocol = {n: round(sum(x["protocols"][n]["cpu_s"] for x in t if n in x.get("protocols", {}))
+                                     / sum(n in x.get("protocols", {}) for x in t), 1) for n in names}
             rows.append({"table": Path(table_dir).name, "method": method, "runs": len(recs),
-                         **{k: mean(k) for k in ("pretrain_s", "pretrain_cpu_s", "eval_s", "eval_cpu_s")}})
+                         **{k: mean(k) for k in ("pretrain_s", "pretrain_cpu_s", "eval_s", "eval_cpu_s")},
+                         **({"protocol_cpu_s": per_protocol} if per_protocol else {})})
             print(rows[-1], flush=True)
     return rows
 
