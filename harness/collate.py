@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -100,7 +101,14 @@ def load_runs(table_dir: Path) -> pd.DataFrame:
     planned = set(plan["run_ids"]) if plan and "run_ids" in plan else None
     outside = [f for f in folders if planned is not None and f.name not in planned]
     folders = [f for f in folders if planned is None or f.name in planned]
-    records = [run for run in (_read_run(folder / "run.json") for folder in folders) if run]
+    records = []
+    for folder in folders:
+        run = _read_run(folder / "run.json")
+        if run:  # as it stands now: a done record that fails its checks is invalid, a dead 'running' interrupted
+            status, reason = store.effective_status(folder, run)
+            if status != run.get("status"):
+                run = {**run, "status": status, "error": reason}
+            records.append(run)
     rows = [row for run in records for row in _rows(run)]
     swept = sorted({key for row in rows for key in row if key.startswith("swept:")})
     as_bound = {c: pd.Series([r.get(c) for r in rows], dtype=object) for c in swept}  # ints stay ints
@@ -160,10 +168,15 @@ def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
     return board.reset_index(drop=True)
 
 
+NOT_COUNTED = ["failed", "interrupted", "invalid"]
+
+
 def failed_runs(df: pd.DataFrame) -> pd.DataFrame:
-    """Returns one row per failed run: method, seed, swept keys, run id, error, log."""
-    failed = df[df["status"] == "failed"].drop_duplicates("run_id")
-    return failed[["method", "seed", *_keys(df)[1:], "run_id", "error", "log"]]
+    """Returns one row per run that ended without numbers the table can use (failed,
+    interrupted, or a done record that failed its checks): method, seed, swept keys, run id,
+    status, error (the reason), log."""
+    failed = df[df["status"].isin(NOT_COUNTED)].drop_duplicates("run_id")
+    return failed[["method", "seed", *_keys(df)[1:], "run_id", "status", "error", "log"]]
 
 
 def load_reference(reference_dir: Path | None, table: str) -> pd.DataFrame:
@@ -229,8 +242,10 @@ def render_markdown(df: pd.DataFrame, board: pd.DataFrame, ref: pd.DataFrame, ta
     failed = failed_runs(df).fillna("").astype(str)
     if not failed.empty:
         failed = failed.apply(lambda col: col.str.replace("|", r"\|").str.replace("\n", " "))
-        lines += ["## Failed runs", "", failed.to_markdown(index=False, disable_numparse=True), ""]
-    pending = df[~df["status"].isin(["done", "failed", "skipped"])].drop_duplicates("run_id")["status"].fillna("?")
+        lines += ["## Failed runs", "", "Failed, interrupted, or finished with a record or file that failed its "
+                  "checks: not in the table; the sweep runs them again.", "",
+                  failed.to_markdown(index=False, disable_numparse=True), ""]
+    pending = df[~df["status"].isin(["done", "skipped", *NOT_COUNTED])].drop_duplicates("run_id")["status"].fillna("?")
     counts = {**pending.value_counts(), "without a readable run.json": df.attrs.get("skipped", 0)}
     if total := sum(counts.values()):
         detail = ", ".join(f"{n} {status}" for status, n in counts.items() if n)
@@ -312,7 +327,7 @@ def collate(table_dir: Path, reference_dir: Path | None = None) -> pd.DataFrame:
     return board
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     """Command line: collate one table folder and print its leaderboard.md."""
     parser = argparse.ArgumentParser(prog="python -m harness.collate",
                                      description=__doc__.splitlines()[0])
@@ -321,9 +336,18 @@ def main(argv: list[str] | None = None) -> None:
                         help="folder of published numbers (*.csv); default results/reference if present")
     args = parser.parse_args(argv)
     default = Path("results/reference")
+    if not args.table_dir.is_dir():
+        print(f"error: {args.table_dir}: no such table folder. Fix: pass a table's results folder, e.g. "
+              "results/table1 (python -m harness.sweep writes one per table)", file=sys.stderr)
+        return 2
+    if args.reference is not None and not args.reference.is_dir():
+        print(f"error: --reference {args.reference}: no such folder. Fix: pass a folder of published-number *.csv "
+              "files, or drop --reference", file=sys.stderr)
+        return 2
     collate(args.table_dir, args.reference or (default if default.is_dir() else None))
     print((args.table_dir / "leaderboard.md").read_text(encoding="utf-8"))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import shutil
 import socket
 import time
 import traceback
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from harness import backbone as backbone_lib
+from harness import data as data_lib
 from harness import ginutil, store
 from harness import trainer as trainer_lib
 from harness.data import ImageSet
@@ -59,34 +61,65 @@ def build(method: Callable[..., Method], views: Callable[..., Views], data: Imag
     return _build_method(method, net, data), views(mean=data.mean, std=data.std)
 
 
+_NOT_ARTEFACTS = {"checkpoint.pt", "log.jsonl", "config.gin", "pretrain.json", ".lock", ".run.lock"}
+
+
 def pretrain(folder: Path, method: Callable[..., Method], dataset, views: Callable[..., Views],
              trainer: Trainer, seed: int, stop_after: int | None = None) -> dict:
-    """Pretrains into `folder` (resuming a checkpoint there), exports the encoder, writes pretrain.json."""
+    """Pretrains into `folder` (resuming a checkpoint there), exports the encoder, writes
+    pretrain.json with the exported files' sizes and SHA-256 (`store.file_meta`)."""
     t0, cpu0 = time.time(), time.process_time()
+    rank = trainer_lib.distributed()[0]
+    if rank == 0 and (folder / "features").is_dir():  # caches of an encoder that is about to be replaced
+        shutil.rmtree(folder / "features")
     data = dataset.split("pretrain")
     m, v = build(method, views, data, seed)
     fit = trainer.fit(m, data, v, folder, seed, stop_after=stop_after)
-    if trainer_lib.distributed()[0] > 0:  # other ranks only help train; rank 0 writes
+    if rank > 0:  # other ranks only help train; rank 0 writes
         return fit
-    if m.encoder() is m.backbone:
+    exported = m.encoder() is m.backbone
+    if exported:
         backbone_lib.export(m.backbone, folder)
     if hasattr(m, "export"):  # parts some protocol needs besides the encoder (CLIP's text tower)
         m.export(folder)
+    artefacts = {f.name: store.file_meta(f) for f in sorted(folder.iterdir())
+                 if f.is_file() and f.name not in _NOT_ARTEFACTS and not f.name.startswith(".")}
     # cpu_seconds: CPU time of all this process's threads; unlike wall time it barely moves
     # when other jobs share the cores (BENCHMARKS.md).
-    record = {"status": "done", "seconds": time.time() - t0, "cpu_seconds": time.process_time() - cpu0, **fit,
-              "git": store.git_revision(),
-              "finished": store.now()}
+    record = {"status": store.Status.DONE.value, "seconds": time.time() - t0, "cpu_seconds": time.process_time() - cpu0,
+              **fit, "encoder": "exported" if exported else "built", "artefacts": artefacts,
+              "git": store.git_revision(), "finished": store.now()}
     store.write_text(folder / "config.gin", gin.operative_config_str())
     store.write_json(folder / "pretrain.json", record)
     return record
 
 
-def encoder_for_eval(folder: Path, method: Callable[..., Method], data: ImageSet) -> nn.Module:
-    """The exported encoder, rebuilt by timm alone; methods without one (pixels) build theirs."""
-    if (folder / "encoder.pt").exists():
-        return backbone_lib.load(folder)
-    return build(method, lambda **_: None, data, seed=0)[0].encoder()
+def encoder_for_eval(folder: Path, method: Callable[..., Method], data: ImageSet, pre: dict) -> nn.Module:
+    """The encoder that pretraining `pre` (its pretrain.json) exported, checked against its
+    recorded SHA-256 and rebuilt by timm alone; a method that exports none (pixels: no
+    weights) builds its own. Never a fresh network in place of a missing file."""
+    if pre.get("encoder") != "exported":
+        return build(method, lambda **_: None, data, seed=0)[0].encoder()
+    for name in ("encoder.pt", "encoder.json"):
+        if problem := store.file_problem(folder / name, pre["artefacts"].get(name), full=True):
+            raise store.StoreError(f"{problem}. Fix: delete {folder / 'pretrain.json'} and run the sweep again "
+                                   "(it exports the encoder again from the final checkpoint, or pretrains again)")
+    return backbone_lib.load(folder)
+
+
+def _pretrained(pre_dir: Path, method: Callable[..., Method], dataset, views: Callable[..., Views],
+                trainer: Trainer, seed: int, pretrain_id: str) -> dict:
+    """The pretraining record of `pre_dir` once every file it lists matches its checksum;
+    pretrains (resuming the checkpoint, so a lost export is rebuilt in seconds) otherwise."""
+    with store.locked(pre_dir):
+        store.clean_stale_temps(pre_dir)
+        problems = store.pretrain_problems(pre_dir, full=True)
+        if not problems:
+            print(f"pretraining {pretrain_id} already done: reusing {pre_dir}", flush=True)
+            return store.read_json(pre_dir / "pretrain.json")
+        if (pre_dir / "pretrain.json").exists():
+            print(f"pretraining {pretrain_id} cannot be reused ({'; '.join(problems)}): rebuilding it", flush=True)
+        return pretrain(pre_dir, method, dataset, views, trainer, seed)
 
 
 @gin.configurable(module="job", denylist=["spec"])
@@ -106,31 +139,47 @@ def run(spec: RunSpec, method: Callable[..., Method] = gin.REQUIRED, dataset=gin
             on frozen features or, with ``frozen = False``, ``evaluate(ctx)`` (`harness.evals.protocol`).
         seed: the run's seed (initialisation, data order, augmentations).
     Returns:
-        The run record written to run.json.
+        The run record written to run.json (or found there, when another process finished it).
     """
     trainer, features = trainer or Trainer(), features or FrozenFeatures()
     pre_dir = store.pretrain_dir(spec.results, spec.pretrain_id)
     if trainer_lib.distributed()[0] > 0:  # data-parallel helper rank: pretraining only, no records
-        if not store.is_done(pre_dir / "pretrain.json"):
+        if store.pretrain_problems(pre_dir):
             pretrain(pre_dir, method, dataset, views, trainer, seed)
         return {}
     out_dir = store.run_dir(spec.results, spec.table, spec.run_id)
+    try:
+        with store.owned(out_dir):  # one live process per run: a second sweep finds it busy
+            store.clean_stale_temps(out_dir)
+            if not store.run_problems(out_dir):  # finished by another sweep meanwhile
+                print(f"run {spec.run_id} already done", flush=True)
+                return store.read_json(out_dir / "run.json")
+            return _run(spec, out_dir, pre_dir, method, dataset, views, trainer, features, evaluations, seed)
+    except store.Busy:
+        print(f"run {spec.run_id} is being run by another process (its lock is held): not running it twice",
+              flush=True)
+        return {}
+
+
+def _run(spec: RunSpec, out_dir: Path, pre_dir: Path, method: Callable[..., Method], dataset,
+         views: Callable[..., Views], trainer: Trainer, features: FrozenFeatures, evaluations: Sequence,
+         seed: int) -> dict:
+    root = Path(spec.results)
     record = {"run_id": spec.run_id, "pretrain_id": spec.pretrain_id, "table": spec.table, "method": spec.method,
-              "seed": seed, "swept": dict(spec.swept), "status": "running", "metrics": {}, "protocols": {},
-              "timings": {}, "git": store.git_revision(), "error": None, "log": _log_path(),
-              "host": socket.gethostname(), "pid": os.getpid(), "started": store.now(), "finished": None}
+              "seed": seed, "swept": dict(spec.swept), "status": store.Status.RUNNING.value, "metrics": {},
+              "protocols": {}, "timings": {}, "artefacts": {}, "warnings": [], "git": store.git_revision(),
+              "error": None, "log": _log_path(), "host": socket.gethostname(), "pid": os.getpid(),
+              "started": store.now(), "finished": None}
     store.write_json(out_dir / "run.json", record)
     try:
-        with store.locked(pre_dir):
-            pre = store.read_json(pre_dir / "pretrain.json")
-            if not pre or pre.get("status") != "done":
-                pre = pretrain(pre_dir, method, dataset, views, trainer, seed)
-            else:
-                print(f"pretraining {spec.pretrain_id} already done: reusing {pre_dir}", flush=True)
+        pre = _pretrained(pre_dir, method, dataset, views, trainer, seed, spec.pretrain_id)
         t0, cpu0 = time.time(), time.process_time()
-        enc = encoder_for_eval(pre_dir, method, dataset.split("test"))
+        enc = encoder_for_eval(pre_dir, method, dataset.split("test"), pre)
         feats = features(enc, dataset, pre_dir / "features", trainer.device, trainer.progress)
-        ctx = Context(encoder=lambda: encoder_for_eval(pre_dir, method, dataset.split("test")), dataset=dataset,
+        record["warnings"] = data_lib.warnings_for(dataset.split("train"))
+        for w in record["warnings"]:
+            print(f"warning: {w}", flush=True)
+        ctx = Context(encoder=lambda: encoder_for_eval(pre_dir, method, dataset.split("test"), pre), dataset=dataset,
                       pretrain_dir=pre_dir, features=feats, device=trainer.device, seed=seed,
                       progress=trainer.progress)
         protocol_lib.check_names(evaluations)
@@ -150,21 +199,30 @@ def run(spec: RunSpec, method: Callable[..., Method] = gin.REQUIRED, dataset=gin
         record["timings"] |= {"pretrain_s": round(pre["seconds"], 2), "eval_s": round(time.time() - t0, 2),
                               "pretrain_cpu_s": round(pre["cpu_seconds"], 2) if "cpu_seconds" in pre else None,
                               "eval_cpu_s": round(time.process_time() - cpu0, 2)}
-        record.update(status="done", finished=store.now())
+        # What the numbers depend on, relative to the results root: checked before the run counts as done.
+        rel = pre_dir.relative_to(root)
+        record["artefacts"] = {**{f"{rel}/{name}": meta for name, meta in pre["artefacts"].items()},
+                               **{str(p.relative_to(root)): meta for p, meta in getattr(features, "used", {}).items()}}
+        record.update(status=store.Status.DONE.value, finished=store.now())
         store.write_text(out_dir / "config.gin", gin.operative_config_str())
         store.write_json(out_dir / "run.json", record)
         return record
     except Unsupported as err:  # e.g. a colour-only method on grayscale data: a reason, not a failure
-        record.update(status="skipped", error=str(err).splitlines()[0], finished=store.now())  # not gin's call trace
+        record.update(status=store.Status.SKIPPED.value, error=str(err).splitlines()[0], finished=store.now())
         store.write_json(out_dir / "run.json", record)
         print(f"skipped {spec.method}: {err}", flush=True)
         return record
     except SystemExit:  # submitit requeues a preempted or timed-out job by exiting it
-        record.update(status="requeued", finished=store.now())
+        record.update(status=store.Status.REQUEUED.value, finished=store.now())
+        store.write_json(out_dir / "run.json", record)
+        raise
+    except KeyboardInterrupt:  # SIGINT (the sweep stopped, submitit cancelled the job, Ctrl-C) or SIGTERM
+        record.update(status=store.Status.INTERRUPTED.value, error="interrupted: the process was stopped by a signal",
+                      finished=store.now())
         store.write_json(out_dir / "run.json", record)
         raise
     except BaseException as err:
-        record.update(status="failed", error=f"{type(err).__name__}: {err}", finished=store.now(),
+        record.update(status=store.Status.FAILED.value, error=f"{type(err).__name__}: {err}", finished=store.now(),
                       traceback=traceback.format_exc())
         store.write_json(out_dir / "run.json", record)
         raise

@@ -14,6 +14,7 @@ is done: ``run.json`` files, plus ``squeue`` for what is queued.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -117,12 +118,44 @@ class Local:
                         _echo([j.paths.stdout, j.paths.stderr], offsets)
                     if finished:
                         running.remove((spec, j))
-                        results.append((spec, j.exception()))
+                        err = j.exception()
+                        if err is not None:  # a job killed without a word leaves its record 'running'
+                            mark_interrupted(spec, died_reason(err))
+                        results.append((spec, err))
         except KeyboardInterrupt:
             for _, j in running:  # local jobs must not outlive the sweep that started them
-                j.cancel(check=False)
+                j.cancel(check=False)  # SIGINT: the job records itself as interrupted
+            deadline = time.monotonic() + 15
+            while any(not j.done() for _, j in running) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            for spec, _ in running:
+                mark_interrupted(spec, "interrupted: the sweep was stopped (SIGINT or SIGTERM)")
             raise
         return results
+
+
+_PROGRESS = re.compile(r"(\d+%\|)|(\d+(\.\d+)?(it/s|s/it)\])|(^\s*[\w/]+:\s+\d+%)")
+
+
+def died_reason(err: BaseException) -> str:
+    """The last real error line of a job that ended abnormally (progress bars left out),
+    or "killed" when it printed none (SIGKILL, out of memory)."""
+    lines = [ln.strip() for ln in str(err).replace("\r", "\n").splitlines() if ln.strip()]
+    real = [ln for ln in lines if not _PROGRESS.search(ln) and not ln.startswith(("----", "Error stream"))]
+    errors = [ln for ln in real if re.match(r"^[A-Za-z_.]*(Error|Exception|Interrupt)\b", ln)]
+    if errors:
+        return errors[-1][:300]
+    return "killed: the job's process ended without an error (a signal such as SIGKILL, or out of memory)"
+
+
+def mark_interrupted(spec: RunSpec, reason: str) -> None:
+    """Records a run whose process is gone while its run.json still says running as
+    ``interrupted`` with `reason` (the process's lock is free, so nobody else owns it)."""
+    folder = store.run_dir(spec.results, spec.table, spec.run_id)
+    rec = store.read_json(folder / "run.json")
+    if rec is not None and rec.get("status") == store.Status.RUNNING and not store.is_locked(folder):
+        rec.update(status=store.Status.INTERRUPTED.value, error=reason, finished=store.now())
+        store.write_json(folder / "run.json", rec)
 
 
 class LaunchError(RuntimeError):
@@ -191,7 +224,17 @@ class Slurm:
         self.check()
         executor = submitit.AutoExecutor(folder=str(folder), cluster="slurm", slurm_max_num_timeout=self.max_num_timeout)
         executor.update_parameters(**{k: v for k, v in self.params.items() if v is not None})
-        jobs = executor.map_array(Job(), [s.to_json() for s in specs])
+        folder.mkdir(parents=True, exist_ok=True)
+        before = set(folder.rglob("*"))
+        try:
+            jobs = executor.map_array(Job(), [s.to_json() for s in specs])
+        except (submitit.core.utils.FailedJobError, subprocess.SubprocessError, OSError) as err:
+            for leftover in sorted(set(folder.rglob("*")) - before, reverse=True):  # this submission's files
+                leftover.rmdir() if leftover.is_dir() else leftover.unlink(missing_ok=True)
+            said = [ln.strip() for ln in str(err).splitlines() if "sbatch: error" in ln or "error:" in ln.lower()]
+            raise LaunchError(f"sbatch refused the job array: {(said or [str(err).strip()])[-1][:300]}. Nothing was "
+                              "submitted. Fix: the resources in gin/launch/slurm.gin or --bind 'launch.Slurm.<key> = "
+                              "...' (partition, account, qos, time_min, gpus_per_node; see `sinfo`)") from err
         for spec, j in zip(specs, jobs):
             store.write_json(marker_path(spec), {"job_id": j.job_id, "launcher": "slurm", "submitted": store.now(),
                                                  "log": str(j.paths.stdout)})
@@ -207,12 +250,13 @@ def wait_for(specs: Sequence[RunSpec], poll_s: float) -> list[tuple[RunSpec, Exc
         time.sleep(poll_s)
         queued = squeue_states() or {}
         for spec in list(pending):
-            rec = store.read_json(marker_path(spec).with_name("run.json")) or {}
+            folder = marker_path(spec).parent
+            status, reason = store.effective_status(folder) if (folder / "run.json").exists() else (None, "")
             job_id = (store.read_json(marker_path(spec)) or {}).get("job_id")
-            if rec.get("status") == "done":
+            if status in (store.Status.DONE, store.Status.SKIPPED):
                 results.append((spec, None))
-            elif rec.get("status") == "failed" or job_id not in queued:
-                results.append((spec, RuntimeError(rec.get("error") or f"job {job_id} left the queue unfinished")))
+            elif status == store.Status.FAILED or job_id not in queued:
+                results.append((spec, RuntimeError(reason or f"job {job_id} left the queue unfinished")))
             else:
                 continue
             pending.remove(spec)

@@ -8,8 +8,7 @@ each one's gin up front (so a typo fails before anything trains), skips runs who
 from __future__ import annotations
 
 import argparse
-import os
-import socket
+import signal
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -17,17 +16,43 @@ from typing import Sequence
 from harness import collate, ginutil, store
 from harness import launch as launch_lib
 from harness.runspec import RunSpec
+from harness.data import DataError
 from harness.table import Table
+from harness.trainer import check_batch
+
+
+def _ignored_sweeps(table: Table, point_ids: dict[str, dict[tuple, str]]) -> dict[str, list[str]]:
+    """``{swept key: [methods whose runs it does not change]}``: a key is ignored by a method
+    when every value of it gives that method the same run id, whatever the other keys are."""
+    out: dict[str, list[str]] = {}
+    for key in table.sweep:
+        for method, ids in point_ids.items():
+            groups: dict[tuple, set[str]] = {}
+            for point, run in ids.items():
+                groups.setdefault(tuple(kv for kv in point if kv[0] != key), set()).add(run)
+            if all(len(runs) == 1 for runs in groups.values()):
+                out.setdefault(key, []).append(method)
+    return out
 
 
 def plan(gin_files: Sequence[str], bindings: Sequence[str], only: Sequence[str] | None,
-         results: str) -> tuple[Table, list[RunSpec]]:
-    """The table and its RunSpecs, each parsed once to validate it and compute its ids."""
+         results: str, notes: list[str] | None = None) -> tuple[Table, list[RunSpec]]:
+    """The table and its RunSpecs, each parsed once to validate it and compute its ids.
+
+    Raises:
+        GinError: an empty table, an unknown method, or a swept key that no run reads.
+    """
     ginutil.parse(gin_files, bindings)
-    table = Table()
+    try:
+        table = Table()
+    except ValueError as err:
+        raise ginutil.GinError(f"{' '.join(gin_files)}: {err}") from err
     table.name = table.name or Path(gin_files[0]).stem
     methods = table.methods
-    if only:
+    if only is not None:
+        if not only:
+            raise ginutil.GinError(f"--only names no method. Fix: give method names, e.g. --only "
+                                   f"{methods[0]}, or drop --only to run the whole table")
         unknown = [m for m in only if m not in methods]
         for m in unknown:
             ginutil.method_gin(m)  # unknown anywhere: suggests names
@@ -37,6 +62,7 @@ def plan(gin_files: Sequence[str], bindings: Sequence[str], only: Sequence[str] 
         methods = [m for m in methods if m in only]
     specs, seen = [], set()
     files = [str(Path(f).resolve()) if Path(f).is_file() else f for f in gin_files]
+    point_ids: dict[str, dict[tuple, str]] = {}
     for method in methods:
         mfile = str(ginutil.method_gin(method))
         for seed in table.seeds:
@@ -44,49 +70,102 @@ def plan(gin_files: Sequence[str], bindings: Sequence[str], only: Sequence[str] 
                 binds = (f"job.run.seed = {seed}", *(f"{k} = {v}" for k, v in point), *bindings)
                 ginutil.parse([mfile, *files], binds)
                 pre, run = ginutil.ids()
+                if seed == table.seeds[0]:
+                    point_ids.setdefault(method, {})[point] = run
                 if run in seen:
                     continue
                 seen.add(run)
                 specs.append(RunSpec(table=table.name, method=method, seed=seed, gin_files=(mfile, *files),
                                      bindings=binds, results=str(Path(results).resolve()), swept=point,
                                      run_id=run, pretrain_id=pre))
+                _facts[run] = _run_facts()
+    for key, ignored in _ignored_sweeps(table, point_ids).items():
+        if len(ignored) == len(methods):
+            raise ginutil.GinError(
+                f"table.Table.sweep: {key!r} changes no run of table {table.name} (methods {', '.join(methods)}): "
+                "no method reads it, so its values would collapse into one run. Fix: check the key's spelling and "
+                "that the table's methods use that configurable, or drop it from the sweep")
+        if notes is not None:
+            notes.append(f"note: swept key {key!r} does not change the runs of {', '.join(ignored)}: "
+                         f"one run each instead of {len(table.sweep[key])}")
     return table, specs
 
 
-def _alive(pid: int) -> bool:
+# Per run id, what the preflight checks need from its parsed config (kept from `plan`: gin is
+# cleared between runs): the dataset object (unloaded), batch size, whether it pretrains.
+_facts: dict[str, tuple[object | None, int | None, bool]] = {}
+
+
+def _run_facts() -> tuple[object | None, int | None, bool]:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        dataset = ginutil.reference("job.run.dataset")
+    except ValueError:
+        return None, None, False
+    method = ginutil.reference("job.run.method")
+    pretrains = getattr(method, "pretrain_steps", None) is None
+    try:
+        trainer = ginutil.reference("job.run.trainer")
+    except ValueError:
+        trainer = None
+    return dataset, getattr(trainer, "batch_size", None), pretrains
+
+
+def preflight(specs: Sequence[RunSpec]) -> None:
+    """Checks, before any job starts, that each run's data exists and can fill a batch.
+
+    Raises:
+        DataError: a data folder or file missing (its message names the key and the fix).
+        ValueError: a batch larger than the pretraining images.
+    """
+    counts: dict[int, int] = {}
+    for spec in specs:
+        dataset, batch, pretrains = _facts.get(spec.run_id, (None, None, False))
+        if dataset is None or not hasattr(dataset, "check"):
+            continue
+        if id(dataset) not in counts:
+            counts[id(dataset)] = dataset.check()
+        if pretrains and batch is not None:
+            try:
+                check_batch(batch, counts[id(dataset)])
+            except ValueError as err:
+                raise ValueError(f"run {spec.method} seed={spec.seed}: {err}") from err
 
 
 def run_state(spec: RunSpec, queued: dict[str, str] | None) -> tuple[str, str]:
     """``(state, detail)`` of a run from the store and the queue.
 
-    States: ``done``; ``skipped`` (the method refused the data, with its reason); ``pending``/``running``/... (its SLURM job, from squeue);
-    ``running`` (a local process alive on this host); ``failed`` (with the error's first
-    line and the log); ``todo`` (never run, or a stale marker whose job is gone).
+    States: ``done`` (a complete record whose files all match); ``skipped`` (the method
+    refused the data, with its reason); ``pending``/``running``/... (its SLURM job, from
+    squeue); ``running`` (a live process holds the run's lock); ``failed`` (with the error's
+    first line and the log); ``interrupted`` (its process died or was stopped); ``invalid``
+    (a done record that fails its checks, with the reason); ``todo`` (never run, or a stale
+    marker whose job is gone). The sweep runs failed, interrupted, invalid and todo runs.
     """
     folder = store.run_dir(spec.results, spec.table, spec.run_id)
-    rec = store.read_json(folder / "run.json") or {}
-    if rec.get("status") == "done":
-        return "done", ""
-    if rec.get("status") == "skipped":  # the method cannot run on this data; re-running changes nothing
-        return "skipped", rec.get("error") or ""
+    rec = store.read_json(folder / "run.json")
+    status, reason = store.effective_status(folder, rec) if rec is not None else (None, "")
+    if status in (store.Status.DONE, store.Status.SKIPPED):
+        return str(status), reason
     marker = store.read_json(folder / "queued.json") or {}
     job_id = marker.get("job_id")
     if job_id and queued is not None and job_id in queued:
         return queued[job_id].lower(), f"job {job_id}, log {marker.get('log')}"
-    if rec.get("status") == "running" and rec.get("host") == socket.gethostname() and _alive(rec.get("pid", -1)):
-        return "running", f"pid {rec['pid']}, log {rec.get('log')}"
-    if rec.get("status") == "failed":
+    if status == store.Status.RUNNING:
+        return "running", f"pid {rec.get('pid')} on {rec.get('host')}, log {rec.get('log')}"
+    if status == store.Status.FAILED:
         return "failed", f"{(rec.get('error') or '').splitlines()[0][:200]} (log {rec.get('log')})"
-    if rec or marker:
+    if status in (store.Status.INTERRUPTED, store.Status.INVALID):
+        return str(status), reason.splitlines()[0][:300] if reason else ""
+    if rec is not None or marker or folder.is_dir() and (folder / "run.json").exists():
         return "todo", "stale: its job is no longer queued or running"
     return "todo", ""
+
+
+TO_RUN = ("todo", "failed", "interrupted", "invalid")
+
+
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -98,27 +177,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--status", action="store_true", help="print each run's state (store and squeue); run nothing")
     ap.add_argument("--results", default="results", help="results root; the table lands in <root>/<table>/")
     args = ap.parse_args(argv)
-    only = [m.strip() for m in args.only.split(",") if m.strip()] if args.only else None
+    only = [m.strip() for m in args.only.split(",") if m.strip()] if args.only is not None else None
+    notes: list[str] = []
     try:
-        table, specs = plan(args.gin, args.bind, only, args.results)
+        table, specs = plan(args.gin, args.bind, only, args.results, notes)
         ginutil.parse(args.gin, args.bind)
         launch = launch_lib.chosen()
     except (ginutil.GinError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    for note in notes:
+        print(note, file=sys.stderr)
     table_dir = Path(args.results) / table.name
     queued = launch_lib.squeue_states()
     states = [(s, *run_state(s, queued)) for s in specs]
-    todo = [s for s, state, _ in states if state in ("todo", "failed")]
+    todo = [s for s, state, _ in states if state in TO_RUN]
     if args.dry_run or args.status:
         print(f"table {table.name}: {len(specs)} runs, {sum(st == 'done' for _, st, _ in states)} done, "
               f"{len(todo)} to run, results in {table_dir}/")
-        print(f"{'method':<14} {'seed':>4}  {'run id':<12}  {'pretrain id':<12}  {'status':<9} "
+        print(f"{'method':<14} {'seed':>4}  {'run id':<12}  {'pretrain id':<12}  {'status':<11} "
               f"{'swept' if args.dry_run else 'detail'}")
         for s, state, detail in states:
             extra = (dict(s.swept) or "") if args.dry_run else detail
-            print(f"{s.method:<14} {s.seed:>4}  {s.run_id:<12}  {s.pretrain_id:<12}  {state:<9} {extra}")
+            print(f"{s.method:<14} {s.seed:>4}  {s.run_id:<12}  {s.pretrain_id:<12}  {state:<11} {extra}")
         return 0
+    try:  # what can be checked before any job starts: the data, batch sizes, the launcher
+        preflight(todo)
+        if todo and hasattr(launch, "check"):
+            launch.check()
+    except (DataError, ValueError, launch_lib.LaunchError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     try:
         table_dir.mkdir(parents=True, exist_ok=True)
         probe = table_dir / ".write-test"
@@ -128,20 +217,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: results folder {table_dir} is not writable ({err}); pass --results DIR", file=sys.stderr)
         return 2
     print(f"table {table.name}: {len(specs)} runs, {sum(st == 'done' for _, st, _ in states)} already done, "
-          f"{len(specs) - len(todo) - sum(st == 'done' for _, st, _ in states)} queued or running, "
+          f"{len(specs) - len(todo) - sum(st == 'done' for _, st, _ in states)} queued, running or skipped, "
           f"{len(todo)} to run", file=sys.stderr)
-    try:
-        if todo and hasattr(launch, "check"):
-            launch.check()
-    except launch_lib.LaunchError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     # The table's current plan (every method, not only --only's): the leaderboard averages these
     # runs alone, never runs left in runs/ by other settings of the table.
     full = specs if not only else plan(args.gin, args.bind, None, args.results)[1]
     store.write_json(table_dir / "plan.json", {"run_ids": sorted({s.run_id for s in full}), "gin": list(args.gin),
                                                "bind": list(args.bind or [])})
-    outcomes = launch.launch(todo, table_dir / "jobs") if todo else []
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)  # SIGTERM stops local jobs as Ctrl-C does
+    try:
+        outcomes = launch.launch(todo, table_dir / "jobs") if todo else []
+    except launch_lib.LaunchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: the sweep's running jobs were stopped and recorded as interrupted; run the same "
+              f"command again to resume them", file=sys.stderr)
+        collate.collate(table_dir)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if todo and not outcomes:
         print(f"check progress with: python -m harness.sweep {' '.join(args.gin)} --status", file=sys.stderr)
     failed = [(s, e) for s, e in outcomes if e is not None]

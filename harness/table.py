@@ -27,6 +27,12 @@ class Table:
                  sweep: Mapping[str, Sequence[Any]] | None = None, name: str | None = None):
         if isinstance(methods, str) or not methods:
             raise ValueError("table.Table.methods must be a non-empty list of method names, e.g. ['simclr']")
+        if isinstance(seeds, (str, int)) or not seeds:
+            raise ValueError(f"table.Table.seeds = {seeds!r}: a table needs at least one seed. Fix: bind "
+                             "table.Table.seeds = [0, 1] (or [0])")
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"table.Table.seeds = {list(seeds)!r} repeats a seed; each seed is one run. Fix: list "
+                             "each seed once")
         self.methods, self.seeds, self.name = list(methods), [int(s) for s in seeds], name
         self.sweep = {k: list(v) for k, v in (sweep or {}).items()}
         for k, v in self.sweep.items():

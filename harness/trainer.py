@@ -96,6 +96,14 @@ def _mean_across_ranks(v: torch.Tensor) -> torch.Tensor:
     return v / dist.get_world_size()
 
 
+def check_batch(batch_size: int, n: int) -> None:
+    """Raises ValueError (key and fix) when a batch cannot be drawn from `n` images."""
+    if batch_size < 1 or n < batch_size:
+        raise ValueError(f"trainer.Trainer.batch_size = {batch_size} exceeds the {n} pretraining images (every "
+                         "step draws a full batch). Fix: lower trainer.Trainer.batch_size, or use more images "
+                         "(e.g. the dataset's pretrain_size)")
+
+
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
     """Indices of `step`'s batch: epoch-wise permutations, drop-last, a pure function."""
     per_epoch = n // batch_size
@@ -139,6 +147,8 @@ class Trainer:
                  checkpoint_every: int = 100, log_every: int = 1, device: str = "auto", progress: bool = True):
         self.epochs, self.batch_size, self.optimizer = epochs, batch_size, optimizer
         self.lr = base_lr * batch_size / 256 if scale_lr else base_lr
+        self.lr_source = (f"trainer.Trainer.base_lr = {base_lr} x batch_size {batch_size} / 256" if scale_lr else
+                          f"trainer.Trainer.base_lr = {base_lr}, scale_lr = False")
         self.weight_decay, self.max_steps = weight_decay, max_steps
         self.schedule = schedule or (lambda step, total: 1.0)
         self.checkpoint_every, self.log_every, self.progress = checkpoint_every, log_every, progress
@@ -148,11 +158,9 @@ class Trainer:
     def total_steps(self, method: Method, n: int) -> int:
         if method.pretrain_steps is not None:
             return method.pretrain_steps
+        check_batch(self.batch_size, n)
         if self.max_steps is not None:
             return self.max_steps
-        if n < self.batch_size:
-            raise ValueError(f"trainer.Trainer.batch_size = {self.batch_size} exceeds the {n} pretraining images; "
-                             "lower the batch size or use more images")
         return max(1, math.ceil(self.epochs * n / self.batch_size))
 
     def fit(self, method: Method, data: ImageSet, views: Views, folder: Path, seed: int,
@@ -176,8 +184,14 @@ class Trainer:
         ckpt_path, log_path = folder / "checkpoint.pt", folder / "log.jsonl"
         start, resumed = 0, None
         seed_everything(seed)
+        self.last_loss = float("nan")
         if ckpt_path.exists():
-            ckpt = store.load_torch(ckpt_path)
+            ckpt = store.load_torch(ckpt_path, fix=f"delete {ckpt_path} to pretrain this run again from step 0")
+            if not isinstance(ckpt, dict) or not {"step", "method", "optimizer", "rng"} <= set(ckpt):
+                raise store.StoreError(f"{ckpt_path}: not a checkpoint of this harness (keys: "
+                                       f"{sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__}). "
+                                       f"Fix: delete {ckpt_path} to pretrain this run again from step 0")
+            self.last_loss = float(ckpt.get("loss", float("nan")))
             method.load_state_dict(ckpt["method"])
             if opt is not None:
                 opt.load_state_dict(ckpt["optimizer"])
@@ -200,7 +214,6 @@ class Trainer:
     def _loop(self, method: Method, opt: torch.optim.Optimizer | None, data: ImageSet, views: Views, bar: tqdm,
               total: int, start: int, seed: int, ckpt_path: Path, log_path: Path, stop_after: int | None) -> None:
         global _pending
-        self.last_loss = float("nan")
         rank, world = distributed()
         model = method
         if world > 1 and opt is not None:  # gradients averaged across ranks
@@ -223,8 +236,9 @@ class Trainer:
                 if world > 1:  # the logged and checked loss is the global batch's
                     out = {k: _mean_across_ranks(v) for k, v in out.items()}
                 if not torch.isfinite(out["loss"]):
-                    raise NonFiniteLoss(f"loss is {out['loss'].item()} at step {step} of {total}; lower the learning "
-                                        f"rate (trainer.Trainer.base_lr = {self.lr}) or check the method")
+                    raise NonFiniteLoss(f"loss is {out['loss'].item()} at step {step} of {total} (lr {lr:.4g}, from "
+                                        f"{self.lr_source}, times the schedule); lower trainer.Trainer.base_lr or "
+                                        "check the method")
                 if opt is not None:
                     for g in opt.param_groups:
                         g["lr"] = lr
@@ -240,7 +254,7 @@ class Trainer:
                 done = step + 1
                 if (done % self.checkpoint_every == 0 or done == total or _pending is not None) and rank == 0:
                     log.flush()
-                    self._checkpoint(ckpt_path, done, method, opt)
+                    self._checkpoint(ckpt_path, done, method, opt, self.last_loss)
                 if _pending is not None:  # preempted: checkpoint saved, now requeue and exit
                     print(f"preempted after step {done} of {total}: checkpoint saved, requeueing", flush=True)
                     handler, _pending = _pending, None
@@ -249,8 +263,8 @@ class Trainer:
                     raise Interrupted(f"stopped after step {done} of {total}")
 
     @staticmethod
-    def _checkpoint(path: Path, step: int, method: Method, opt: torch.optim.Optimizer | None) -> None:
-        store.save_torch(path, {"step": step, "method": method.state_dict(),
+    def _checkpoint(path: Path, step: int, method: Method, opt: torch.optim.Optimizer | None, loss: float) -> None:
+        store.save_torch(path, {"step": step, "method": method.state_dict(), "loss": loss,
                                 "optimizer": opt.state_dict() if opt is not None else {}, "rng": rng_state()})
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import math
 from pathlib import Path
 
@@ -20,7 +21,7 @@ def write_run(table_dir: Path, run_id: str, method: str, seed: int, status: str 
     folder.mkdir(parents=True)
     run = {"run_id": run_id, "pretrain_id": f"p{run_id}", "table": "table1", "method": method,
            "seed": seed, "swept": swept or {}, "status": status, "metrics": metrics or {},
-           "protocols": {}, "timings": {"pretrain_s": 60.0 + seed, "eval_s": 10.0}, "git": "abc1234",
+           "protocols": {}, "timings": {"pretrain_s": 60.0 + seed, "eval_s": 10.0}, "artefacts": {}, "git": "abc1234",
            "error": error, "log": f"/logs/{run_id}/log.txt", "started": "2026-11-23T14:00:00+00:00",
            "finished": None}
     (folder / "run.json").write_text(json.dumps(run))
@@ -100,9 +101,11 @@ def test_files_failed_section_and_reference(table: Path, reference: Path) -> Non
     assert "12.5" not in md and "Other et al." not in md  # other table's reference
     assert "m0" in failed_part and "ValueError: loss is NaN at step 12" in failed_part
     assert "/logs/m0/log.txt" in failed_part
-    assert "3 run(s) still running or incomplete" in failed_part
+    # r0 says "running" but no live process holds its lock: interrupted, with "killed" as the reason
+    assert re.search(r"\| r0 +\| interrupted +\| killed", failed_part)
+    assert "2 run(s) still running or incomplete (2 without a readable run.json)" in failed_part
     failed = pd.read_csv(table / "failed.csv")
-    assert failed["run_id"].tolist() == ["m0"] and failed["method"].tolist() == ["moco"]
+    assert failed["run_id"].tolist() == ["m0", "r0"] and failed["status"].tolist() == ["failed", "interrupted"]
     png = (table / "leaderboard.png").read_bytes()
     assert png.startswith(PNG_MAGIC) and len(png) > 1000
     assert not list(table.glob("*.tmp")) and not list(table.glob(".*.tmp"))
@@ -112,8 +115,9 @@ def test_rerun_after_fix_removes_failed_csv(table: Path) -> None:
     with pytest.warns(UserWarning):
         collate(table)
     assert (table / "failed.csv").exists()
-    (table / "runs" / "m0" / "run.json").unlink()
-    (table / "runs" / "m0").rmdir()
+    for run_id in ("m0", "r0"):  # the failed run and the dead one (interrupted) are run again
+        (table / "runs" / run_id / "run.json").unlink()
+        (table / "runs" / run_id).rmdir()
     write_run(table, "m0", "moco", 0, metrics=metrics(90.0, 80.0))
     with pytest.warns(UserWarning):
         board = collate(table)

@@ -296,9 +296,7 @@ def write_run(table: Path, run_id: str, method: str, seed: int, metrics: dict, p
     folder.mkdir(parents=True)
     run = {"run_id": run_id, "pretrain_id": f"p{run_id}", "table": "table2", "method": method, "seed": seed,
            "swept": {}, "status": "done", "metrics": metrics, "timings": {"pretrain_s": 1.0, "eval_s": 1.0},
-           "error": None, "log": None}
-    if protocols is not None:
-        run["protocols"] = protocols
+           "error": None, "log": None, "artefacts": {}, "protocols": protocols or {}}
     (folder / "run.json").write_text(json.dumps(run))
 
 
@@ -330,7 +328,7 @@ def test_leaderboard_never_averages_two_protocol_ids(tmp_path):
 
 def test_runs_without_protocol_records_stay_apart_from_recorded_ones(tmp_path):
     table = tmp_path / "t"
-    write_run(table, "o0", "simclr", 0, {"linear/goyal19/top1": 50.0}, None)  # an older run.json
+    write_run(table, "o0", "simclr", 0, {"linear/goyal19/top1": 50.0}, None)  # records no protocol
     write_run(table, "n0", "simclr", 1, {"linear/goyal19/top1": 70.0}, goyal("aaaa1111", 7))
     board = leaderboard(load_runs(table)).set_index("method")
     assert board.loc["simclr", "linear/goyal19/top1 [unrecorded] mean"] == 50.0

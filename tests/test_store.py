@@ -11,12 +11,13 @@ def _writer(root: str, i: int) -> None:
     for attempt in range(30):  # rewrite often, so readers race with renames
         rec = {"run_id": f"run{i:02d}", "pretrain_id": "p", "table": "t", "method": f"m{i % 4}", "seed": i,
                "status": "done" if attempt == 29 else "running", "metrics": {"linear/top1": float(i)},
-               "timings": {"pretrain_s": 1.0, "eval_s": 1.0}, "padding": "x" * 20000}
+               "protocols": {}, "timings": {"pretrain_s": 1.0, "eval_s": 1.0}, "artefacts": {},
+               "padding": "x" * 20000}
         store.write_json(folder / "run.json", rec)
 
 
 def test_twenty_concurrent_writers_lose_and_tear_nothing(tmp_path):
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("fork")  # separate processes without re-importing torch and pandas in each (spawn: ~3 min)
     procs = [ctx.Process(target=_writer, args=(str(tmp_path), i)) for i in range(20)]
     for p in procs:
         p.start()

@@ -138,7 +138,8 @@ def test_unwritable_results_folder(capsys, tmp_path, fake_data):
 
 
 def test_stale_markers_are_ignored(capsys, tmp_path):
-    """A queued.json whose job is gone, or a 'running' record of a dead process, is todo."""
+    """A queued.json whose job is gone is todo; a 'running' record whose process is gone (its lock
+    is free) is interrupted, with 'killed' as its reason; both are run again."""
     rows = dry(capsys, "--only", "pixels")
     results = tmp_path / "results"
     for row, what in zip(rows, ("marker", "record")):
@@ -150,14 +151,17 @@ def test_stale_markers_are_ignored(capsys, tmp_path):
             (folder / "run.json").write_text(json.dumps({"status": "running", "host": __import__("socket").gethostname(),
                                                          "pid": 2**22 + 17, "run_id": row["run"], "method": "pixels"}))
     rc, out = run(capsys, TABLE, "--status", "--only", "pixels", "--results", str(results))
-    assert rc == 0 and out.count("stale: its job is no longer queued or running") == 2
+    assert rc == 0 and out.count("stale: its job is no longer queued or running") == 1
+    assert re.search(r"interrupted\s+killed: the process died", out)
     assert "2 to run" in out
 
 
-def test_missing_dataset_folder_fails_the_run_with_the_path(capsys, tmp_path, fake_data):
+def test_missing_dataset_folder_stops_the_sweep_before_any_job(capsys, tmp_path, fake_data):
+    """Checked before launching: exit 2, the path and the key in one message, nothing written."""
     missing = tmp_path / "no-such-imagenet"
-    rc, out = run(capsys, TABLE, *fake_data, "--only", "supervised", "--bind", "table.Table.seeds = [0]",
-                  "--bind", "job.run.dataset = @data.ImageFolder()", "--bind", f"data.ImageFolder.root = '{missing}'")
-    assert rc == 1 and f"image folder not found: {missing}" in out
-    (rec,) = [json.loads(p.read_text()) for p in (tmp_path / "results").rglob("run.json")]
-    assert rec["status"] == "failed" and "DataError" in rec["error"]
+    args = [TABLE, *fake_data, "--only", "supervised", "--bind", "table.Table.seeds = [0]",
+            "--bind", "job.run.dataset = @data.ImageFolder()", "--bind", f"data.ImageFolder.root = '{missing}'"]
+    rc, out = run(capsys, *args)
+    assert rc == 2 and f"image folder not found: {missing}" in out and "data.ImageFolder.root" in out
+    assert not (tmp_path / "results").exists()
+    assert run(capsys, *args) == (rc, out)  # the same message on a re-run

@@ -2,7 +2,8 @@
 
 Every frozen-feature protocol (kNN, linear probe, ...) reads the same cached
 features: ``<pretrain folder>/features/<key>.pt``, the key hashing the split, the
-subset and the preprocessing.
+subset and the preprocessing. Each file has a checksum sidecar (``<key>.pt.json``) and is
+extracted again when it does not match it (`harness.store.load_cache`).
 """
 from __future__ import annotations
 
@@ -54,15 +55,18 @@ class FrozenFeatures:
 
     def __call__(self, encoder: nn.Module, dataset, cache: Path, device: torch.device | str = "cpu",
                  progress: bool = True) -> dict[str, Features]:
-        """``{"train": Features, "test": Features}``, read from `cache` when present."""
-        out = {}
+        """``{"train": Features, "test": Features}``, read from `cache` when a file there matches
+        its checksum sidecar (else extracted again). ``self.used`` then maps each cache file
+        read or written to its `store.file_meta`: the run records them as what its numbers depend on."""
+        out, self.used = {}, {}
         for split in ("train", "test"):
             path = cache / f"{self.key(dataset.name, split)}.pt"
-            if path.exists():
-                d = store.load_torch(path)
+            hit = store.load_cache(path)
+            if hit is not None and isinstance(hit[0], dict) and {"x", "y"} <= set(hit[0]):
+                (d, self.used[path]) = hit
                 out[split] = Features(d["x"], d["y"])
                 continue
             data = dataset.split(split).subset(self.sizes[split])
             out[split] = extract(encoder, data, self.image_size, self.batch_size, device, f"features/{split}", progress)
-            store.save_torch(path, {"x": out[split].x, "y": out[split].y})
+            self.used[path] = store.save_cache(path, {"x": out[split].x, "y": out[split].y})
         return out

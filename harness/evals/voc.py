@@ -351,14 +351,14 @@ class VOC07SVM:
         key = ginutil.digest([json.dumps([str(root.resolve()), split, self.image_size, channels, mean, std,
                                           listing.st_size, listing.st_mtime_ns])])
         path = Path(ctx.pretrain_dir) / "features" / f"voc07-{key}.pt"
-        if path.exists():
-            return store.load_torch(path)["x"].numpy(), labels
+        if (hit := store.load_cache(path)) is not None:
+            return hit[0]["x"].numpy(), labels
         paths = [voc_dir(root) / "JPEGImages" / f"{i}.jpg" for i in ids]
         data = ImageSet(images=ResizedImages(paths, self.image_size, channels), labels=torch.arange(len(ids)),
                         classes=list(classes), mean=mean, std=std)
         feats: Features = extract(encoder, data, self.image_size, self.batch_size, ctx.device, f"voc07/{split}",
                                   ctx.progress)
-        store.save_torch(path, {"x": feats.x})
+        store.save_cache(path, {"x": feats.x})
         return feats.x.numpy(), labels
 
     def evaluate(self, ctx: Context) -> dict[str, float]:
