@@ -15,7 +15,7 @@ import os
 import struct
 import zlib
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import gin
 import numpy as np
@@ -149,13 +149,39 @@ class FashionMNIST:
         if which not in self._cache:
             folder = self._locate()
             img_file, lbl_file = (_find(folder, s) for s in FMNIST_FILES[which])
-            images, labels = read_idx(img_file), read_idx(lbl_file)
+            try:
+                images, labels = read_idx(img_file), read_idx(lbl_file)
+            except DataError as err:
+                raise DataError(f"{err}, or bind `data.FashionMNIST.root` to a folder holding intact IDX "
+                                "files") from err
             if images.ndim != 3 or len(images) != len(labels):
-                raise DataError(f"{img_file}: expected [N, 28, 28] images matching {lbl_file}")
+                raise DataError(f"{img_file}: expected [N, 28, 28] images matching {lbl_file} ({images.shape} images, "
+                                f"{len(labels)} labels). Fix: fetch both files again, or bind `data.FashionMNIST.root` "
+                                "to a folder holding intact IDX files")
             self._cache[which] = ImageSet(
                 images=torch.from_numpy(images.copy()).unsqueeze(1), labels=torch.from_numpy(labels.astype(np.int64)),
                 classes=FMNIST_CLASSES, mean=(0.2860,), std=(0.3530,))
         return self._cache[which]
+
+    def check(self) -> int:
+        """Preflight: reads both splits (downloading them if `download` allows) and returns the number of
+        pretraining images; raises `DataError` saying what to fix."""
+        _check_pretrain_size("data.FashionMNIST", self.pretrain_size)
+        self.split("train")
+        self.split("test")
+        return len(self.split("pretrain"))
+
+
+def _check_pretrain_size(key: str, n: int | None) -> None:
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise DataError(f"`{key}.pretrain_size = {n!r}`: not a number of images. Fix: bind it to a positive "
+                        "integer, or to None for the whole training split")
+
+
+def _names(names: Sequence[str], k: int = 5) -> str:
+    """``'a', 'b', ... (N in all)``: a short preview of a list of names."""
+    shown = ", ".join(repr(n) for n in names[:k])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > k else "") if names else "none"
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
@@ -210,31 +236,67 @@ class ImageFiles:
             return torch.stack(list(pool.map(self.load, picks)))  # [B, C, S, S]
 
 
-def scan_folder(folder: Path) -> tuple[list[str], list[int], list[str]]:
-    """``(paths, labels, classes)`` of a ``class/image`` tree, classes sorted by name."""
+def class_dirs(folder: Path) -> list[str]:
+    """The class subfolders of a split folder, sorted by name (hidden ones, e.g. ``.ipynb_checkpoints``, skipped)."""
+    return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def scan_folder(folder: Path, classes: Sequence[str] | None = None,
+                fix: str = "move the folder out, or add the class to the class list",
+                ) -> tuple[list[str], list[int], list[str]]:
+    """``(paths, labels, classes)`` of a ``class/image`` tree.
+
+    `classes` gives the labels (its order); None: the folder's own subfolders, sorted by name. A
+    subfolder not in `classes` is a `DataError` ending in `fix`. A class with no subfolder here
+    keeps its label (a split may miss classes).
+    """
     if not folder.is_dir():
-        raise DataError(f"image folder not found: {folder}. Fix: bind `data.ImageFolder.root` to a folder holding "
+        what = "is a file, not a folder" if folder.exists() else "not found"
+        raise DataError(f"image folder {what}: {folder}. Fix: bind `data.ImageFolder.root` to a folder holding "
                         "train/ and val/ (one subfolder per class, as torchvision's ImageFolder reads)")
-    classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
+    found = class_dirs(folder)
+    classes = found if classes is None else list(classes)
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = [c for c in found if c not in index]
+    if unknown:
+        raise DataError(f"{folder / unknown[0]}: class folder {unknown[0]!r} is not among the {len(classes)} classes "
+                        f"({_names(classes)}){f' (nor are {_names(unknown[1:])})' if unknown[1:] else ''}. Fix: {fix}")
     paths, labels = [], []
-    for label, c in enumerate(classes):
+    for c in found:
         for f in sorted((folder / c).rglob("*")):
             if f.suffix.lower() in IMAGE_EXTENSIONS:
                 paths.append(str(f))
-                labels.append(label)
+                labels.append(index[c])
     if not paths:
-        raise DataError(f"{folder}: no images found in class subfolders ({', '.join(IMAGE_EXTENSIONS)})")
+        loose = [f for f in folder.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS]
+        hint = (f"; {len(loose)} images lie directly in it. Fix: sort them into one subfolder per class (ImageNet's "
+                "val: a script such as valprep.sh does it)" if loose else
+                f". Fix: put the images in one subfolder per class ({folder}/<class>/<image>)")
+        raise DataError(f"{folder}: no images found in class subfolders ({', '.join(IMAGE_EXTENSIONS)}){hint}")
     return paths, labels, classes
+
+
+def _probe(images: torch.Tensor | ImageFiles) -> None:
+    """Decodes the first image of a file-backed split: catches data that is wholly unreadable
+    (e.g. Git LFS pointers named .jpg) before any job starts."""
+    if isinstance(images, ImageFiles) and len(images):
+        images.load(images.paths[0])
 
 
 @gin.configurable(module="data")
 class ImageFolder:
     """A ``root/<split>/<class>/<image>`` tree (ImageNet's layout), decoded on demand.
 
+    Every split uses one class list, so a class keeps its label in every split: by default
+    the train split's subfolders, sorted by name. Another split may miss classes, but a
+    class subfolder unknown to the list is an error (a probe could never predict it).
+
     Args:
         root: the dataset folder.
         train_dir: subfolder of the training split.
         test_dir: subfolder of the evaluation split (ImageNet: ``val``).
+        classes: the class names, their order giving the labels; the train folder must hold
+            these subfolders or some of them. None: the train folder's subfolders, sorted.
         load_size: side of the stored copy the views crop from (shorter side resize + centre crop).
         channels: 3 (RGB) or 1 (grayscale).
         pretrain_size: images used for pretraining (a fixed subset of train); None: all.
@@ -246,12 +308,57 @@ class ImageFolder:
     name = "imagefolder"
 
     def __init__(self, root: str = gin.REQUIRED, train_dir: str = "train", test_dir: str = "val",
-                 load_size: int = 256, channels: int = 3, pretrain_size: int | None = None,
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, threads: int = 8):
+                 classes: Sequence[str] | None = None, load_size: int = 256, channels: int = 3,
+                 pretrain_size: int | None = None, mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD, threads: int = 8):
+        if isinstance(classes, str):
+            raise ValueError(f"data.ImageFolder.classes = {classes!r}: a list of class folder names is needed, "
+                             f"e.g. ['{classes}']")
         self.root, self.dirs = Path(root), {"train": train_dir, "test": test_dir}
+        self.classes = None if classes is None else list(classes)
         self.load_size, self.channels, self.pretrain_size, self.threads = load_size, channels, pretrain_size, threads
         self.mean, self.std = tuple(mean), tuple(std)
+        self._classes: list[str] | None = None
         self._cache: dict[str, ImageSet] = {}
+
+    def _folder(self, which: str) -> Path:
+        """The split's folder; a `DataError` naming the gin key to fix if it is not there."""
+        folder = self.root / self.dirs[which]
+        if folder.is_dir():
+            return folder
+        if not self.root.is_dir():
+            what = "is a file, not a folder" if self.root.exists() else "not found"
+            raise DataError(f"image folder {what}: {self.root}. Fix: bind `data.ImageFolder.root` to a folder holding "
+                            f"{self.dirs['train']}/ and {self.dirs['test']}/ (one subfolder per class, as "
+                            "torchvision's ImageFolder reads)")
+        key = "train_dir" if which == "train" else "test_dir"
+        held = sorted(d.name for d in self.root.iterdir() if d.is_dir())
+        raise DataError(f"image folder not found: {folder} (the {which} split; {self.root} holds {_names(held)}). "
+                        f"Fix: bind `data.ImageFolder.{key}` to the subfolder holding the {which} split, or bind "
+                        "`data.ImageFolder.root` to the dataset folder")
+
+    def class_list(self) -> list[str]:
+        """The classes of every split: `classes` if bound (checked against the train folder), else the
+        train folder's subfolders sorted by name."""
+        if self._classes is None:
+            train = self._folder("train")
+            found = class_dirs(train)
+            if self.classes is None:
+                self._classes = found
+            else:
+                dupes = sorted({c for c in self.classes if self.classes.count(c) > 1})
+                if not self.classes or dupes:
+                    what = f"names {_names(dupes)} twice" if dupes else "an empty list"
+                    raise DataError(f"`data.ImageFolder.classes`: {what}. Fix: list each class folder name once, "
+                                    f"or bind it to None for the subfolders of {train}")
+                extra = [c for c in found if c not in set(self.classes)]
+                if extra:
+                    raise DataError(f"{train / extra[0]}: train subfolder {extra[0]!r} is not in "
+                                    f"`data.ImageFolder.classes` ({_names(self.classes)})"
+                                    f"{f' (nor are {_names(extra[1:])})' if extra[1:] else ''}. Fix: add it to "
+                                    f"data.ImageFolder.classes, or move the folder out of {train}")
+                self._classes = list(self.classes)
+        return self._classes
 
     def split(self, which: str) -> ImageSet:
         """``train``, ``test`` or ``pretrain`` (a subset of train)."""
@@ -260,10 +367,25 @@ class ImageFolder:
         if which not in self.dirs:
             raise ValueError(f"unknown split {which!r}; use train, test or pretrain")
         if which not in self._cache:
-            paths, labels, classes = scan_folder(self.root / self.dirs[which])
+            classes = self.class_list()
+            folder = self._folder(which)
+            fix = (f"add it to `data.ImageFolder.classes` (and its images to {self.dirs['train']}/ so that a probe "
+                   f"can learn it), or move the folder out of {folder}" if self.classes is not None else
+                   f"add it to {self.dirs['train']}/ (with training images) or bind data.ImageFolder.classes, "
+                   f"or move the folder out of {folder}")
+            paths, labels, classes = scan_folder(folder, classes, fix)
             self._cache[which] = ImageSet(ImageFiles(paths, self.load_size, self.channels, self.threads),
-                                          torch.tensor(labels), classes, self.mean, self.std)
+                                          torch.tensor(labels, dtype=torch.long), classes, self.mean, self.std)
         return self._cache[which]
+
+    def check(self) -> int:
+        """Preflight: the root, both split folders, at least one image in class subfolders of each, one
+        class list for both, the first image of each decodes. Returns the number of pretraining images;
+        raises `DataError` saying what to fix. Lists files but decodes only two."""
+        _check_pretrain_size("data.ImageFolder", self.pretrain_size)
+        for which in ("train", "test"):
+            _probe(self.split(which).images)
+        return len(self.split("pretrain"))
 
 
 # Prompt templates for captions made from class names (`Captioned`) and for zero-shot
@@ -273,46 +395,65 @@ PROMPT_TEMPLATES = ("a photo of a {}.", "a black and white photo of a {}.", "a l
                     "a good photo of a {}.", "a photo of one {}.")
 
 
-def read_caption_csv(path: Path) -> tuple[list[str], list[str], list[str] | None]:
-    """``(image paths, captions, class names or None)`` of an image-caption CSV.
+class CaptionRows(NamedTuple):
+    """The rows of an image-caption CSV: image paths, captions, class names (None without a
+    label column) and the CSV line of each row (for messages)."""
+
+    paths: list[str]
+    captions: list[str]
+    labels: list[str] | None
+    lines: list[int]
+
+
+def read_caption_csv(path: Path, key: str = "data.ImageCaptions.csv") -> CaptionRows:
+    """The rows of an image-caption CSV; `key` is the gin binding named when the file is missing.
 
     The first line names the columns: ``image`` (a path relative to the CSV's folder),
     ``caption`` and, optionally, ``label`` (a class name, for the evaluations).
     """
     if not path.is_file():
-        raise DataError(f"caption CSV not found: {path}. Fix: bind `data.ImageCaptions.csv` to a CSV whose first "
+        what = "is a folder, not a file" if path.exists() else "not found"
+        raise DataError(f"caption CSV {what}: {path}. Fix: bind `{key}` to a CSV whose first "
                         "line is `image,caption` (or `image,caption,label`)")
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        columns = [c.strip() for c in reader.fieldnames or []]
-        reader.fieldnames = columns
-        missing = [c for c in ("image", "caption") if c not in columns]
-        if missing:
-            raise DataError(f"{path}: no {' or '.join(repr(c) for c in missing)} column (its first line names: "
-                            f"{', '.join(columns) or 'nothing'}). Fix: make the first line `image,caption` or "
-                            "`image,caption,label`")
-        paths, captions, labels = [], [], []
-        for row in reader:
-            line = reader.line_num
-            rel, caption = (row.get("image") or "").strip(), (row.get("caption") or "").strip()
-            if not rel or not caption:
-                raise DataError(f"{path}, line {line}: empty {'image path' if not rel else 'caption'}. "
-                                "Fix: fill it in or delete the row")
-            file = path.parent / rel
-            if not file.is_file():
-                raise DataError(f"{path}, line {line}: image {file} not found. Fix: image paths are relative to "
-                                f"the CSV's folder ({path.parent}); correct the path or delete the row")
-            if "label" in columns:
-                label = (row.get("label") or "").strip()
-                if not label:
-                    raise DataError(f"{path}, line {line}: empty label. Fix: give every row a class name, "
-                                    "or drop the label column")
-                labels.append(label)
-            paths.append(str(file))
-            captions.append(caption)
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            return _read_caption_rows(path, csv.DictReader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise DataError(f"{path}: unreadable caption CSV ({err}). Fix: save it as UTF-8 CSV, or bind `{key}` "
+                        "to another file") from err
+
+
+def _read_caption_rows(path: Path, reader: csv.DictReader) -> CaptionRows:
+    columns = [c.strip() for c in reader.fieldnames or []]
+    reader.fieldnames = columns
+    missing = [c for c in ("image", "caption") if c not in columns]
+    if missing:
+        raise DataError(f"{path}: no {' or '.join(repr(c) for c in missing)} column (its first line names: "
+                        f"{', '.join(columns) or 'nothing'}). Fix: make the first line `image,caption` or "
+                        "`image,caption,label`")
+    paths, captions, labels, lines = [], [], [], []
+    for row in reader:
+        line = reader.line_num
+        rel, caption = (row.get("image") or "").strip(), (row.get("caption") or "").strip()
+        if not rel or not caption:
+            raise DataError(f"{path}, line {line}: empty {'image path' if not rel else 'caption'}. "
+                            "Fix: fill it in or delete the row")
+        file = path.parent / rel
+        if not file.is_file():
+            raise DataError(f"{path}, line {line}: image {file} not found. Fix: image paths are relative to "
+                            f"the CSV's folder ({path.parent}); correct the path or delete the row")
+        if "label" in columns:
+            label = (row.get("label") or "").strip()
+            if not label:
+                raise DataError(f"{path}, line {line}: empty label. Fix: give every row a class name, "
+                                "or drop the label column")
+            labels.append(label)
+        paths.append(str(file))
+        captions.append(caption)
+        lines.append(line)
     if not paths:
         raise DataError(f"{path}: no rows after the header. Fix: add one `image,caption` row per image")
-    return paths, captions, labels if "label" in columns else None
+    return CaptionRows(paths, captions, labels if "label" in columns else None, lines)
 
 
 @gin.configurable(module="data")
@@ -320,7 +461,10 @@ class ImageCaptions:
     """Image-caption pairs listed in CSV files (``image,caption[,label]``), decoded on demand.
 
     Labels are optional: without them, every label is -1 and only pretraining can read the
-    split (the evaluations need labels). Classes are the sorted label names of both files.
+    split (the evaluations need labels). Classes are the sorted label names of the training
+    CSV, for both splits; a test label unknown to them is an error (a probe trained on the
+    training split could never predict it). If the training CSV has no labels, the classes
+    are the test CSV's.
 
     Args:
         csv: the training pairs.
@@ -341,16 +485,24 @@ class ImageCaptions:
         self.files = {"train": Path(csv), "test": Path(test_csv) if test_csv else None}
         self.load_size, self.channels, self.pretrain_size, self.threads = load_size, channels, pretrain_size, threads
         self.mean, self.std = tuple(mean), tuple(std)
-        self._rows: dict[str, tuple[list[str], list[str], list[str] | None]] = {}
+        self._rows: dict[str, CaptionRows] = {}
         self._cache: dict[str, ImageSet] = {}
 
-    def _read(self, which: str) -> tuple[list[str], list[str], list[str] | None]:
+    def _read(self, which: str) -> CaptionRows:
         if which not in self._rows:
             if self.files[which] is None:
                 raise DataError(f"data.ImageCaptions has no {which} split. Fix: bind "
                                 f"`data.ImageCaptions.test_csv = '<csv with image,caption,label>'`")
-            self._rows[which] = read_caption_csv(self.files[which])
+            key = "data.ImageCaptions.csv" if which == "train" else "data.ImageCaptions.test_csv"
+            self._rows[which] = read_caption_csv(self.files[which], key)
         return self._rows[which]
+
+    def class_list(self) -> list[str]:
+        """The classes of both splits: the training CSV's label names, sorted; if it has none, the test CSV's."""
+        for which in ("train", "test"):
+            if self.files[which] is not None and self._read(which).labels:
+                return sorted(set(self._read(which).labels))
+        return []
 
     def split(self, which: str) -> ImageSet:
         """``train``, ``test`` or ``pretrain`` (a subset of train)."""
@@ -359,14 +511,28 @@ class ImageCaptions:
         if which not in self.files:
             raise ValueError(f"unknown split {which!r}; use train, test or pretrain")
         if which not in self._cache:
-            paths, captions, names = self._read(which)
-            known = [s for s in self.files if self.files[s] is not None]
-            classes = sorted({n for s in known for n in (self._read(s)[2] or [])})
-            labels = [classes.index(n) for n in names] if names else [-1] * len(paths)
-            self._cache[which] = ImageSet(ImageFiles(paths, self.load_size, self.channels, self.threads),
+            rows, classes = self._read(which), self.class_list()
+            index = {c: i for i, c in enumerate(classes)}
+            for name, line in zip(rows.labels or [], rows.lines):
+                if name not in index:
+                    raise DataError(f"{self.files[which]}, line {line}: label {name!r} is not among the "
+                                    f"{len(classes)} classes of the training CSV {self.files['train']} "
+                                    f"({_names(classes)}): a probe trained on it could never predict it. Fix: add "
+                                    f"images labelled {name!r} to the training CSV, or delete the row")
+            labels = [index[n] for n in rows.labels] if rows.labels else [-1] * len(rows.paths)
+            self._cache[which] = ImageSet(ImageFiles(rows.paths, self.load_size, self.channels, self.threads),
                                           torch.tensor(labels, dtype=torch.long), classes, self.mean, self.std,
-                                          captions=captions)
+                                          captions=rows.captions)
         return self._cache[which]
+
+    def check(self) -> int:
+        """Preflight: both CSVs readable, their images present, one class list for both, the first image of
+        each split decodes. Returns the number of pretraining images; raises `DataError` saying what to fix."""
+        _check_pretrain_size("data.ImageCaptions", self.pretrain_size)
+        for which in ("train", "test"):
+            if self.files[which] is not None:
+                _probe(self.split(which).images)
+        return len(self.split("pretrain"))
 
 
 def image_keys(images: torch.Tensor | ImageFiles, chunk: int = 4096) -> torch.Tensor:
@@ -416,35 +582,76 @@ class Captioned:
             self._cache[which] = with_captions(self.dataset.split(which), self.templates)
         return self._cache[which]
 
+    def check(self) -> int:
+        """Preflight: the wrapped dataset's `check`, then the captions of its pretraining split (they need
+        labels). Returns the number of pretraining images; raises `DataError` saying what to fix."""
+        n = self.dataset.check() if hasattr(self.dataset, "check") else None
+        pretrain = self.split("pretrain")
+        return len(pretrain) if n is None else n
 
-def verify(folder: Path) -> list[str]:
-    """Every image under `folder` that cannot be decoded, with the reason."""
+
+def warnings_for(data: ImageSet, which: str = "train") -> list[str]:
+    """Human-readable warnings about a split that runs but whose results mislead: a single class
+    (every accuracy trivially 100 %), classes without images, no labels at all."""
+    labelled = data.labels[data.labels >= 0]
+    if len(data) and not len(labelled):
+        return [f"the {which} split has no labels (every label is -1): only pretraining can use it, not the "
+                "evaluations that train on labels"]
+    counts = torch.bincount(labelled, minlength=len(data.classes)).tolist()
+    present = [c for c, k in zip(data.classes, counts) if k]
+    empty = [c for c, k in zip(data.classes, counts) if not k]
+    if len(data.classes) == 1:
+        return [f"the {which} split has 1 class ({data.classes[0]!r}): every classification accuracy is "
+                "trivially 100 %"]
+    if len(present) == 1:
+        return [f"the {which} split has images of 1 class only ({present[0]!r}; its other {len(empty)} classes "
+                f"have none): a classifier trained on it always predicts {present[0]!r}"]
+    if empty:
+        return [f"the {which} split has no images of {len(empty)} of its {len(data.classes)} classes "
+                f"({_names(empty)}): " + ("a probe trained on it never predicts them" if which == "train" else
+                                          "their accuracy is not measured")]
+    return []
+
+
+def verify(folder: Path) -> tuple[int, list[str]]:
+    """``(images checked, the undecodable ones with the reason)`` under `folder`; a `DataError`
+    if `folder` is missing, a file, or holds no images."""
+    if not folder.is_dir():
+        what = "is a file, not a folder" if folder.exists() else "no such folder"
+        raise DataError(f"{folder}: {what}. Fix: pass the folder holding the images, e.g. "
+                        "`python -m harness.data verify <data.ImageFolder.root>`")
     files = ImageFiles([str(f) for f in sorted(folder.rglob("*")) if f.suffix.lower() in IMAGE_EXTENSIONS], 8)
+    if not len(files):
+        raise DataError(f"{folder}: no image files ({', '.join(IMAGE_EXTENSIONS)}) under it. Fix: pass the folder "
+                        "holding the images, e.g. the data.ImageFolder.root with train/ and val/")
     bad = []
     for p in files.paths:
         try:
             files.load(p)
         except DataError as err:
             bad.append(str(err).split(". Fix:")[0])
-    return bad
+    return len(files), bad
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m harness.data verify DIR``: list unreadable images; exit 1 if any."""
+    """``python -m harness.data verify DIR``: list unreadable images; exit 1 if any, 2 if DIR holds no images."""
     import argparse
+    import sys
     ap = argparse.ArgumentParser(prog="python -m harness.data")
     ap.add_argument("command", choices=["verify"])
     ap.add_argument("folder", type=Path)
     args = ap.parse_args(argv)
-    bad = verify(args.folder)
-    print("\n".join(bad) or f"{args.folder}: every image decodes")
-    return 1 if bad else 0
-
-
-def channel_stats(images: torch.Tensor) -> tuple[Sequence[float], Sequence[float]]:
-    """Per-channel mean and std in [0, 1] of uint8 ``[N, C, H, W]`` images."""
-    x = images.float().div_(255).transpose(0, 1).flatten(1)  # [C, N*H*W]
-    return tuple(x.mean(1).tolist()), tuple(x.std(1).tolist())
+    try:
+        n, bad = verify(args.folder)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if bad:
+        print("\n".join(bad))
+        print(f"{args.folder}: {len(bad)} of {n} images cannot be decoded", file=sys.stderr)
+        return 1
+    print(f"{args.folder}: every image decodes ({n} checked)")
+    return 0
 
 
 if __name__ == "__main__":

@@ -64,6 +64,27 @@ def test_missing_data_says_where_it_looked_and_how_to_fix(tmp_path, monkeypatch)
     assert "data.FashionMNIST.root" in msg
 
 
+def test_check_returns_the_pretraining_count(tmp_path):
+    write_fake_fmnist(tmp_path)
+    assert FashionMNIST(root=str(tmp_path), download=False, pretrain_size=50).check() == 50
+    assert FashionMNIST(root=str(tmp_path), download=False).check() == 120
+    with pytest.raises(DataError, match=r"data.FashionMNIST.pretrain_size = 0"):
+        FashionMNIST(root=str(tmp_path), download=False, pretrain_size=0).check()
+
+
+def test_check_on_missing_or_broken_files_names_the_gin_key(tmp_path, monkeypatch):
+    monkeypatch.setattr("harness.data.SYSTEM_DIRS", (str(tmp_path / "nowhere"),))
+    monkeypatch.delenv("SSLBENCH_DATA", raising=False)
+    with pytest.raises(DataError) as err:
+        FashionMNIST(root=str(tmp_path / "empty"), download=False).check()
+    assert str(tmp_path / "empty") in str(err.value) and "data.FashionMNIST.root" in str(err.value)
+    write_fake_fmnist(tmp_path / "broken")
+    test_images = tmp_path / "broken" / "t10k-images-idx3-ubyte.gz"
+    test_images.write_bytes(test_images.read_bytes()[:40])  # a cut-off download; the train files are intact
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte.gz: .*bind `data.FashionMNIST.root`"):
+        FashionMNIST(root=str(tmp_path / "broken"), download=False).check()
+
+
 @pytest.mark.skipif(not fmnist_available(), reason="Fashion-MNIST IDX files absent (apt-get install dataset-fashion-mnist)")
 def test_real_fashion_mnist_files():
     ds = FashionMNIST(download=False)
@@ -150,3 +171,48 @@ def test_captioned_prompts_name_each_image_class_deterministically(tmp_path):
     assert ds.name == "fashion_mnist" and ds.split("test").captions is not None
     with pytest.raises(ValueError, match="data.Captioned.templates"):
         Captioned(dataset=ds, templates=["no slot"])
+
+
+def test_test_labels_unknown_to_train_name_the_csv_line_and_label(tmp_path):
+    from harness.data import ImageCaptions
+    train = write_caption_csv(tmp_path / "train", [("a cat", "cat"), ("a dog", "dog")])
+    test = write_caption_csv(tmp_path / "test", [("a dog", "dog"), ("a cat", "cat"), ("a cow", "cow")])
+    ds = ImageCaptions(csv=str(train), test_csv=str(test), load_size=8)
+    assert ds.split("train").classes == ["cat", "dog"]
+    with pytest.raises(DataError) as err:
+        ds.split("test")
+    msg = str(err.value)
+    assert f"{test}, line 4: label 'cow'" in msg and str(train) in msg and "Fix: add images labelled 'cow'" in msg
+    with pytest.raises(DataError, match="line 4: label 'cow'"):
+        ImageCaptions(csv=str(train), test_csv=str(test), load_size=8).check()
+    subset = write_caption_csv(tmp_path / "subset", [("a dog", "dog"), ("a dog", "dog")])  # a test missing cat
+    ds = ImageCaptions(csv=str(train), test_csv=str(subset), load_size=8)
+    assert ds.split("test").classes == ["cat", "dog"] and ds.split("test").labels.tolist() == [1, 1]
+    unlabelled = write_caption_csv(tmp_path / "web", [("one", None), ("two", None)], header="image,caption")
+    ds = ImageCaptions(csv=str(unlabelled), test_csv=str(test), load_size=8)  # web pairs: the classes are the test's
+    assert ds.split("test").classes == ["cat", "cow", "dog"] and ds.split("train").classes == ["cat", "cow", "dog"]
+
+
+def test_caption_data_check_counts_and_names_the_gin_key(tmp_path):
+    from harness.data import Captioned, ImageCaptions
+    path = write_caption_csv(tmp_path, [(f"photo {i}", None) for i in range(5)], header="image,caption")
+    assert ImageCaptions(csv=str(path), load_size=8, pretrain_size=3).check() == 3
+    with pytest.raises(DataError, match=r"caption CSV not found: .*nope.csv\. Fix: bind `data.ImageCaptions.test_csv`"):
+        ImageCaptions(csv=str(path), test_csv=str(tmp_path / "nope.csv")).check()
+    with pytest.raises(DataError, match="need labelled images"):  # captions from class names of unlabelled pairs
+        Captioned(dataset=ImageCaptions(csv=str(path), load_size=8)).check()
+    write_fake_fmnist(tmp_path / "fmnist")
+    fmnist = FashionMNIST(root=str(tmp_path / "fmnist"), download=False, pretrain_size=50)
+    assert Captioned(dataset=fmnist).check() == 50
+
+
+def test_warnings_for_unlabelled_and_one_class_splits(tmp_path):
+    from harness.data import ImageCaptions, warnings_for
+    path = write_caption_csv(tmp_path / "web", [("one", None), ("two", None)], header="image,caption")
+    (warning,) = warnings_for(ImageCaptions(csv=str(path)).split("train"))
+    assert "no labels" in warning
+    path = write_caption_csv(tmp_path / "cats", [("a cat", "cat"), ("another cat", "cat")])
+    (warning,) = warnings_for(ImageCaptions(csv=str(path)).split("train"))
+    assert warning == "the train split has 1 class ('cat'): every classification accuracy is trivially 100 %"
+    write_fake_fmnist(tmp_path / "fmnist")
+    assert warnings_for(FashionMNIST(root=str(tmp_path / "fmnist"), download=False).split("train")) == []
