@@ -54,7 +54,8 @@ def _rows(run: dict) -> list[dict]:
     row |= {"pretrain_s": timings.get("pretrain_s", np.nan), "eval_s": timings.get("eval_s", np.nan)}
     for key, value in (run.get("swept") or {}).items():
         row[f"swept:{key}"] = value if np.isscalar(value) or value is None else json.dumps(value)
-    row |= {"error": run.get("error"), "log": run.get("log")}
+    warned = run.get("warnings") or []
+    row |= {"error": run.get("error"), "log": run.get("log"), "warning": "; ".join(map(str, warned)) or None}
     metrics = (run.get("metrics") or {}) if row["status"] == "done" else {}
     if not metrics:
         return [row | {"metric": np.nan, "value": np.nan}]
@@ -112,7 +113,7 @@ def load_runs(table_dir: Path) -> pd.DataFrame:
     rows = [row for run in records for row in _rows(run)]
     swept = sorted({key for row in rows for key in row if key.startswith("swept:")})
     as_bound = {c: pd.Series([r.get(c) for r in rows], dtype=object) for c in swept}  # ints stay ints
-    df = pd.DataFrame(rows).assign(**as_bound).reindex(columns=RUN_COLUMNS + swept + ["error", "log"])
+    df = pd.DataFrame(rows).assign(**as_bound).reindex(columns=RUN_COLUMNS + swept + ["error", "log", "warning"])
     df["value"] = pd.to_numeric(df["value"], errors="coerce")
     df = _split_protocols(df)
     df.attrs["skipped"] = len(folders) - len(records)
@@ -158,7 +159,9 @@ def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
     board = board[keys + list(columns) + ["seeds", "cost_s"]]
     by = [f"{m} mean" for m in ([SORT_METRIC] if SORT_METRIC in metrics else metrics[:1])]
     board = board.sort_values(by + ["method"], ascending=[False] * len(by) + [True], kind="stable")
-    board["note"] = ""
+    warned = runs.dropna(subset=["warning"]).groupby(keys, dropna=False)["warning"].first()
+    board["note"] = [("warning: " + warned[k]) if k in warned.index else ""
+                     for k in (board[keys[0]] if len(keys) == 1 else board[keys].itertuples(index=False, name=None))]
     skipped = df[df["status"] == "skipped"].drop_duplicates(keys)  # methods that refused the data
     skipped = skipped[~skipped.set_index(keys).index.isin(board.set_index(keys).index)]
     if not skipped.empty:

@@ -174,3 +174,16 @@ def test_runs_outside_the_tables_plan_stay_out_of_the_means(tmp_path: Path) -> N
     board = collate(table)
     assert board.loc[0, "seeds"] == 2 and board.loc[0, "linear/top1 mean"] == 81.0
     assert "1 run(s) in runs/ belong to other settings" in (table / "leaderboard.md").read_text()
+
+
+def test_a_runs_warning_is_shown_beside_its_numbers(tmp_path: Path) -> None:
+    table_dir = tmp_path / "table1"
+    write_run(table_dir, "s0", "simclr", 0, metrics=metrics(100.0, 100.0))
+    rec = json.loads((table_dir / "runs" / "s0" / "run.json").read_text())
+    rec["warnings"] = ["the train split has 1 class ('a'): every classification accuracy is trivially 100 %"]
+    (table_dir / "runs" / "s0" / "run.json").write_text(json.dumps(rec))
+    write_run(table_dir, "b0", "byol", 0, metrics=metrics(80.0, 70.0))
+    board = collate(table_dir).set_index("method")
+    assert board.loc["simclr", "note"].startswith("warning: the train split has 1 class")
+    assert board.loc["byol", "note"] == ""
+    assert "trivially 100 %" in (table_dir / "leaderboard.md").read_text(encoding="utf-8")

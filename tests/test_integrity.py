@@ -264,3 +264,40 @@ def test_sigterm_to_the_sweep_stops_its_job_and_records_it_interrupted(tmp_path)
     assert rec["status"] == "interrupted" and "interrupted" in rec["error"]
     time.sleep(1)
     assert not store.pid_alive(pid)  # the job did not outlive its sweep
+
+
+@pytest.mark.slow
+def test_a_job_killed_by_sigkill_is_recorded_interrupted_not_running(tmp_path):
+    write_fake_fmnist(tmp_path / "data", n_train=300, n_test=100)
+    cmd = [sys.executable, "-m", "harness.sweep", TABLE, "gin/scale/smoke.gin", "--only", "supervised",
+           "--bind", "table.Table.seeds = [0]", "--bind", "trainer.Trainer.max_steps = 100000",
+           "--bind", f"data.FashionMNIST.root = '{tmp_path / 'data'}'", "--bind", "data.FashionMNIST.download = False",
+           "--results", str(tmp_path / "results")]
+    sweep_proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "results" / "pretrain").glob("*/log.jsonl")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(2)  # a few progress-bar updates in the job's output
+    (path,) = (tmp_path / "results" / "table1" / "runs").glob("*/run.json")
+    os.kill(json.loads(path.read_text())["pid"], signal.SIGKILL)
+    out, err = sweep_proc.communicate(timeout=120)
+    assert sweep_proc.returncode == 1, err[-2000:]
+    rec = json.loads(path.read_text())
+    assert rec["status"] == "interrupted" and rec["error"].startswith("killed"), rec["error"]
+    md = (tmp_path / "results" / "table1" / "leaderboard.md").read_text()
+    assert "interrupted" in md and "still running" not in md and "it/s" not in md
+
+
+def test_a_single_class_dataset_is_warned_about(capsys, tmp_path):
+    from tests.test_imagefolder import write_tree
+    write_tree(tmp_path / "data", classes=("cat",), per_class=40)
+    rc, out = run(capsys, TABLE, "gin/scale/smoke.gin", "gin/launch/inprocess.gin", "--only", "random",
+                  "--bind", "table.Table.seeds = [0]", "--bind", "job.run.evaluations = [@knn.KNN()]",
+                  "--bind", "job.run.dataset = @data.ImageFolder()", "--bind", f"data.ImageFolder.root = '{tmp_path / 'data'}'",
+                  "--bind", "data.ImageFolder.load_size = 32", "--bind", "data.ImageFolder.pretrain_size = None",
+                  "--bind", "trainer.Trainer.batch_size = 16", "--results", str(tmp_path / "results"))
+    assert rc == 0, out
+    rec = _record(tmp_path)[1]
+    assert rec["metrics"]["knn/top1@20"] == 100.0
+    assert rec["warnings"] and "1 class" in rec["warnings"][0] and "warning: the train split has 1 class" in out
+    assert "trivially 100 %" in (tmp_path / "results" / "table1" / "leaderboard.md").read_text()

@@ -137,3 +137,16 @@ def test_two_tasks_of_one_job_train_data_parallel(slurm_cluster, tmp_path, base)
     one, two = losses(tmp_path / "local"), losses(tmp_path / "results")
     assert len(one) == len(two) == 6
     assert all(abs(a - b) <= 1e-4 * abs(a) for a, b in zip(one, two)), (one, two)
+
+
+def test_a_submission_sbatch_refuses_is_an_error_that_leaves_nothing(slurm_cluster, tmp_path, base):
+    args = [*base, "--only", "pixels", "--bind", "table.Table.seeds = [0]",
+            "--bind", "launch.Slurm.partition = 'no-such-partition'"]
+    proc = sweep(*args)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "sbatch refused the job array" in proc.stderr and "partition" in proc.stderr
+    assert "Fix:" in proc.stderr and "Traceback" not in proc.stderr
+    jobs = tmp_path / "results" / "table1" / "jobs"
+    assert not [p for p in jobs.rglob("*") if p.is_file()]  # no leftover .pkl / .sh
+    assert not list((tmp_path / "results").rglob("queued.json")) and not runs(tmp_path)
+    assert sweep(*args).stderr.splitlines()[-1] == proc.stderr.splitlines()[-1]  # the same on a re-run
