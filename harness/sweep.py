@@ -8,6 +8,7 @@ each one's gin up front (so a typo fails before anything trains), skips runs who
 from __future__ import annotations
 
 import argparse
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -208,6 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DataError, ValueError, launch_lib.LaunchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    created = [d for d in (table_dir, *table_dir.parents) if not d.exists()]  # removed again if nothing launches
     try:
         table_dir.mkdir(parents=True, exist_ok=True)
         probe = table_dir / ".write-test"
@@ -229,6 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         outcomes = launch.launch(todo, table_dir / "jobs") if todo else []
     except launch_lib.LaunchError as err:
         print(f"error: {err}", file=sys.stderr)
+        if created:  # nothing was submitted: leave no folder this command made
+            shutil.rmtree(created[-1], ignore_errors=True)
         return 2
     except KeyboardInterrupt:
         print(f"interrupted: the sweep's running jobs were stopped and recorded as interrupted; run the same "
