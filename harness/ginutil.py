@@ -12,11 +12,15 @@ import inspect
 import pkgutil
 import pprint
 import re
+import tokenize
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import gin
 from gin import config as gin_config
+
+from harness import gincheck
+from harness.gincheck import GinError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GIN_ROOT = REPO_ROOT / "gin"
@@ -25,10 +29,6 @@ GIN_ROOT = REPO_ROOT / "gin"
 _NOT_PRETRAIN_MODULES = ("harness.evals", "harness.table", "harness.launch")
 # ... nor do these parameters of the root.
 _NOT_PRETRAIN_PARAMS = {("job.run", "evaluations")}
-
-
-class GinError(ValueError):
-    """A user error in gin files or bindings; the message names file, key and fix."""
 
 
 def register_all() -> None:
@@ -56,23 +56,33 @@ def method_gin(name: str) -> Path:
 def parse(files: Sequence[str], bindings: Sequence[str] = ()) -> None:
     """Clears gin and parses `files` then `bindings`, later ones overriding earlier ones.
 
+    Before gin sees them, the files and everything they include are checked for include
+    cycles, missing includes and unclosed brackets (gin would recurse forever, or fail with
+    no file named); after parsing, every bound value is checked against its parameter's type.
+
     Raises:
         GinError: with the file, the key and a suggestion when a name is unknown.
     """
     register_all()
     gin.clear_config()
-    gin.add_config_file_search_path(str(REPO_ROOT))
+    if str(REPO_ROOT) not in gin_config._LOCATION_PREFIXES:  # noqa: SLF001 - parse() runs once per planned run
+        gin.add_config_file_search_path(str(REPO_ROOT))
     for f in files:
         if not Path(f).is_file() and not (REPO_ROOT / f).is_file():
             raise GinError(f"gin file not found: {f} (paths are relative to the current folder or {REPO_ROOT})")
+    paths = [f if Path(f).is_file() else str(REPO_ROOT / f) for f in files]
+    gincheck.check_files(list(zip(files, paths)), bindings)
     current = "--bind"
     try:
-        for current in files:
-            gin.parse_config_file(current if Path(current).is_file() else str(REPO_ROOT / current))
+        for current, path in zip(files, paths):
+            gin.parse_config_file(path)
         current = "--bind"
         gin.parse_config(list(bindings))
-    except (ValueError, SyntaxError, KeyError, ImportError, ModuleNotFoundError) as err:
+    except tokenize.TokenError as err:  # files are checked above, so this is a --bind string
+        raise GinError(gincheck.unclosed_binding(bindings, err)) from err
+    except (ValueError, SyntaxError, KeyError, ImportError, ModuleNotFoundError, OSError) as err:
         raise GinError(f"{current}: {_explain(err)}") from err
+    gincheck.check_types(list(zip(files, paths)), bindings)
 
 
 def _explain(err: Exception) -> str:

@@ -48,6 +48,10 @@ def plan(gin_files: Sequence[str], bindings: Sequence[str], only: Sequence[str] 
         table = Table()
     except ValueError as err:
         raise ginutil.GinError(f"{' '.join(gin_files)}: {err}") from err
+    except RuntimeError as err:  # gin: a required binding (table.Table.methods) is missing
+        raise ginutil.GinError(f"{' '.join(gin_files)}: not a table: no file binds table.Table.methods. Fix: start "
+                               "with a table file (e.g. gin/table1.gin), or bind table.Table.methods = ['simclr']"
+                               ) from err
     table.name = table.name or Path(gin_files[0]).stem
     methods = table.methods
     if only is not None:
@@ -235,8 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(created[-1], ignore_errors=True)
         return 2
     except KeyboardInterrupt:
-        print(f"interrupted: the sweep's running jobs were stopped and recorded as interrupted; run the same "
-              f"command again to resume them", file=sys.stderr)
+        print("interrupted: the sweep's running jobs were stopped and recorded as interrupted; run the same "
+              "command again to resume them", file=sys.stderr)
         collate.collate(table_dir)
         return 130
     finally:
