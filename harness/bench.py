@@ -75,12 +75,12 @@ def methods(names: Sequence[str], table_files: Sequence[str] = ("gin/table1.gin"
     from harness import job
     from harness.trainer import Trainer, batch_indices
     from methods.base import Batch, Unsupported
-    if not names:
-        ginutil.parse(list(table_files))
-        names = ginutil.reference("table.Table")().methods
+    ginutil.parse(list(table_files))
+    table = ginutil.reference("table.Table")()
+    names = names or table.methods
     rows = []
     for name in names:
-        ginutil.parse([str(ginutil.method_gin(name)), *table_files])
+        ginutil.parse(ginutil.run_files(name, table.scale, table_files))
         dataset = ginutil.reference("job.run.dataset")
         data = dataset.split("pretrain")
         try:

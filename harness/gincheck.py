@@ -303,9 +303,14 @@ def check_types(files: Sequence[tuple[str, str]], bindings: Sequence[str]) -> No
 
 
 def _binding_source(files: Sequence[tuple[str, str]], bindings: Sequence[str], key: tuple[str, str, str]) -> str:
-    """The file and line (or ``--bind`` string) whose binding of `key` (``(scope, selector, param)``, or
-    ``(NAME, "gin.macro", "value")`` for a macro) gin applied last."""
-    found = "a gin file or --bind"
+    """The file and line (or ``--bind`` string) whose binding of `key` gin applied last."""
+    return (binding_sources(files, bindings, key) or ["a gin file or --bind"])[-1]
+
+
+def binding_sources(files: Sequence[tuple[str, str]], bindings: Sequence[str], key: tuple[str, str, str]) -> list[str]:
+    """Every file and line (or ``--bind`` string) that binds `key` (``(scope, selector, param)``, or
+    ``(NAME, "gin.macro", "value")`` for a macro), in the order gin applies them: the last one wins."""
+    found: list[str] = []
 
     def statements(source: object) -> Iterable:
         try:
@@ -323,7 +328,6 @@ def _binding_source(files: Sequence[tuple[str, str]], bindings: Sequence[str], k
         return (*pbk.config_key, pbk.arg_name) == key
 
     def visit(shown: str, path: str) -> None:
-        nonlocal found
         with open(path, encoding="utf-8", errors="replace") as f:
             for st in statements(f):
                 if isinstance(st, config_parser.IncludeStatement):
@@ -331,11 +335,11 @@ def _binding_source(files: Sequence[tuple[str, str]], bindings: Sequence[str], k
                     if resolved:
                         visit(st.filename, resolved)
                 elif isinstance(st, config_parser.BindingStatement) and matches(st):
-                    found = f"{shown}, line {st.location.line_num}"
+                    found.append(f"{shown}, line {st.location.line_num}")
 
     for shown, path in files:
         visit(shown, path)
     for b in bindings:
         if any(isinstance(st, config_parser.BindingStatement) and matches(st) for st in statements(b)):
-            found = f"--bind {b!r}"
+            found.append(f"--bind {b!r}")
     return found

@@ -53,6 +53,41 @@ def method_gin(name: str) -> Path:
     return path
 
 
+BASE_GIN = GIN_ROOT / "base.gin"
+SCALE_ROOT = GIN_ROOT / "scale"
+
+
+def scale_gin(scale: str) -> Path:
+    """``gin/scale/<scale>.gin``; an unknown scale gets the known ones."""
+    path = SCALE_ROOT / f"{scale}.gin"
+    if not path.is_file():
+        known = sorted(p.stem for p in SCALE_ROOT.glob("*.gin"))
+        raise GinError(f"table.Table.scale = {scale!r}: no file {path}. Fix: bind one of {', '.join(known)}, or add "
+                       f"gin/scale/{scale}.gin")
+    return path
+
+
+def run_files(method: str, scale: str, files: Sequence[str] = ()) -> list[str]:
+    """The gin files of one run, in the order they are parsed (later ones override):
+
+    defaults (``gin/base.gin``: the wiring) -> the method's paper settings
+    (``gin/methods/<method>.gin``) -> the scale (``gin/scale/<scale>.gin``) -> the method's
+    shrink for that scale (``gin/scale/<scale>/<method>.gin``, when it exists) -> `files`
+    (the table and what follows it on the command line: launcher, overlays); ``--bind``
+    strings come last. A scale file among `files` (an overlay such as ``gin/scale/smoke.gin``)
+    is followed by its own ``<method>.gin`` too.
+    """
+    def with_shrink(scale_file: Path) -> list[str]:
+        shrink = scale_file.with_suffix("") / f"{method}.gin"
+        return [str(scale_file), *([str(shrink)] if shrink.is_file() else [])]
+
+    out = [str(BASE_GIN), str(method_gin(method)), *with_shrink(scale_gin(scale))]
+    for f in files:
+        path = Path(f) if Path(f).is_file() else REPO_ROOT / f
+        out += with_shrink(path.resolve()) if path.resolve().parent == SCALE_ROOT else [f]
+    return out
+
+
 def parse(files: Sequence[str], bindings: Sequence[str] = ()) -> None:
     """Clears gin and parses `files` then `bindings`, later ones overriding earlier ones.
 
@@ -101,6 +136,29 @@ def _explain(err: Exception) -> str:
         msg += f"\nFix: did you mean {', '.join(close)}? " if close else "\nFix: "
         msg += f"{selector} takes {', '.join(n for n in names if n not in ('self', 'args', 'kwargs'))}."
     return msg
+
+
+def explain(key: str, files: Sequence[str], bindings: Sequence[str] = ()) -> str:
+    """``KEY = value`` as the parsed run resolves it, and every file and line that binds it, the
+    last one winning (``python -m harness.sweep ... --dry-run --explain KEY``); call after `parse`."""
+    shown = [f if Path(f).is_file() else str(REPO_ROOT / f) for f in files]
+    rel = [(str(Path(f).resolve().relative_to(REPO_ROOT)) if Path(f).resolve().is_relative_to(REPO_ROOT) else f, f)
+           for f in shown]
+    if "." not in key.rsplit("/", 1)[-1]:  # a macro
+        target, value = (key, "gin.macro", "value"), gin_config._CONFIG.get((key, "gin.macro"), {}).get("value")  # noqa: SLF001
+    else:
+        scoped, param = key.rsplit(".", 1)
+        try:
+            pbk = gin_config.ParsedBindingKey.parse((scoped.rpartition("/")[0], scoped.rpartition("/")[2], param))
+        except (ValueError, KeyError) as err:
+            raise GinError(f"--explain {key}: {_explain(err)}") from err
+        target = (*pbk.config_key, pbk.arg_name)
+        value = gin_config._CONFIG.get(pbk.config_key, {}).get(pbk.arg_name)  # noqa: SLF001
+    where = gincheck.binding_sources(rel, bindings, target)
+    if not where:
+        return f"{key}: bound by no file or --bind (the code's default holds)"
+    overridden = f"; overrides {', '.join(where[:-1])}" if len(where) > 1 else ""
+    return f"{key} = {_value(value)}   (set by {where[-1]}{overridden})"
 
 
 def reference(key: str) -> object:

@@ -69,18 +69,18 @@ def plan(gin_files: Sequence[str], bindings: Sequence[str], only: Sequence[str] 
     files = [str(Path(f).resolve()) if Path(f).is_file() else f for f in gin_files]
     point_ids: dict[str, dict[tuple, str]] = {}
     for method in methods:
-        mfile = str(ginutil.method_gin(method))
+        run_files = tuple(ginutil.run_files(method, table.scale, files))
         for seed in table.seeds:
             for point in table.points():
                 binds = (f"job.run.seed = {seed}", *(f"{k} = {v}" for k, v in point), *bindings)
-                ginutil.parse([mfile, *files], binds)
+                ginutil.parse(run_files, binds)
                 pre, run = ginutil.ids()
                 if seed == table.seeds[0]:
                     point_ids.setdefault(method, {})[point] = run
                 if run in seen:
                     continue
                 seen.add(run)
-                specs.append(RunSpec(table=table.name, method=method, seed=seed, gin_files=(mfile, *files),
+                specs.append(RunSpec(table=table.name, method=method, seed=seed, gin_files=run_files,
                                      bindings=binds, results=str(Path(results).resolve()), swept=point,
                                      run_id=run, pretrain_id=pre))
                 _facts[run] = _run_facts()
@@ -181,6 +181,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="list the runs and whether they are done; train nothing")
     ap.add_argument("--status", action="store_true", help="print each run's state (store and squeue); run nothing")
     ap.add_argument("--results", default="results", help="results root; the table lands in <root>/<table>/")
+    ap.add_argument("--explain", action="append", default=[], metavar="KEY",
+                    help="with --dry-run: for each run, the value of KEY (e.g. trainer.Trainer.batch_size) and "
+                         "the file and line that set it")
     args = ap.parse_args(argv)
     only = [m.strip() for m in args.only.split(",") if m.strip()] if args.only is not None else None
     notes: list[str] = []
@@ -205,6 +208,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         for s, state, detail in states:
             extra = (dict(s.swept) or "") if args.dry_run else detail
             print(f"{s.method:<14} {s.seed:>4}  {s.run_id:<12}  {s.pretrain_id:<12}  {state:<11} {extra}")
+            if args.explain:
+                ginutil.parse(s.gin_files, s.bindings)
+                try:
+                    for key in args.explain:
+                        print(f"    {ginutil.explain(key, s.gin_files, s.bindings)}")
+                except ginutil.GinError as err:
+                    print(f"error: {err}", file=sys.stderr)
+                    return 2
         return 0
     try:  # what can be checked before any job starts: the data, batch sizes, the launcher
         preflight(todo)

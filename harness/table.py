@@ -21,10 +21,14 @@ class Table:
         sweep: gin keys to values, e.g. ``{"trainer.Trainer.epochs": [10, 20]}``; every
             combination is run.
         name: the table's name (results folder); defaults to the first gin file's stem.
+        scale: the scale its runs are parsed at: ``gin/scale/<scale>.gin``, then the method's
+            ``gin/scale/<scale>/<method>.gin`` when it exists, both after the method's paper
+            settings and before the table's files (`harness.ginutil.run_files`).
     """
 
     def __init__(self, methods: Sequence[str] = gin.REQUIRED, seeds: Sequence[int] = (0, 1),
-                 sweep: Mapping[str, Sequence[Any]] | None = None, name: str | None = None):
+                 sweep: Mapping[str, Sequence[Any]] | None = None, name: str | None = None,
+                 scale: str = "embedded"):
         if isinstance(methods, str) or not methods:
             raise ValueError("table.Table.methods must be a non-empty list of method names, e.g. ['simclr']")
         if isinstance(seeds, (str, int)) or not seeds:
@@ -33,7 +37,7 @@ class Table:
         if len(set(seeds)) != len(seeds):
             raise ValueError(f"table.Table.seeds = {list(seeds)!r} repeats a seed; each seed is one run. Fix: list "
                              "each seed once")
-        self.methods, self.seeds, self.name = list(methods), [int(s) for s in seeds], name
+        self.methods, self.seeds, self.name, self.scale = list(methods), [int(s) for s in seeds], name, scale
         self.sweep = {k: list(v) for k, v in (sweep or {}).items()}
         for k, v in self.sweep.items():
             if "." not in k or not v:

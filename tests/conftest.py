@@ -66,7 +66,7 @@ def tiny_colour_data() -> ImageSet:
 
 def parse_method(name: str, *bindings: str) -> None:
     """Parses a method's gin file at the embedded scale with the tiny test network."""
-    ginutil.parse([str(REPO / "gin" / "methods" / f"{name}.gin"), "gin/scale/embedded.gin"], [*TINY, *bindings])
+    ginutil.parse(ginutil.run_files(name, "embedded"), [*TINY, *bindings])
 
 
 def _slurm_can_start() -> str | None:

@@ -339,7 +339,7 @@ def test_runs_without_protocol_records_stay_apart_from_recorded_ones(tmp_path):
 
 def _external(tmp_path: Path, state: dict, *bindings: str):
     torch.save(state, tmp_path / "state.pt")
-    ginutil.parse([str(REPO / "gin" / "methods" / "external.gin"), "gin/scale/embedded.gin"],
+    ginutil.parse(ginutil.run_files("external", "embedded"),
                   [*TINY, f"external.External.path = '{tmp_path / 'state.pt'}'", *bindings])
     return job.build(ginutil.reference("job.run.method"), ginutil.reference("job.run.views"), make_images(), 0)
 
@@ -378,7 +378,7 @@ def test_external_adapts_an_rgb_classifier_checkpoint_and_names_a_misfit(tmp_pat
     with pytest.raises(ValueError, match=misfit):
         _external(tmp_path, backbone_lib.create("resnet18", in_chans=1).state_dict())
     with pytest.raises(ValueError, match="external.External.path is not bound"):
-        ginutil.parse([str(REPO / "gin" / "methods" / "external.gin"), "gin/scale/embedded.gin"], TINY)
+        ginutil.parse(ginutil.run_files("external", "embedded"), TINY)
         job.build(ginutil.reference("job.run.method"), ginutil.reference("job.run.views"), make_images(), 0)
 
 
