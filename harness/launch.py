@@ -13,6 +13,7 @@ is done: ``run.json`` files, plus ``squeue`` for what is queued.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -34,6 +35,9 @@ class Job(submitit.helpers.Checkpointable):
     """The callable submitit pickles: it receives only the RunSpec's JSON string."""
 
     def __call__(self, spec_json: str) -> dict:
+        # A sweep started in the background of a non-interactive shell passes SIGINT on as
+        # ignored; the job must still stop (and record itself interrupted) when cancelled.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         sig = submitit.JobEnvironment._usr_sig()  # noqa: SLF001 - the signal submitit preempts with
         signal.signal(sig, trainer.defer_while_training(signal.getsignal(sig)))
         return job.execute(RunSpec.from_json(spec_json))
@@ -124,14 +128,57 @@ class Local:
                         results.append((spec, err))
         except KeyboardInterrupt:
             for _, j in running:  # local jobs must not outlive the sweep that started them
-                j.cancel(check=False)  # SIGINT: the job records itself as interrupted
+                _signal_job(j, signal.SIGINT)  # each task records itself as interrupted
             deadline = time.monotonic() + 15
             while any(not j.done() for _, j in running) and time.monotonic() < deadline:
                 time.sleep(0.2)
+            for _, j in running:  # a job that did not stop (submitit's tasks ignore SIGTERM): killed
+                if not j.done():
+                    _signal_job(j, signal.SIGKILL)
+                    j._process.wait(timeout=10)  # noqa: SLF001 - submitit keeps the Popen there
             for spec, _ in running:
                 mark_interrupted(spec, "interrupted: the sweep was stopped (SIGINT or SIGTERM)")
             raise
         return results
+
+
+def _signal_job(job: submitit.Job, signum: int) -> None:
+    """Sends `signum` to a local job's controller and every process below it (submitit's
+    controller forwards no SIGINT when it inherited SIGINT ignored, e.g. from `sweep &`), and
+    for SIGKILL waits until they are gone, so their locks are free."""
+    proc = job._process  # noqa: SLF001 - submitit's LocalJob keeps its Popen here
+    if proc is None:
+        return
+    pids = [*_descendants(proc.pid), proc.pid]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+    deadline = time.monotonic() + 10
+    while signum == signal.SIGKILL and time.monotonic() < deadline and any(_running(p) for p in pids):
+        time.sleep(0.1)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a zombie has released its locks)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return store.pid_alive(pid) if not Path("/proc").is_dir() else False
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc), children first; empty where /proc is absent."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = parents.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
 
 
 _PROGRESS = re.compile(r"(\d+%\|)|(\d+(\.\d+)?(it/s|s/it)\])|(^\s*[\w/]+:\s+\d+%)")

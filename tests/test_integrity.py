@@ -249,7 +249,10 @@ def test_sigterm_to_the_sweep_stops_its_job_and_records_it_interrupted(tmp_path)
            "--bind", "table.Table.seeds = [0]", "--bind", "trainer.Trainer.max_steps = 100000",
            "--bind", f"data.FashionMNIST.root = '{tmp_path / 'data'}'", "--bind", "data.FashionMNIST.download = False",
            "--results", str(tmp_path / "results")]
-    sweep_proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # As from `cmd &` in a script: the sweep and its jobs inherit SIGINT ignored, so a job stops
+    # only because the harness restores SIGINT's handler (or, failing that, kills it).
+    sweep_proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     log = tmp_path / "results" / "pretrain"
     deadline = time.monotonic() + 300
     while not list(log.glob("*/log.jsonl")) and time.monotonic() < deadline:  # training has started
