@@ -5,7 +5,6 @@ method's gin file binds its method and views; everything else is a ``@reference`
 """
 from __future__ import annotations
 
-import inspect
 import os
 import shutil
 import socket
@@ -23,13 +22,14 @@ from harness import data as data_lib
 from harness import ginutil, store
 from harness import trainer as trainer_lib
 from harness.data import ImageSet
+from harness.errors import Unsupported
 from harness.evals import Context
 from harness.evals import protocol as protocol_lib
 from harness.evals.features import FrozenFeatures
 from harness.runspec import RunSpec
 from harness.trainer import Trainer
 from harness.views import Views
-from methods.base import Method, Unsupported
+from methods.base import DataInfo, Method, build_method
 
 
 def _log_path() -> str | None:
@@ -40,25 +40,14 @@ def _log_path() -> str | None:
         return None
 
 
-def _build_method(method: Callable[..., Method], net: nn.Module, data: ImageSet) -> Method:
-    """Calls the method's constructor with the backbone. A constructor that takes one of
-    these gets the pretraining data's: ``num_classes`` (supervised), ``num_images`` (memory
-    banks), ``channels`` (colour-only methods raise `methods.base.Unsupported` on 1),
-    ``captions`` (image-text methods; one string per image, or None), ``mean``/``std`` (the
-    views' normalisation, for methods that need pixel values back: colorization)."""
-    params = inspect.signature(method).parameters
-    given = {"num_classes": len(data.classes), "num_images": len(data), "channels": data.channels,
-             "captions": getattr(data, "captions", None), "mean": data.mean, "std": data.std}
-    return method(net, **{k: v for k, v in given.items() if k in params})
-
-
 def build(method: Callable[..., Method], views: Callable[..., Views], data: ImageSet,
           seed: int) -> tuple[Method, Views]:
     """The method on a freshly initialised backbone (initialisation depends on `seed` only),
-    and the views normalised with the data's statistics."""
+    built with the facts of `data` (``method(backbone, data=DataInfo.of(data))``,
+    `methods.base.build_method`), and the views normalised with the data's statistics."""
     torch.manual_seed(seed)
     net = backbone_lib.create(in_chans=data.channels)
-    return _build_method(method, net, data), views(mean=data.mean, std=data.std)
+    return build_method(method, net, DataInfo.of(data)), views(mean=data.mean, std=data.std)
 
 
 _NOT_ARTEFACTS = {"checkpoint.pt", "log.jsonl", "config.gin", "pretrain.json", ".lock", ".run.lock"}
@@ -130,7 +119,7 @@ def run(spec: RunSpec, method: Callable[..., Method] = gin.REQUIRED, dataset=gin
 
     Args:
         spec: the run's strings (ids, table, results root).
-        method: the method's class, e.g. ``@simclr.SimCLR``; called with the backbone.
+        method: the method's class, e.g. ``@simclr.SimCLR``; called as ``(backbone, data=DataInfo)``.
         dataset: e.g. ``@data.FashionMNIST()``.
         views: e.g. ``@views.Views``; called with the dataset's mean and std.
         trainer: e.g. ``@trainer.Trainer()``.

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import Batch, Method, mlp
+from methods.base import Batch, DataInfo, Method, mlp
 
 
 def _uniform(b: int, lo: float, hi: float, device: torch.device) -> torch.Tensor:
@@ -181,6 +181,7 @@ class AET(Method):
 
     Args:
         backbone: the shared timm encoder.
+        data: the pretraining data's facts (`DataInfo`): unused.
         transformation: ``affine`` (6 entries) or ``projective`` (8 entries).
         objective: ``mse`` (AET), ``geodesic`` (AETv2) or ``variational`` (AVT).
         hidden_dim: decoder hidden width; 0 for a linear decoder (AET's CIFAR code).
@@ -189,8 +190,8 @@ class AET(Method):
         shift, projective_scale: projective ranges (`projective_matrices`).
     """
 
-    def __init__(self, backbone: nn.Module, transformation: str = "projective", objective: str = "mse",
-                 hidden_dim: int = 0, stretch_weight: float = 1.0, rotation: float = 180.0,
+    def __init__(self, backbone: nn.Module, data: DataInfo, *, transformation: str = "projective",
+                 objective: str = "mse", hidden_dim: int = 0, stretch_weight: float = 1.0, rotation: float = 180.0,
                  translation: float = 0.2, affine_scale: tuple[float, float] = (0.7, 1.3), shear: float = 30.0,
                  shift: float = 0.125, projective_scale: tuple[float, float] = (0.8, 1.2)):
         super().__init__(backbone)

@@ -28,14 +28,14 @@ Corruptions act on the normalised view the network sees:
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable
 
 import gin
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import Batch, Method
+from methods.base import Batch, DataInfo, Method
 from methods.decoder import Decoder, feature_map_shape
 
 NOISES = ("masking", "gaussian", "salt_and_pepper")
@@ -77,33 +77,28 @@ class AutoEncoder(Method):
 
     Args:
         backbone: the shared timm encoder.
-        channels: image channels (the job passes the data's).
+        data: the pretraining data's facts (`DataInfo`): ``channels`` (the decoder's output);
+            ``mean``, ``std`` (the views' normalisation: black and white for salt-and-pepper noise).
         image_size: side of the views (``%IMAGE_SIZE``).
         decoder: the decoder's constructor, e.g. ``@decoder.Decoder``.
         noise: None (plain autoencoder), ``masking``, ``gaussian`` or ``salt_and_pepper``.
         noise_level: ν (fraction of pixels) or σ (gaussian).
-        mean: per-channel mean of the views' normalisation (salt-and-pepper only).
-        std: per-channel std of the views' normalisation (salt-and-pepper only).
     """
 
-    def __init__(self, backbone: nn.Module, channels: int = 3, image_size: int = gin.REQUIRED,
-                 decoder: Callable[..., nn.Module] = Decoder, noise: str | None = None, noise_level: float = 0.25,
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+    def __init__(self, backbone: nn.Module, data: DataInfo, *, image_size: int = gin.REQUIRED,
+                 decoder: Callable[..., nn.Module] = Decoder, noise: str | None = None, noise_level: float = 0.25):
         super().__init__(backbone)
         if noise is not None and noise not in NOISES:
             raise ValueError(f"autoencoder.AutoEncoder.noise = {noise!r}: use one of {', '.join(NOISES)} or None")
         self.noise, self.noise_level = noise, noise_level
-        if noise == "salt_and_pepper":
-            if mean is None or std is None:
-                raise ValueError("autoencoder.AutoEncoder.noise = 'salt_and_pepper' needs the views' normalisation "
-                                 "(mean, std) to know black and white; the job passes the data's")
-            m, s = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+        if noise == "salt_and_pepper":  # black and white in the views' normalisation
+            m, s = torch.tensor(data.mean, dtype=torch.float32), torch.tensor(data.std, dtype=torch.float32)
             self.register_buffer("black", (0 - m) / s, persistent=False)  # [C]
             self.register_buffer("white", (1 - m) / s, persistent=False)
         else:
             self.black = self.white = None
-        c, h = feature_map_shape(backbone, channels, image_size)
-        self.decoder = decoder(in_channels=c, out_channels=channels, in_size=h, out_size=image_size)
+        c, h = feature_map_shape(backbone, data.channels, image_size)
+        self.decoder = decoder(in_channels=c, out_channels=data.channels, in_size=h, out_size=image_size)
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         x = batch.views[0]  # [B, C, S, S], the clean target

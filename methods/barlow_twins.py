@@ -26,7 +26,7 @@ import gin
 import torch
 from torch import nn
 
-from methods.base import Batch, Method
+from methods.base import Batch, DataInfo, Method
 
 
 def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float, eps: float = 1e-5) -> torch.Tensor:
@@ -56,13 +56,14 @@ class BarlowTwins(Method):
 
     Args:
         backbone: the shared timm encoder.
+        data: the pretraining data's facts (`DataInfo`): unused.
         proj_dim: width of the projector's three Linear layers (paper: 8192).
         lambd: off-diagonal weight lambda (paper: 5e-3).
         bias_lr_ratio: lr of biases and norm parameters relative to the weights'
             (paper: 0.0048 / 0.2); 1 leaves them at the weights' lr.
     """
 
-    def __init__(self, backbone: nn.Module, proj_dim: int = 8192, lambd: float = 5e-3,
+    def __init__(self, backbone: nn.Module, data: DataInfo, *, proj_dim: int = 8192, lambd: float = 5e-3,
                  bias_lr_ratio: float = 0.0048 / 0.2):
         super().__init__(backbone)
         dims = [backbone.num_features, proj_dim, proj_dim]

@@ -1,21 +1,61 @@
 """The Method seam (DESIGN.md): a module that owns its heads and state, and a loss.
 
-The trainer owns devices, precision, optimizers and schedules; a method only says
-what its loss is and what to update after each step (EMA, queues, banks).
+The contract: the job builds every method the same way, ``method(backbone, data=DataInfo.of(split))``
+(`build_method`), where ``method`` is the gin-configured class. Its constructor is
+``__init__(self, backbone, data: DataInfo, *, <settings>)``: the shared timm encoder, the
+facts of the pretraining data (one frozen `DataInfo`, whether it reads them or not), and
+the paper's settings as keyword arguments, the only parameters gin binds.
+
+A method only says what its loss is and what to update after each step (EMA, queues,
+banks). Everything else belongs to the trainer (`harness.trainer`): the device and data
+parallelism, the optimizer and its learning-rate schedule (`harness.optim`), checkpoints
+and resume. Training runs in float32: there is no mixed precision to choose.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 from torch import nn
 
+from harness.errors import Unsupported
 
-class Unsupported(ValueError):
-    """Raised by a method's constructor when it cannot run on the data (e.g. a colour-only
-    method on grayscale images). The run is recorded as ``skipped`` with this message as
-    the reason, and the leaderboard shows it instead of numbers."""
+if TYPE_CHECKING:
+    from harness.data import ImageSet
+
+__all__ = ["Batch", "DataInfo", "Method", "Unsupported", "build_method", "mlp"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DataInfo:
+    """What a method may know about its pretraining data; the job passes `DataInfo.of` the
+    pretraining split to every method's constructor.
+
+    Attributes:
+        channels: image channels (1 grayscale, 3 RGB); colour-only methods raise
+            `harness.errors.Unsupported` unless 3.
+        num_classes: classes of the data (the supervised baseline's classifier width).
+        num_images: images in the pretraining split (memory banks, queues, pseudo-labels).
+        mean: per-channel mean the views normalise with, in [0, 1] (for methods that need
+            pixel values back: colorization, reconstruction).
+        std: per-channel std the views normalise with.
+        captions: one caption per pretraining image (image-text methods), or None.
+    """
+
+    channels: int
+    num_classes: int
+    num_images: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    captions: tuple[str, ...] | None = None
+
+    @classmethod
+    def of(cls, data: ImageSet) -> DataInfo:
+        """The facts of a dataset split (an `harness.data.ImageSet`)."""
+        return cls(channels=data.channels, num_classes=len(data.classes), num_images=len(data),
+                   mean=tuple(data.mean), std=tuple(data.std),
+                   captions=None if data.captions is None else tuple(data.captions))
 
 
 @dataclasses.dataclass
@@ -44,6 +84,8 @@ class Method(nn.Module):
     pretrain_steps: int | None = None
 
     def __init__(self, backbone: nn.Module):
+        """Subclasses take ``(backbone, data: DataInfo, *, <settings>)`` (the module docstring)
+        and pass the backbone on here."""
         super().__init__()
         self.backbone = backbone
 
@@ -61,6 +103,26 @@ class Method(nn.Module):
     def encoder(self) -> nn.Module:
         """The network evaluated after pretraining (the backbone unless stated)."""
         return self.backbone
+
+
+def build_method(method: Callable[..., Method], backbone: nn.Module, data: DataInfo) -> Method:
+    """The one way a method is built: ``method(backbone, data=data)``; gin has bound its settings.
+
+    Used by the job for the run's method and by `methods.multitask` for each of its tasks.
+
+    Raises:
+        Unsupported: the method cannot run on this data (its reason).
+        TypeError: the constructor does not take ``data`` (it predates this contract).
+    """
+    try:
+        return method(backbone, data=data)
+    except TypeError as err:
+        if "unexpected keyword argument 'data'" not in str(err):
+            raise
+        name = getattr(method, "__qualname__", None) or getattr(getattr(method, "func", None), "__qualname__", method)
+        raise TypeError(f"{name} does not take `data`: every method's constructor is "
+                        "__init__(self, backbone, data: methods.base.DataInfo, *, <settings>) "
+                        "(methods/base.py)") from err
 
 
 def mlp(dims: Sequence[int], batch_norm: bool = True, last_bn: bool = False) -> nn.Sequential:

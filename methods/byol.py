@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import Batch, Method, mlp
+from methods.base import Batch, DataInfo, Method, mlp
 
 
 def byol_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
@@ -63,12 +63,13 @@ class BYOL(Method):
 
     Args:
         backbone: the shared timm encoder (the online encoder; exported).
+        data: the pretraining data's facts (`DataInfo`): unused.
         hidden_dim: projector and predictor hidden width (paper: 4096).
         out_dim: projection size (paper: 256).
         base_momentum: tau_base of the target EMA (paper: 0.996).
     """
 
-    def __init__(self, backbone: nn.Module, hidden_dim: int = 4096, out_dim: int = 256,
+    def __init__(self, backbone: nn.Module, data: DataInfo, *, hidden_dim: int = 4096, out_dim: int = 256,
                  base_momentum: float = 0.996):
         super().__init__(backbone)
         self.projector = mlp([backbone.num_features, hidden_dim, out_dim])  # Linear-BN-ReLU-Linear

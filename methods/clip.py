@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness import store
-from methods.base import Batch, Method, Unsupported
+from harness.errors import Unsupported
+from methods.base import Batch, DataInfo, Method
 
 SPECIALS = ("<pad>", "<unk>", "<sot>", "<eot>")  # ids 0-3
 PAD, UNK, SOT, EOT = range(4)
@@ -157,7 +158,8 @@ class CLIP(Method):
 
     Args:
         backbone: the shared timm encoder (the image tower).
-        captions: one caption per pretraining image (the job passes the data's).
+        data: the pretraining data's facts (`DataInfo`): ``captions``, one per pretraining image
+            (`Unsupported` without them).
         embed_dim: joint embedding size (paper: 1024 for ResNet-50, 512 for ViT-B).
         context: tokens per caption (paper: 77).
         text_width: text transformer width (paper: 512).
@@ -168,14 +170,14 @@ class CLIP(Method):
         max_scale: the logit scale is clipped to this (paper: 100).
     """
 
-    def __init__(self, backbone: nn.Module, captions: Sequence[str] | None = None, embed_dim: int = 1024,
-                 context: int = 77, text_width: int = 512, text_layers: int = 12, text_heads: int = 8,
-                 max_words: int = 49152, init_temperature: float = 0.07, max_scale: float = 100.0):
+    def __init__(self, backbone: nn.Module, data: DataInfo, *, embed_dim: int = 1024, context: int = 77,
+                 text_width: int = 512, text_layers: int = 12, text_heads: int = 8, max_words: int = 49152,
+                 init_temperature: float = 0.07, max_scale: float = 100.0):
         super().__init__(backbone)
-        if captions is None:
+        if data.captions is None:
             raise Unsupported("clip needs captions: wrap the dataset in data.Captioned "
                               "(`job.run.dataset = @data.Captioned()`) or use data.ImageCaptions")
-        self.captions = list(captions)
+        self.captions = list(data.captions)
         self.tokenizer = Tokenizer.build(self.captions, max_words)
         self.text_config = {"vocab_size": len(self.tokenizer), "context": context, "width": text_width,
                             "layers": text_layers, "heads": text_heads, "embed_dim": embed_dim}

@@ -21,7 +21,9 @@ from typing import Sequence
 
 import torch
 from torch import nn
-from methods.base import Unsupported
+
+from harness.errors import Unsupported
+from methods.base import DataInfo
 
 # sRGB primaries -> CIE XYZ (D65), and the D65 white point.
 RGB_TO_XYZ = torch.tensor([[0.4124564, 0.3575761, 0.1804375],
@@ -148,15 +150,10 @@ def flat_logits(logits: torch.Tensor) -> torch.Tensor:
     return logits.permute(0, 2, 3, 1).reshape(-1, logits.shape[1])
 
 
-def colour_views(name: str, channels: int, mean: Sequence[float] | None,
-                 std: Sequence[float] | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The views' (mean, std) of a colour-only method, after checking the data suits it:
-    `Unsupported` on non-RGB data (the run is skipped with this reason), ValueError without
-    the normalisation (needed to recover RGB)."""
-    if channels != 3:
-        raise Unsupported(f"{name.split('.')[0]} needs colour (3-channel) images; this dataset has {channels} channel"
-                          + ("s" if channels != 1 else ""))
-    if mean is None or std is None:
-        raise ValueError(f"{name} needs the views' mean and std to recover RGB (harness/job.py passes the "
-                         "pretraining data's)")
-    return tuple(mean), tuple(std)
+def colour_views(name: str, data: DataInfo) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The views' (mean, std) of a colour-only method (to recover RGB), after checking the
+    data suits it: `Unsupported` on non-RGB data (the run is skipped with this reason)."""
+    if data.channels != 3:
+        raise Unsupported(f"{name.split('.')[0]} needs colour (3-channel) images; this dataset has {data.channels} "
+                          "channel" + ("s" if data.channels != 1 else ""))
+    return tuple(data.mean), tuple(data.std)

@@ -25,17 +25,15 @@ Choices, stated:
   paper's 56 px output for 224 px input); the ab targets are area-averaged to the
   decoder's resolution. The loss is the mean, not the sum, over locations.
 
-Raises `methods.base.Unsupported` on grayscale data: there is no colour to predict.
+Raises `harness.errors.Unsupported` on grayscale data: there is no colour to predict.
 """
 from __future__ import annotations
-
-from typing import Sequence
 
 import gin
 import torch
 from torch import nn
 
-from methods.base import Batch, Method
+from methods.base import Batch, DataInfo, Method
 from methods.color import (ab_bins, colour_views, dense_head,
                            flat_logits, flat_targets, from_unit_rgb, gray_input, rgb_to_lab,
                            soft_cross_entropy, soft_encode, to_unit_rgb)
@@ -80,8 +78,8 @@ class Colorization(Method):
 
     Args:
         backbone: the shared timm encoder.
-        channels: image channels of the data (the job passes it); 3 required.
-        mean, std: the views' normalisation (the job passes the data's), to recover RGB.
+        data: the pretraining data's facts (`DataInfo`): ``channels`` (3, else `Unsupported`);
+            ``mean``, ``std`` (the views' normalisation), to recover RGB.
         grid: ab bin size (paper: 10).
         neighbours: bins per soft-encoded target (paper: 5).
         sigma: soft-encoding kernel width (paper: 5).
@@ -92,11 +90,11 @@ class Colorization(Method):
         upsamples: x2 upsamplings in the decoder.
     """
 
-    def __init__(self, backbone: nn.Module, channels: int = 3, mean: Sequence[float] | None = None,
-                 std: Sequence[float] | None = None, grid: float = 10.0, neighbours: int = 5, sigma: float = 5.0,
-                 smoothing: float = 5.0, rebalance: float = 0.5, hidden_dim: int = 256, upsamples: int = 3):
+    def __init__(self, backbone: nn.Module, data: DataInfo, *, grid: float = 10.0, neighbours: int = 5,
+                 sigma: float = 5.0, smoothing: float = 5.0, rebalance: float = 0.5, hidden_dim: int = 256,
+                 upsamples: int = 3):
         super().__init__(backbone)
-        self.mean, self.std = colour_views("colorization.Colorization", channels, mean, std)
+        self.mean, self.std = colour_views("colorization.Colorization", data)
         self.neighbours, self.sigma, self.smoothing, self.rebalance = neighbours, sigma, smoothing, rebalance
         self.register_buffer("bins", ab_bins(grid))  # [Q, 2]
         self.register_buffer("counts", torch.zeros(len(self.bins), dtype=torch.float64))  # [Q] nearest-bin counts

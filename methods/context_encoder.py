@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from methods.base import Batch, Method
+from methods.base import Batch, DataInfo, Method
 from methods.decoder import Decoder, feature_map_shape
 
 MASKS = ("center", "block", "region")
@@ -128,7 +128,7 @@ class ContextEncoder(Method):
 
     Args:
         backbone: the shared timm encoder.
-        channels: image channels (the job passes the data's).
+        data: the pretraining data's facts (`DataInfo`): ``channels`` (the decoder's and discriminator's).
         image_size: side of the views (``%IMAGE_SIZE``).
         decoder: the decoder's constructor, e.g. ``@decoder.Decoder``.
         mask: ``center``, ``block`` or ``region``.
@@ -142,19 +142,19 @@ class ContextEncoder(Method):
         disc_width: the discriminator's first width (paper's code: 64).
     """
 
-    def __init__(self, backbone: nn.Module, channels: int = 3, image_size: int = gin.REQUIRED,
-                 decoder: Callable[..., nn.Module] = Decoder, mask: str = "center", area: float = 0.25,
-                 blocks: int = 4, overlap: float = 4 / 128, overlap_weight: float = 10.0,
-                 outside_weight: float = 0.0, adversarial: float = 0.0, disc_width: int = 64):
+    def __init__(self, backbone: nn.Module, data: DataInfo, *, image_size: int = gin.REQUIRED,
+                 decoder: Callable[..., nn.Module] = Decoder, mask: str = "center", area: float = 0.25, blocks: int = 4,
+                 overlap: float = 4 / 128, overlap_weight: float = 10.0, outside_weight: float = 0.0,
+                 adversarial: float = 0.0, disc_width: int = 64):
         super().__init__(backbone)
         if mask not in MASKS:
             raise ValueError(f"context_encoder.ContextEncoder.mask = {mask!r}: use one of {', '.join(MASKS)}")
         self.mask_kind, self.area, self.blocks, self.image_size = mask, area, blocks, image_size
         self.overlap_px = round(overlap * image_size)
         self.overlap_weight, self.outside_weight, self.adversarial = overlap_weight, outside_weight, adversarial
-        c, h = feature_map_shape(backbone, channels, image_size)
-        self.decoder = decoder(in_channels=c, out_channels=channels, in_size=h, out_size=image_size)
-        self.discriminator = Discriminator(channels, image_size, disc_width) if adversarial > 0 else None
+        c, h = feature_map_shape(backbone, data.channels, image_size)
+        self.decoder = decoder(in_channels=c, out_channels=data.channels, in_size=h, out_size=image_size)
+        self.discriminator = Discriminator(data.channels, image_size, disc_width) if adversarial > 0 else None
 
     def masks(self, b: int, device: torch.device) -> torch.Tensor:
         """This step's removed regions: bool ``[B, 1, S, S]``."""

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import Batch, Method
+from methods.base import Batch, DataInfo, Method
 
 
 def patch_grid(x: torch.Tensor, grid: int, patch: int) -> torch.Tensor:
@@ -89,6 +89,7 @@ class CPC(Method):
 
     Args:
         backbone: the shared timm encoder.
+        data: the pretraining data's facts (`DataInfo`): unused.
         grid: patches per side (paper: 7).
         patch_size: patch side in pixels (paper: 64 at 256 px, stride 32).
         steps: K, the farthest row predicted (paper: 5; clipped to ``grid - 1``).
@@ -98,8 +99,8 @@ class CPC(Method):
         patch_augment: per-patch augmentation (CPC v2).
     """
 
-    def __init__(self, backbone: nn.Module, grid: int = 7, patch_size: int = 64, steps: int = 5,
-                 directions: int = 4, context_blocks: int = 3, context_hidden: int | None = None,
+    def __init__(self, backbone: nn.Module, data: DataInfo, *, grid: int = 7, patch_size: int = 64,
+                 steps: int = 5, directions: int = 4, context_blocks: int = 3, context_hidden: int | None = None,
                  patch_augment: bool = True):
         super().__init__(backbone)
         if directions not in (1, 2, 4):

@@ -41,7 +41,7 @@ from sklearn.cluster import KMeans
 from threadpoolctl import threadpool_limits
 from torch import nn
 
-from methods.base import Batch, Method
+from methods.base import Batch, DataInfo, Method
 
 
 def uniform_cluster_loss(logits: torch.Tensor, labels: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
@@ -104,7 +104,7 @@ class DeepCluster(Method):
 
     Args:
         backbone: the shared timm encoder.
-        num_images: pretraining images (the job passes them).
+        data: the pretraining data's facts (`DataInfo`): ``num_images`` (the feature bank and the clipped K).
         num_clusters: K (paper: 10000 on ImageNet).
         pca_dim: PCA output size before whitening (paper: 256).
         min_clusterings: re-cluster more often than once per epoch if a run would
@@ -112,9 +112,10 @@ class DeepCluster(Method):
         kmeans_iterations: Lloyd iterations (paper: 20, faiss).
     """
 
-    def __init__(self, backbone: nn.Module, num_images: int = gin.REQUIRED, num_clusters: int = 10000,
-                 pca_dim: int = 256, min_clusterings: int = 8, kmeans_iterations: int = 20):
+    def __init__(self, backbone: nn.Module, data: DataInfo, *, num_clusters: int = 10000, pca_dim: int = 256,
+                 min_clusterings: int = 8, kmeans_iterations: int = 20):
         super().__init__(backbone)
+        num_images = data.num_images
         d, k = backbone.num_features, max(2, min(num_clusters, num_images // 128))
         self.classifier = nn.Linear(d, k)
         self._init_classifier()

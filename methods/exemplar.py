@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import Batch, Method
+from methods.base import Batch, DataInfo, Method
 
 
 def surrogate_labels(classes: torch.Tensor, index: torch.Tensor, num_views: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,12 +51,13 @@ class Exemplar(Method):
 
     Args:
         backbone: the shared timm encoder.
-        num_images: pretraining images (the job passes the data's).
+        data: the pretraining data's facts (`DataInfo`): ``num_images`` (one surrogate class at most per image).
         num_surrogate: surrogate classes N (paper: 8000 to 32000); clipped to `num_images`.
     """
 
-    def __init__(self, backbone: nn.Module, num_images: int = gin.REQUIRED, num_surrogate: int = 8000):
+    def __init__(self, backbone: nn.Module, data: DataInfo, *, num_surrogate: int = 8000):
         super().__init__(backbone)
+        num_images = data.num_images
         n = min(num_surrogate, num_images)
         classes = torch.full((num_images,), -1, dtype=torch.long)
         classes[torch.randperm(num_images)[:n]] = torch.arange(n)

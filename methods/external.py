@@ -26,7 +26,7 @@ from torch import nn
 
 from harness import backbone as backbone_lib
 from harness import store
-from methods.base import Batch, Method
+from methods.base import Batch, DataInfo, Method
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -81,7 +81,7 @@ class External(Method):
 
     Args:
         backbone: the shared timm encoder (used when `model` is None).
-        channels: input channels of the data (the job passes the dataset's).
+        data: the pretraining data's facts (`DataInfo`): ``channels`` (the input channels of a `model` it builds).
         path: the saved state dict.
         model: the timm model it was saved from, when it is not the scale's backbone
             (``backbone.create.name``); built by ``backbone.create`` with the data's channels.
@@ -89,9 +89,9 @@ class External(Method):
 
     pretrain_steps = 0
 
-    def __init__(self, backbone: nn.Module, channels: int = 3, path: str | None = None, model: str | None = None):
+    def __init__(self, backbone: nn.Module, data: DataInfo, *, path: str | None = None, model: str | None = None):
         if model:
-            backbone = backbone_lib.create(name=model, in_chans=channels)
+            backbone = backbone_lib.create(name=model, in_chans=data.channels)
         super().__init__(backbone)
         if not path:
             raise ValueError("external.External.path is not bound. Fix: --bind \"external.External.path = "

@@ -16,8 +16,8 @@ BatchNorm running statistics are updated by real images only (the fake passes ru
 of the buffers): the frozen-feature evaluations see real images.
 
 Choices: DCGAN's generator outputs tanh pixels in [-1, 1]; the views here are normalised by
-the dataset's mean and std, which a method is not told, so a learned per-channel affine map
-(initialised to the identity) follows the tanh. The discriminator is the shared ResNet/ViT,
+the dataset's mean and std, which the generator does not read (`DataInfo` has them): a learned
+per-channel affine map (initialised to the identity) follows the tanh. The discriminator is the shared ResNet/ViT,
 not DCGAN's all-convolutional LeakyReLU network.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from methods.base import Batch, Method
+from methods.base import Batch, DataInfo, Method
 
 
 def upsampling_plan(size: int) -> tuple[int, int]:
@@ -97,17 +97,17 @@ class GAN(Method):
 
     Args:
         backbone: the shared timm encoder.
-        channels: image channels (the job passes the data's).
+        data: the pretraining data's facts (`DataInfo`): ``channels`` (the generator's output).
         image_size: generated side (the views' size).
         z_dim: latent size (DCGAN: 100).
         width: generator width (DCGAN: 64 at 64 px).
     """
 
-    def __init__(self, backbone: nn.Module, channels: int = 3, image_size: int = gin.REQUIRED,
-                 z_dim: int = 100, width: int = 64):
+    def __init__(self, backbone: nn.Module, data: DataInfo, *, image_size: int = gin.REQUIRED, z_dim: int = 100,
+                 width: int = 64):
         super().__init__(backbone)
         self.head = nn.Linear(backbone.num_features, 1)
-        self.generator = Generator(z_dim, channels, image_size, width)
+        self.generator = Generator(z_dim, data.channels, image_size, width)
 
     def _logits(self, x: torch.Tensor, real: bool, detach_params: bool = False) -> torch.Tensor:
         """D(x) ``[B]``; only real images update BatchNorm running statistics."""

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import Batch, Method
+from methods.base import Batch, DataInfo, Method
 
 
 def invariance_spreading(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -52,11 +52,12 @@ class InvaSpread(Method):
 
     Args:
         backbone: the shared timm encoder.
+        data: the pretraining data's facts (`DataInfo`): unused.
         out_dim: embedding width (paper: 128).
         temperature: tau (paper: 0.1).
     """
 
-    def __init__(self, backbone: nn.Module, out_dim: int = 128, temperature: float = 0.1):
+    def __init__(self, backbone: nn.Module, data: DataInfo, *, out_dim: int = 128, temperature: float = 0.1):
         super().__init__(backbone)
         self.head = nn.Linear(backbone.num_features, out_dim)
         self.temperature = temperature

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import Batch, Method, mlp
+from methods.base import Batch, DataInfo, Method, mlp
 from methods.tiles import jigsaw_tiles, jitter_crop
 
 
@@ -92,6 +92,7 @@ class Jigsaw(Method):
 
     Args:
         backbone: the shared timm encoder.
+        data: the pretraining data's facts (`DataInfo`): unused.
         num_permutations: P, the size of the permutation set (paper: 1000).
         grid: tiles per side (paper: 3).
         tile_frac: tile side as a fraction of its cell (paper: 64 / 75).
@@ -101,7 +102,7 @@ class Jigsaw(Method):
         permutation_seed: seeds the first permutation of the greedy selection.
     """
 
-    def __init__(self, backbone: nn.Module, num_permutations: int = 1000, grid: int = 3,
+    def __init__(self, backbone: nn.Module, data: DataInfo, *, num_permutations: int = 1000, grid: int = 3,
                  tile_frac: float = 64 / 75, tile_dim: int = 512, hidden_dim: int = 4096, min_tile: int = 0,
                  permutation_seed: int = 0):
         super().__init__(backbone)

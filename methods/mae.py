@@ -23,7 +23,7 @@ import torch
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from methods.base import Batch, Method
+from methods.base import Batch, DataInfo, Method
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -83,7 +83,7 @@ class MAE(Method):
 
     Args:
         backbone: the shared encoder from the job; replaced by `encoder`'s ViT when given.
-        channels: image channels (the job passes the data's).
+        data: the pretraining data's facts (`DataInfo`): ``channels`` (the ViT's input channels).
         encoder: builds the ViT, called with ``in_chans`` (``@vit/backbone.create``).
         mask_ratio: fraction of patches dropped (paper: 0.75).
         decoder_dim: decoder width (paper: 512).
@@ -92,10 +92,10 @@ class MAE(Method):
         norm_pix: normalise each target patch (paper: yes).
     """
 
-    def __init__(self, backbone: nn.Module, channels: int = 3, encoder: Callable[..., nn.Module] | None = None,
-                 mask_ratio: float = 0.75, decoder_dim: int = 512, decoder_depth: int = 8,
-                 decoder_heads: int = 16, norm_pix: bool = True):
-        vit = encoder(in_chans=channels, small_input=False) if encoder is not None else backbone
+    def __init__(self, backbone: nn.Module, data: DataInfo, *, encoder: Callable[..., nn.Module] | None = None,
+                 mask_ratio: float = 0.75, decoder_dim: int = 512, decoder_depth: int = 8, decoder_heads: int = 16,
+                 norm_pix: bool = True):
+        vit = encoder(in_chans=data.channels, small_input=False) if encoder is not None else backbone
         if not isinstance(vit, VisionTransformer) or vit.cls_token is None or vit.pos_embed is None \
                 or vit.reg_token is not None or vit.no_embed_class or getattr(vit, "dynamic_img_size", False):
             raise ValueError(f"mae.MAE needs a plain timm ViT (class token, position-embedding table, no "
@@ -115,7 +115,7 @@ class MAE(Method):
         self.decoder_blocks = nn.Sequential(*[Block(decoder_dim, decoder_heads, mlp_ratio=4.0, qkv_bias=True)
                                               for _ in range(decoder_depth)])
         self.decoder_norm = nn.LayerNorm(decoder_dim)
-        self.decoder_pred = nn.Linear(decoder_dim, self.patch * self.patch * channels)
+        self.decoder_pred = nn.Linear(decoder_dim, self.patch * self.patch * data.channels)
         nn.init.normal_(self.mask_token, std=0.02)
         for m in [self.decoder_embed, self.decoder_pred, *self.decoder_blocks.modules()]:
             if isinstance(m, nn.Linear):

@@ -14,9 +14,10 @@ Queue size: K = 65,536 in the paper, 5 % of ImageNet, so a query's own earlier k
 rarely among its negatives. A queue as large as the pretraining set would, once full,
 always hold one; K is clipped to half the set, ``min(K, num_images // 2)`` (K + B <= N for any batch
 up to half the data). It starts as random unit vectors, as in the paper's code. At the
-embedded scale (60,000 images, half an epoch) the clipped queue, 30,000 keys, is about
-all a run ever enqueues, so most steps contrast against random entries; a smaller
-`queue_size` suits that scale (4,096 fills in 32 of its 234 steps).
+embedded scale (10,000 pretraining images, 3 epochs, 234 steps of 128) the clip alone
+would give 5,000 keys; that scale binds ``moco.MoCo.queue_size = 4096``, which real keys
+fill in 32 steps, so from then on every step contrasts against the keys of the 32 batches
+before it, none random.
 
 Shuffling BN (sec. 3.3). On 8 GPUs each GPU normalises its own 32 queries, and the
 keys are computed after a random shuffle of the batch across GPUs, so the BN statistics
@@ -43,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import Batch, Method, mlp
+from methods.base import Batch, DataInfo, Method, mlp
 from methods.memory import Queue
 
 
@@ -120,7 +121,7 @@ class MoCo(Method):
 
     Args:
         backbone: the shared timm encoder.
-        num_images: pretraining images (the job passes the data's); clips the queue.
+        data: the pretraining data's facts (`DataInfo`): ``num_images`` (the queue is clipped to half of them).
         out_dim: feature width (paper: 128).
         hidden_dim: MLP head hidden width (v2: 2048); 0 for v1's linear head.
         temperature: tau (v1: 0.07, v2: 0.2).
@@ -129,15 +130,14 @@ class MoCo(Method):
         bn_splits: sub-batches for shuffled BN (paper: 8 GPUs); 1 turns shuffling off.
     """
 
-    def __init__(self, backbone: nn.Module, num_images: int = gin.REQUIRED, out_dim: int = 128,
-                 hidden_dim: int = 2048, temperature: float = 0.2, queue_size: int = 65536,
-                 momentum: float = 0.999, bn_splits: int = 8):
+    def __init__(self, backbone: nn.Module, data: DataInfo, *, out_dim: int = 128, hidden_dim: int = 2048,
+                 temperature: float = 0.2, queue_size: int = 65536, momentum: float = 0.999, bn_splits: int = 8):
         super().__init__(backbone)
         dims = [backbone.num_features, hidden_dim, out_dim] if hidden_dim else [backbone.num_features, out_dim]
         self.head = mlp(dims, batch_norm=False)  # v2: fc-ReLU-fc; v1: one fc
         self.key_encoder = nn.Sequential(copy.deepcopy(backbone), copy.deepcopy(self.head)).requires_grad_(False)
         _drop_running_stats(self.key_encoder)
-        self.queue = Queue(max(1, min(queue_size, num_images // 2)), out_dim)
+        self.queue = Queue(max(1, min(queue_size, data.num_images // 2)), out_dim)
         self.temperature, self.momentum, self.bn_splits = temperature, momentum, bn_splits
         self._keys: torch.Tensor | None = None  # this step's keys, enqueued in after_step
 

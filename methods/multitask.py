@@ -14,7 +14,7 @@ task on its own workers, so each task saw its own images; with ``split_batch`` e
 task gets a disjoint slice of the batch (one step costs about one task's step), else
 every task sees the whole batch. Logged entries carry the task's name (``rotnet/acc``).
 A task that cannot run on the data (a colour-only task on grayscale images) raises
-`methods.base.Unsupported`, and the whole run is skipped with its reason.
+`harness.errors.Unsupported`, and the whole run is skipped with its reason.
 """
 from __future__ import annotations
 
@@ -24,20 +24,8 @@ import gin
 import torch
 from torch import nn
 
-from harness.job import _build_method
-from methods.base import Batch, Method, Unsupported
-
-
-class _DataFacts:
-    """What `harness.job._build_method` reads from the pretraining data, for building tasks."""
-
-    def __init__(self, num_classes: int, num_images: int, channels: int, captions: Sequence[str] | None,
-                 mean: Sequence[float], std: Sequence[float]):
-        self.classes, self.num_images = [""] * num_classes, num_images
-        self.channels, self.captions, self.mean, self.std = channels, captions, tuple(mean), tuple(std)
-
-    def __len__(self) -> int:
-        return self.num_images
+from harness.errors import Unsupported
+from methods.base import Batch, DataInfo, Method, build_method
 
 
 def task_name(task: Method) -> str:
@@ -51,31 +39,27 @@ class MultiTask(Method):
 
     Args:
         backbone: the shared timm encoder.
+        data: the pretraining data's facts (`DataInfo`), passed on to every task.
         tasks: method classes, e.g. ``[@rotnet.RotNet, @exemplar.Exemplar]``; each is built on
-            `backbone` with the data facts its constructor takes, as the job builds a method.
+            `backbone` with `data` by `methods.base.build_method`, as the job builds a method.
         weights: one loss weight per task (default: all 1).
         inputs: per task, the indices of the views it reads; None: all views for every task.
         split_batch: each task trains on its own disjoint slice of the batch.
-        num_classes, num_images, channels, captions, mean, std: the pretraining data's (the job
-            passes them; each task gets those its constructor takes).
     """
 
-    def __init__(self, backbone: nn.Module, tasks: Sequence[Callable[..., Method]] = gin.REQUIRED,
+    def __init__(self, backbone: nn.Module, data: DataInfo, *, tasks: Sequence[Callable[..., Method]] = gin.REQUIRED,
                  weights: Sequence[float] | None = None, inputs: Sequence[Sequence[int]] | None = None,
-                 split_batch: bool = True, num_classes: int = 0, num_images: int = 0, channels: int = 3,
-                 captions: Sequence[str] | None = None, mean: Sequence[float] = (0.5,),
-                 std: Sequence[float] = (0.5,)):
+                 split_batch: bool = True):
         super().__init__(backbone)
         weights = [1.0] * len(tasks) if weights is None else [float(w) for w in weights]
         if not tasks or len(weights) != len(tasks) or (inputs is not None and len(inputs) != len(tasks)):
             raise ValueError(f"multitask.MultiTask: {len(tasks)} tasks need as many weights (got {len(weights)}) "
                              f"and inputs (got {'None' if inputs is None else len(inputs)}); fix the gin bindings "
                              "multitask.MultiTask.weights / .inputs")
-        facts = _DataFacts(num_classes, num_images, channels, captions, mean, std)
         built = []
         for task in tasks:
             try:
-                built.append(_build_method(task, backbone, facts))
+                built.append(build_method(task, backbone, data))
             except Unsupported as err:
                 raise Unsupported(f"multitask: task {getattr(task, '__name__', task)}: {err}") from err
         self.tasks = nn.ModuleList(built)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import Batch, Method
+from methods.base import Batch, DataInfo, Method
 from methods.memory import MemoryBank
 
 
@@ -60,7 +60,7 @@ class NPID(Method):
 
     Args:
         backbone: the shared timm encoder.
-        num_images: pretraining images (the job passes the data's): one bank row each.
+        data: the pretraining data's facts (`DataInfo`): ``num_images`` (one bank row per image).
         out_dim: feature width (paper: 128).
         temperature: tau (paper: 0.07).
         num_negatives: noise samples m per image (paper: 4096); clipped to the bank size.
@@ -69,15 +69,14 @@ class NPID(Method):
         prox_weight: lambda of the proximal regulariser (paper: 30; 0 turns it off).
     """
 
-    def __init__(self, backbone: nn.Module, num_images: int = gin.REQUIRED, out_dim: int = 128,
-                 temperature: float = 0.07, num_negatives: int = 4096, exact: bool = False,
-                 bank_momentum: float = 0.5, prox_weight: float = 30.0):
+    def __init__(self, backbone: nn.Module, data: DataInfo, *, out_dim: int = 128, temperature: float = 0.07,
+                 num_negatives: int = 4096, exact: bool = False, bank_momentum: float = 0.5, prox_weight: float = 30.0):
         super().__init__(backbone)
         self.head = nn.Linear(backbone.num_features, out_dim)
-        self.memory = MemoryBank(num_images, out_dim, bank_momentum)
+        self.memory = MemoryBank(data.num_images, out_dim, bank_momentum)
         self.register_buffer("log_z", torch.tensor(float("nan")))  # NaN until the first batch sets it
         self.temperature, self.exact, self.prox_weight = temperature, exact, prox_weight
-        self.num_negatives = min(num_negatives, num_images)
+        self.num_negatives = min(num_negatives, data.num_images)
         self._seen: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # this step's, for after_step
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:

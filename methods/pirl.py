@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import Batch, Method
+from methods.base import Batch, DataInfo, Method
 from methods.memory import MemoryBank
 from methods.tiles import jigsaw_tiles, jitter_crop, shuffle_tiles
 
@@ -57,7 +57,7 @@ class PIRL(Method):
 
     Args:
         backbone: the shared timm encoder.
-        num_images: pretraining set size (the bank has one row per image).
+        data: the pretraining data's facts (`DataInfo`): ``num_images`` (one bank row per image).
         out_dim: embedding size of f and g (paper: 128).
         temperature: tau (paper: 0.07).
         num_negatives: bank negatives per step (paper: 32,000), clipped to the bank.
@@ -68,18 +68,18 @@ class PIRL(Method):
         min_tile: tiles smaller than this are resized up to it (no-op at paper scale).
     """
 
-    def __init__(self, backbone: nn.Module, num_images: int = gin.REQUIRED, out_dim: int = 128,
-                 temperature: float = 0.07, num_negatives: int = 32000, bank_momentum: float = 0.5,
-                 mix: float = 0.5, grid: int = 3, tile_frac: float = 64 / 85, min_tile: int = 16):
+    def __init__(self, backbone: nn.Module, data: DataInfo, *, out_dim: int = 128, temperature: float = 0.07,
+                 num_negatives: int = 32000, bank_momentum: float = 0.5, mix: float = 0.5, grid: int = 3,
+                 tile_frac: float = 64 / 85, min_tile: int = 16):
         super().__init__(backbone)
         d = backbone.num_features
         self.image_head = nn.Linear(d, out_dim)  # f: image -> 128
         self.tile_head = nn.Linear(d, out_dim)  # each tile -> 128
         self.jigsaw_head = nn.Linear(grid * grid * out_dim, out_dim)  # g: 9 x 128 -> 128
         self.temperature, self.mix = temperature, mix
-        self.num_negatives = min(num_negatives, num_images)
+        self.num_negatives = min(num_negatives, data.num_images)
         self.grid, self.tile_frac, self.min_tile = grid, tile_frac, min_tile
-        self.memory = MemoryBank(num_images, out_dim, momentum=bank_momentum)  # buffer memory.bank [N, 128]: m_I
+        self.memory = MemoryBank(data.num_images, out_dim, momentum=bank_momentum)  # buffer memory.bank [N, 128]: m_I
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's (index, f); not state
 
     def jigsaw(self, x: torch.Tensor) -> torch.Tensor:

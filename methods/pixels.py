@@ -8,7 +8,7 @@ import gin
 import torch
 from torch import nn
 
-from methods.base import Batch, Method
+from methods.base import Batch, DataInfo, Method
 
 
 @gin.configurable(module="pixels")
@@ -17,7 +17,7 @@ class Pixels(Method):
 
     pretrain_steps = 0
 
-    def __init__(self, backbone: nn.Module):
+    def __init__(self, backbone: nn.Module, data: DataInfo):
         super().__init__(backbone)
         self.flatten = nn.Flatten()
 

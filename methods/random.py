@@ -18,7 +18,7 @@ import gin
 import torch
 from torch import nn
 
-from methods.base import Batch, Method
+from methods.base import Batch, DataInfo, Method
 
 
 @gin.configurable(module="random")
@@ -27,10 +27,11 @@ class Random(Method):
 
     Args:
         backbone: the shared timm encoder.
+        data: the pretraining data's facts (`DataInfo`): unused.
         calibration_steps: batches used to estimate BatchNorm statistics.
     """
 
-    def __init__(self, backbone: nn.Module, calibration_steps: int = 50):
+    def __init__(self, backbone: nn.Module, data: DataInfo, *, calibration_steps: int = 50):
         super().__init__(backbone)
         self.pretrain_steps = calibration_steps
         for p in self.parameters():

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import Batch, Method, mlp
+from methods.base import Batch, DataInfo, Method, mlp
 from methods.tiles import jigsaw_tiles, jitter_crop
 
 NEIGHBOURS = (0, 1, 2, 3, 5, 6, 7, 8)  # label -> cell of the row-major 3x3 grid (4 is the centre)
@@ -80,6 +80,7 @@ class RelativeLocation(Method):
 
     Args:
         backbone: the shared timm encoder.
+        data: the pretraining data's facts (`DataInfo`): unused.
         patch_frac: patch side as a fraction of a grid cell (paper: 96 / 144).
         jitter_frac: the largest shift of a patch, as a fraction of a cell (paper: 7 / 144);
             rounded up to whole pixels, so any nonzero value jitters by at least 1 px.
@@ -90,9 +91,9 @@ class RelativeLocation(Method):
         min_patch: patches smaller than this are resized up to it (0: never).
     """
 
-    def __init__(self, backbone: nn.Module, patch_frac: float = 96 / 144, jitter_frac: float = 7 / 144,
-                 aberration: str = "drop", noise: float = 0.01, patch_dim: int = 4096, hidden_dim: int = 4096,
-                 min_patch: int = 0):
+    def __init__(self, backbone: nn.Module, data: DataInfo, *, patch_frac: float = 96 / 144,
+                 jitter_frac: float = 7 / 144, aberration: str = "drop", noise: float = 0.01, patch_dim: int = 4096,
+                 hidden_dim: int = 4096, min_patch: int = 0):
         super().__init__(backbone)
         if aberration not in ("drop", "gray", "none"):
             raise ValueError(f"relative_location.RelativeLocation.aberration = {aberration!r}: "

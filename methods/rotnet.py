@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import Batch, Method, mlp
+from methods.base import Batch, DataInfo, Method, mlp
 
 
 def rotate_all(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,10 +29,11 @@ class RotNet(Method):
 
     Args:
         backbone: the shared timm encoder.
+        data: the pretraining data's facts (`DataInfo`): unused.
         hidden_dim: width of the classifier's hidden layer; 0 for a linear classifier.
     """
 
-    def __init__(self, backbone: nn.Module, hidden_dim: int = 0):
+    def __init__(self, backbone: nn.Module, data: DataInfo, *, hidden_dim: int = 0):
         super().__init__(backbone)
         dims = [backbone.num_features, hidden_dim, 4] if hidden_dim else [backbone.num_features, 4]
         self.classifier = mlp(dims)

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import Batch, Method
+from methods.base import Batch, DataInfo, Method
 from methods.sinkhorn import sinkhorn_scalings
 
 
@@ -67,7 +67,7 @@ class SeLa(Method):
 
     Args:
         backbone: the shared timm encoder.
-        num_images: pretraining images (the job passes them).
+        data: the pretraining data's facts (`DataInfo`): ``num_images`` (one pseudo-label per image; the clipped K).
         num_heads: clustering heads (paper: 10).
         num_clusters: K per head (paper: 3000).
         lam: lambda (paper: 25).
@@ -75,9 +75,10 @@ class SeLa(Method):
         tolerance: Sinkhorn stopping tolerance (paper: 0.1).
     """
 
-    def __init__(self, backbone: nn.Module, num_images: int = gin.REQUIRED, num_heads: int = 10,
-                 num_clusters: int = 3000, lam: float = 25.0, num_label_updates: int = 100, tolerance: float = 0.1):
+    def __init__(self, backbone: nn.Module, data: DataInfo, *, num_heads: int = 10, num_clusters: int = 3000,
+                 lam: float = 25.0, num_label_updates: int = 100, tolerance: float = 0.1):
         super().__init__(backbone)
+        num_images = data.num_images
         d, k = backbone.num_features, max(2, min(num_clusters, num_images // 128))
         self.heads = nn.ModuleList(nn.Linear(d, k) for _ in range(num_heads))
         self.lam, self.num_label_updates, self.tolerance = lam, num_label_updates, tolerance

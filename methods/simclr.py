@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import Batch, Method, mlp
+from methods.base import Batch, DataInfo, Method, mlp
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -37,12 +37,14 @@ class SimCLR(Method):
 
     Args:
         backbone: the shared timm encoder.
+        data: the pretraining data's facts (`DataInfo`): unused.
         hidden_dim: projection head hidden width (paper: 2048 for ResNet-50).
         out_dim: projection size (paper: 128).
         temperature: NT-Xent tau (paper: 0.1 at batch 4096, Table 5 / B.7).
     """
 
-    def __init__(self, backbone: nn.Module, hidden_dim: int = 2048, out_dim: int = 128, temperature: float = 0.1):
+    def __init__(self, backbone: nn.Module, data: DataInfo, *, hidden_dim: int = 2048, out_dim: int = 128,
+                 temperature: float = 0.1):
         super().__init__(backbone)
         self.head = mlp([backbone.num_features, hidden_dim, out_dim])
         self.temperature = temperature

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import Batch, Method, mlp
+from methods.base import Batch, DataInfo, Method, mlp
 
 
 def simsiam_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
@@ -58,11 +58,12 @@ class SimSiam(Method):
 
     Args:
         backbone: the shared timm encoder.
+        data: the pretraining data's facts (`DataInfo`): unused.
         proj_dim: projector hidden and output width (paper: 2048).
         pred_dim: predictor bottleneck width (paper: 512; the predictor maps 2048 -> 512 -> 2048).
     """
 
-    def __init__(self, backbone: nn.Module, proj_dim: int = 2048, pred_dim: int = 512):
+    def __init__(self, backbone: nn.Module, data: DataInfo, *, proj_dim: int = 2048, pred_dim: int = 512):
         super().__init__(backbone)
         self.projector = projection_mlp(backbone.num_features, proj_dim, proj_dim)
         self.predictor = mlp([proj_dim, pred_dim, proj_dim])  # Linear-BN-ReLU-Linear, no BN at the output

@@ -23,18 +23,16 @@ the sRGB-gamut set (`methods.color.ab_bins`); no class rebalancing; L in 50 bins
 decoder (`methods.color.dense_head`, from `backbone.forward_features`' spatial map, the
 targets area-averaged to its resolution) are ours.
 
-Raises `methods.base.Unsupported` on grayscale data: there is no ab to split off.
+Raises `harness.errors.Unsupported` on grayscale data: there is no ab to split off.
 """
 from __future__ import annotations
-
-from typing import Sequence
 
 import gin
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import Batch, Method
+from methods.base import Batch, DataInfo, Method
 from methods.color import (ab_bins, colour_input, colour_views,
                            dense_head, flat_logits, flat_targets, from_unit_rgb, gray_input,
                            rgb_to_lab, soft_cross_entropy, soft_encode, to_unit_rgb)
@@ -64,8 +62,8 @@ class SplitBrain(Method):
 
     Args:
         backbone: the shared timm encoder.
-        channels: image channels of the data (the job passes it); 3 required.
-        mean, std: the views' normalisation (the job passes the data's), to recover RGB.
+        data: the pretraining data's facts (`DataInfo`): ``channels`` (3, else `Unsupported`);
+            ``mean``, ``std`` (the views' normalisation), to recover RGB.
         grid: ab bin size (10, as in Zhang et al. 2016).
         neighbours: bins per soft-encoded ab target.
         sigma: soft-encoding kernel width.
@@ -74,11 +72,10 @@ class SplitBrain(Method):
         upsamples: x2 upsamplings in each head.
     """
 
-    def __init__(self, backbone: nn.Module, channels: int = 3, mean: Sequence[float] | None = None,
-                 std: Sequence[float] | None = None, grid: float = 10.0, neighbours: int = 5, sigma: float = 5.0,
-                 l_bins: int = 50, hidden_dim: int = 256, upsamples: int = 3):
+    def __init__(self, backbone: nn.Module, data: DataInfo, *, grid: float = 10.0, neighbours: int = 5,
+                 sigma: float = 5.0, l_bins: int = 50, hidden_dim: int = 256, upsamples: int = 3):
         super().__init__(backbone)
-        self.mean, self.std = colour_views("split_brain.SplitBrain", channels, mean, std)
+        self.mean, self.std = colour_views("split_brain.SplitBrain", data)
         self.neighbours, self.sigma, self.l_bins = neighbours, sigma, l_bins
         self.register_buffer("bins", ab_bins(grid))  # [Q, 2]
         self.ab_head = dense_head(backbone.num_features, hidden_dim, len(self.bins), upsamples)  # L -> ab

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import Batch, Method
+from methods.base import Batch, DataInfo, Method
 
 
 @gin.configurable(module="supervised")
@@ -18,13 +18,13 @@ class Supervised(Method):
 
     Args:
         backbone: the shared timm encoder.
-        num_classes: classes of the pretraining data (the job passes the dataset's).
+        data: the pretraining data's facts (`DataInfo`): ``num_classes`` (the classifier's width).
         label_smoothing: cross-entropy label smoothing.
     """
 
-    def __init__(self, backbone: nn.Module, num_classes: int = gin.REQUIRED, label_smoothing: float = 0.0):
+    def __init__(self, backbone: nn.Module, data: DataInfo, *, label_smoothing: float = 0.0):
         super().__init__(backbone)
-        self.classifier = nn.Linear(backbone.num_features, num_classes)
+        self.classifier = nn.Linear(backbone.num_features, data.num_classes)
         self.label_smoothing = label_smoothing
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import Batch, Method, mlp
+from methods.base import Batch, DataInfo, Method, mlp
 from methods.sinkhorn import sinkhorn
 
 
@@ -66,7 +66,7 @@ class SwAV(Method):
 
     Args:
         backbone: the shared timm encoder.
-        num_images: pretraining images (the job passes them; bounds the queue and the freeze).
+        data: the pretraining data's facts (`DataInfo`): ``num_images`` (bounds the queue and the freeze).
         hidden_dim: projection head hidden width (paper: 2048).
         out_dim: embedding size (paper: 128).
         num_prototypes: K (paper: 3000).
@@ -79,8 +79,8 @@ class SwAV(Method):
         queue_start_steps: steps before the queue starts filling (paper: 15 epochs).
     """
 
-    def __init__(self, backbone: nn.Module, num_images: int = gin.REQUIRED, hidden_dim: int = 2048,
-                 out_dim: int = 128, num_prototypes: int = 3000, temperature: float = 0.1, epsilon: float = 0.05,
+    def __init__(self, backbone: nn.Module, data: DataInfo, *, hidden_dim: int = 2048, out_dim: int = 128,
+                 num_prototypes: int = 3000, temperature: float = 0.1, epsilon: float = 0.05,
                  sinkhorn_iterations: int = 3, num_global_crops: int = 2, freeze_prototypes_steps: int = 313,
                  queue_length: int = 0, queue_start_steps: int = 0):
         super().__init__(backbone)
@@ -88,11 +88,11 @@ class SwAV(Method):
         self.prototypes = nn.Linear(out_dim, num_prototypes, bias=False)
         with torch.no_grad():
             self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
-        self.num_images, self.temperature, self.epsilon = num_images, temperature, epsilon
+        self.num_images, self.temperature, self.epsilon = data.num_images, temperature, epsilon
         self.iterations, self.num_global_crops = sinkhorn_iterations, num_global_crops
         self.freeze_prototypes_steps, self.queue_start_steps = freeze_prototypes_steps, queue_start_steps
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
-        self.register_buffer("queue", torch.zeros(num_global_crops, min(queue_length, num_images), out_dim))
+        self.register_buffer("queue", torch.zeros(num_global_crops, min(queue_length, data.num_images), out_dim))
         self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))  # valid rows of the queue
         self._stash: torch.Tensor | None = None  # this step's global embeddings, for after_step
 

@@ -28,14 +28,14 @@ Frey Face).
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Callable
 
 import gin
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import Batch, Method
+from methods.base import Batch, DataInfo, Method
 from methods.decoder import Decoder
 
 LIKELIHOODS = ("gaussian", "bernoulli")
@@ -65,7 +65,8 @@ class VAE(Method):
 
     Args:
         backbone: the shared timm encoder.
-        channels: image channels (the job passes the data's).
+        data: the pretraining data's facts (`DataInfo`): ``channels`` (the decoder's output);
+            ``mean``, ``std`` (the views' normalisation, for the Bernoulli likelihood).
         image_size: side of the views (``%IMAGE_SIZE``).
         decoder: the decoder's constructor, e.g. ``@decoder.Decoder``.
         latent_dim: size of z.
@@ -73,28 +74,22 @@ class VAE(Method):
         sigma: the Gaussian likelihood's std, in units of the data's std; None: the batch's
             root mean squared error.
         beta: weight of the KL term (1: the ELBO).
-        mean: per-channel mean of the views' normalisation (Bernoulli only).
-        std: per-channel std of the views' normalisation (Bernoulli only).
     """
 
-    def __init__(self, backbone: nn.Module, channels: int = 3, image_size: int = gin.REQUIRED,
+    def __init__(self, backbone: nn.Module, data: DataInfo, *, image_size: int = gin.REQUIRED,
                  decoder: Callable[..., nn.Module] = Decoder, latent_dim: int = 128, likelihood: str = "gaussian",
-                 sigma: float | None = None, beta: float = 1.0, mean: Sequence[float] | None = None,
-                 std: Sequence[float] | None = None):
+                 sigma: float | None = None, beta: float = 1.0):
         super().__init__(backbone)
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"vae.VAE.likelihood = {likelihood!r}: use one of {', '.join(LIKELIHOODS)}")
-        if likelihood == "bernoulli":
-            if mean is None or std is None:
-                raise ValueError("vae.VAE.likelihood = 'bernoulli' needs the views' normalisation (mean, std) to map "
-                                 "them back to [0, 1]; the job passes the data's")
-            self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1),
+        if likelihood == "bernoulli":  # the views' normalisation, to map them back to [0, 1]
+            self.register_buffer("pixel_mean", torch.tensor(data.mean, dtype=torch.float32).view(1, -1, 1, 1),
                                  persistent=False)
-            self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1),
+            self.register_buffer("pixel_std", torch.tensor(data.std, dtype=torch.float32).view(1, -1, 1, 1),
                                  persistent=False)
         self.likelihood, self.sigma, self.beta = likelihood, sigma, beta
         self.posterior = nn.Linear(backbone.num_features, 2 * latent_dim)  # -> [mu, logvar]
-        self.decoder = decoder(in_channels=latent_dim, out_channels=channels, in_size=1, out_size=image_size)
+        self.decoder = decoder(in_channels=latent_dim, out_channels=data.channels, in_size=1, out_size=image_size)
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         x = batch.views[0]  # [B, C, S, S]

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import Batch, Method
+from methods.base import Batch, DataInfo, Method
 from methods.decoder import Decoder, feature_map_shape
 
 
@@ -83,7 +83,7 @@ class VQVAE(Method):
 
     Args:
         backbone: the shared timm encoder.
-        channels: image channels (the job passes the data's).
+        data: the pretraining data's facts (`DataInfo`): ``channels`` (the decoder's output).
         image_size: side of the views (``%IMAGE_SIZE``).
         decoder: the decoder's constructor, e.g. ``@decoder.Decoder``.
         num_codes: K.
@@ -94,11 +94,11 @@ class VQVAE(Method):
         eps: Laplace smoothing of the EMA counts.
     """
 
-    def __init__(self, backbone: nn.Module, channels: int = 3, image_size: int = gin.REQUIRED,
+    def __init__(self, backbone: nn.Module, data: DataInfo, *, image_size: int = gin.REQUIRED,
                  decoder: Callable[..., nn.Module] = Decoder, num_codes: int = 512, code_dim: int = 64,
                  beta: float = 0.25, ema: bool = False, decay: float = 0.99, eps: float = 1e-5):
         super().__init__(backbone)
-        c, h = feature_map_shape(backbone, channels, image_size)
+        c, h = feature_map_shape(backbone, data.channels, image_size)
         self.project = nn.Conv2d(c, code_dim, 1)
         codes = torch.empty(num_codes, code_dim).uniform_(-1 / num_codes, 1 / num_codes)
         if ema:
@@ -107,7 +107,7 @@ class VQVAE(Method):
             self.register_buffer("ema_sum", codes.clone())
         else:
             self.codebook = nn.Parameter(codes)
-        self.decoder = decoder(in_channels=code_dim, out_channels=channels, in_size=h, out_size=image_size)
+        self.decoder = decoder(in_channels=code_dim, out_channels=data.channels, in_size=h, out_size=image_size)
         self.beta, self.ema, self.decay, self.eps = beta, ema, decay, eps
         self._stats: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's (n, s), for after_step
 

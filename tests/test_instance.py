@@ -10,13 +10,19 @@ from torch import nn
 
 from harness import backbone, ginutil, job, store
 from harness.trainer import Interrupted, Trainer
-from methods.base import Batch
+from methods.base import Batch, DataInfo
 from methods.exemplar import surrogate_labels
 from methods.invaspread import invariance_spreading
 from methods.memory import MemoryBank, Queue
 from methods.moco import MoCo, info_nce, split_forward
 from methods.npid import NPID, estimate_log_z, nce_loss
 from tests.conftest import parse_method
+
+
+def _info(channels: int = 1, num_images: int = 64, num_classes: int = 4) -> DataInfo:
+    """The data facts a directly constructed method gets (the job passes `DataInfo.of` its data)."""
+    return DataInfo(channels=channels, num_classes=num_classes, num_images=num_images, mean=(0.5,) * channels,
+                    std=(0.25,) * channels)
 
 
 def _unit(rows: list[list[float]]) -> list[list[float]]:
@@ -99,7 +105,7 @@ class _Net(nn.Module):
 
 def test_npid_fixes_z_after_the_first_batch_and_updates_the_bank_at_the_batch():
     torch.manual_seed(0)
-    m = NPID(_Net(), num_images=20, out_dim=4, num_negatives=8)
+    m = NPID(_Net(), _info(num_images=20), out_dim=4, num_negatives=8)
     assert torch.isnan(m.log_z)
     before = m.memory.bank.clone()
     batch = Batch(views=[torch.randn(5, 1, 4, 4)], labels=torch.zeros(5, dtype=torch.long),
@@ -227,8 +233,8 @@ def test_split_forward_moves_running_statistics_to_the_mean_of_the_sub_batches()
 def test_moco_shuffle_keeps_keys_aligned_with_their_queries():
     """Without BatchNorm, shuffling sub-batches must not change anything: keys come back in order."""
     torch.manual_seed(0)
-    a = MoCo(_Net(), num_images=40, out_dim=4, hidden_dim=8, queue_size=12, bn_splits=1)
-    b = MoCo(_Net(), num_images=40, out_dim=4, hidden_dim=8, queue_size=12, bn_splits=4)
+    a = MoCo(_Net(), _info(num_images=40), out_dim=4, hidden_dim=8, queue_size=12, bn_splits=1)
+    b = MoCo(_Net(), _info(num_images=40), out_dim=4, hidden_dim=8, queue_size=12, bn_splits=4)
     b.load_state_dict(a.state_dict())
     batch = Batch(views=[torch.randn(8, 1, 4, 4), torch.randn(8, 1, 4, 4)], labels=torch.zeros(8, dtype=torch.long),
                   index=torch.arange(8))

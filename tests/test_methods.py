@@ -1,11 +1,21 @@
 """Every method's gin file trains on tiny data: finite loss, gradients everywhere,
 and the loss falls on a fixed batch (DESIGN.md, Tests)."""
+import dataclasses
+import importlib
+import inspect
+import pkgutil
+import subprocess
+import sys
+
 import pytest
 import torch
 
-from harness import ginutil, job
-from methods.base import Batch, Unsupported
-from tests.conftest import METHODS, make_colour_images, parse_method
+import methods
+import methods.base
+from harness import errors, ginutil, job
+from methods.base import Batch, DataInfo, Method, Unsupported, build_method
+from methods.supervised import Supervised
+from tests.conftest import METHODS, REPO, make_colour_images, make_images, parse_method
 
 TRAINED = [m for m in METHODS if m not in ("random", "pixels", "external")]  # external: nothing to train (tests/test_protocols.py)
 
@@ -110,3 +120,79 @@ def test_pixels_features_are_the_flattened_input(tiny_data):
 def test_supervised_gets_the_number_of_classes(tiny_data):
     method, _ = _build("supervised", tiny_data)
     assert method.classifier.out_features == len(tiny_data.classes)
+
+
+# --- The construction contract (methods/base.py): method(backbone, data=DataInfo) ----------
+
+def _method_classes() -> list[type]:
+    """Every Method subclass that a methods/*.py file defines."""
+    found = []
+    for info in pkgutil.iter_modules(methods.__path__):
+        module = importlib.import_module(f"methods.{info.name}")
+        found += [c for c in vars(module).values() if isinstance(c, type) and issubclass(c, Method)
+                  and c is not Method and c.__module__ == module.__name__]
+    return found
+
+
+def test_every_method_takes_the_backbone_the_data_and_keyword_settings_only():
+    classes = _method_classes()
+    assert len(classes) >= 30
+    facts = {f.name for f in dataclasses.fields(DataInfo)}
+    for cls in classes:
+        params = list(inspect.signature(cls).parameters.values())
+        assert [p.name for p in params[:2]] == ["backbone", "data"], cls
+        assert all(p.kind is p.KEYWORD_ONLY for p in params[2:]), f"{cls}: settings are keyword-only (gin binds them)"
+        assert not facts & {p.name for p in params}, f"{cls}: data facts come in `data`, not as parameters"
+
+
+def test_the_job_gives_a_constructor_exactly_the_datainfo_of_its_data(tiny_data, tiny_colour_data):
+    seen = []
+
+    def spy(backbone, data):  # a method factory that records what it is given
+        seen.append(data)
+        return Supervised(backbone, data)
+
+    parse_method("supervised")
+    for data in (tiny_data, tiny_colour_data):
+        job.build(spy, ginutil.reference("job.run.views"), data, 0)
+    gray, colour = seen
+    assert gray == DataInfo(channels=1, num_classes=4, num_images=64, mean=(0.2,), std=(0.3,), captions=None)
+    assert colour == DataInfo(channels=3, num_classes=4, num_images=64, mean=tiny_colour_data.mean,
+                              std=tiny_colour_data.std, captions=tuple(tiny_colour_data.captions))
+    assert colour == DataInfo.of(tiny_colour_data)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        gray.num_images = 1
+
+
+def test_methods_read_their_facts_from_the_data():
+    data = make_images(n=48, classes=7)
+    assert _build("supervised", data)[0].classifier.out_features == 7  # num_classes
+    npid = _build("npid", data)[0]
+    assert npid.memory.bank.shape[0] == 48 and npid.num_negatives == 48  # num_images (bank; m clipped to it)
+    assert _build("exemplar", data)[0].surrogate_class.shape == (48,)
+    assert len(_build("moco", data)[0].queue.keys) == 24  # clipped to num_images // 2
+    for name in ("colorization", "split_brain"):  # channels = 1: colour-only methods refuse
+        with pytest.raises(errors.Unsupported, match=rf"{name} needs colour .3-channel. images; this dataset has 1 "
+                                                     r"channel\b"):
+            _build(name, data)
+    with pytest.raises(errors.Unsupported, match="clip needs captions"):  # captions = None
+        _build("clip", data)
+    assert Unsupported is errors.Unsupported and methods.base.Unsupported is errors.Unsupported  # the old name
+
+
+def test_a_constructor_that_does_not_take_data_is_named_in_the_error():
+    class Old(Method):
+        def __init__(self, backbone, hidden_dim: int = 0):
+            super().__init__(backbone)
+
+    with pytest.raises(TypeError, match=r"Old does not take `data`.*__init__\(self, backbone, data"):
+        build_method(Old, torch.nn.Identity(), DataInfo.of(make_images(8)))
+
+
+def test_no_method_imports_the_job():
+    """Methods sit below the harness's job: importing every method file loads no harness.job."""
+    code = ("import importlib, pkgutil, sys, methods\n"
+            "for m in pkgutil.iter_modules(methods.__path__):\n"
+            "    importlib.import_module('methods.' + m.name)\n"
+            "assert 'harness.job' not in sys.modules, 'a method imports harness.job'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

@@ -1,15 +1,17 @@
 """Multi-task self-supervision: the weighted sum of the tasks' losses on hand-sliced batches,
-one shared backbone that every task trains, the data facts each task receives, refusal
-passed on, and resume."""
+one shared backbone that every task trains, the data facts each task receives (through the
+public builder), refusal passed on, and resume."""
 import functools
 
 import pytest
 import torch
 from torch import nn
 
+import methods.multitask
 from harness import ginutil, job
+from harness.errors import Unsupported
 from harness.trainer import Interrupted, Trainer
-from methods.base import Batch, Method, Unsupported
+from methods.base import Batch, DataInfo, Method, build_method
 from methods.multitask import MultiTask
 from tests.conftest import make_colour_images, parse_method
 
@@ -98,30 +100,39 @@ def test_one_backbone_and_every_task_head_trains(tiny_data):
 class _Probe(Method):
     """A task that records the data facts it was built with, and refuses grayscale."""
 
-    def __init__(self, backbone: nn.Module, num_classes: int, num_images: int, channels: int, captions=None,
-                 mean=None, std=None):
+    def __init__(self, backbone: nn.Module, data: DataInfo):
         super().__init__(backbone)
-        if channels != 3:
-            raise Unsupported(f"probe needs colour (3-channel) images; this dataset has {channels} channel")
-        self.facts = (num_classes, num_images, channels, captions, mean, std)
+        if data.channels != 3:
+            raise Unsupported(f"probe needs colour (3-channel) images; this dataset has {data.channels} channel")
+        self.data = data
         self.head = nn.Linear(backbone.num_features, 1)
 
     def loss(self, batch):
         return {"loss": self.head(self.backbone(batch.views[0])).mean()}
 
 
-def test_tasks_get_the_data_facts_the_job_gives_a_method_and_a_refusal_skips_the_whole_run(tiny_data):
+def test_tasks_get_the_data_facts_the_job_gives_a_method_and_a_refusal_skips_the_whole_run(tiny_data, monkeypatch):
     import timm
-    colour = make_colour_images()
-    direct = job._build_method(_Probe, timm.create_model("test_resnet", num_classes=0), colour)
-    multi = job._build_method(functools.partial(MultiTask, tasks=[_Probe]),
-                              timm.create_model("test_resnet", num_classes=0), colour)
-    assert multi.tasks[0].facts == direct.facts and direct.facts[1] == 64 and direct.facts[3] == colour.captions
-    assert multi.names == ["test_multitask"]
+    colour, net = make_colour_images(), timm.create_model("test_resnet", num_classes=0)
+    direct = build_method(_Probe, net, DataInfo.of(colour))
+    assert direct.data.num_images == 64 and direct.data.captions == tuple(colour.captions)
+    calls = []
+
+    def spy(method, backbone, data):  # the public builder, watched
+        calls.append((method, backbone, data))
+        return build_method(method, backbone, data)
+
+    monkeypatch.setattr(methods.multitask, "build_method", spy)
+    info = DataInfo.of(colour)
+    multi = build_method(functools.partial(MultiTask, tasks=[_Probe, _Probe]), net, info)
+    assert [(m, b) for m, b, _ in calls] == [(_Probe, multi.backbone)] * 2  # each task once, on the shared backbone
+    assert all(d is info for _, _, d in calls) and all(t.data is info for t in multi.tasks)  # MultiTask's own
+    assert info == direct.data
+    assert multi.names == ["test_multitask0", "test_multitask1"]
     with pytest.raises(Unsupported, match="multitask: task _Probe: probe needs colour"):
-        job._build_method(functools.partial(MultiTask, tasks=[_Probe]), multi.backbone, tiny_data)
+        build_method(functools.partial(MultiTask, tasks=[_Probe]), multi.backbone, DataInfo.of(tiny_data))
     with pytest.raises(ValueError, match="2 tasks need as many weights.*multitask.MultiTask.weights"):
-        MultiTask(multi.backbone, tasks=[_Probe, _Probe], weights=[1.0], num_images=64, channels=3)
+        MultiTask(net, DataInfo.of(colour), tasks=[_Probe, _Probe], weights=[1.0])
 
 
 def test_the_papers_combination_needs_colour_and_trains_on_it(tiny_data):

@@ -7,11 +7,17 @@ import torch
 
 from harness import ginutil, job, store
 from harness.trainer import Interrupted, Trainer
-from methods.base import Batch
+from methods.base import Batch, DataInfo
 from methods.cpc import CPC, info_nce, patch_grid
 from methods.pirl import pirl_nce
 from methods.tiles import jigsaw_tiles, jitter_crop, shuffle_tiles
 from tests.conftest import parse_method
+
+
+def _info(channels: int = 1, num_images: int = 64, num_classes: int = 4) -> DataInfo:
+    """The data facts a directly constructed method gets (the job passes `DataInfo.of` its data)."""
+    return DataInfo(channels=channels, num_classes=num_classes, num_images=num_images, mean=(0.5,) * channels,
+                    std=(0.25,) * channels)
 
 
 # --- PIRL -------------------------------------------------------------------------
@@ -132,7 +138,7 @@ class _Codes(torch.nn.Module):
 
 def test_context_sees_only_rows_above_and_its_own():
     torch.manual_seed(0)
-    m = CPC(_Codes(), grid=5, steps=4, directions=1, context_blocks=3, context_hidden=4)
+    m = CPC(_Codes(), _info(), grid=5, steps=4, directions=1, context_blocks=3, context_hidden=4)
     z = torch.randn(2, 6, 5, 5)
     c = m.context[0](z)
     for i in range(5):
@@ -148,7 +154,7 @@ def test_cpc_loss_matches_a_loop_over_positions():
     all B*G*G codes, in each rotated direction; the loss is the mean over (direction, k)."""
     torch.manual_seed(0)
     b, g, d = 2, 4, 6
-    m = CPC(_Codes(), grid=g, steps=2, directions=4, context_blocks=1, context_hidden=3)
+    m = CPC(_Codes(), _info(), grid=g, steps=2, directions=4, context_blocks=1, context_hidden=3)
     z = torch.randn(b, d, g, g)
     m.codes = lambda x: z  # the loss on known codes
     got = m.loss(Batch(views=[torch.zeros(b, 1, 8, 8)], labels=torch.zeros(b), index=torch.arange(b)))["loss"]

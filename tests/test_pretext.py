@@ -12,13 +12,20 @@ import torch.nn.functional as F
 from harness import backbone, ginutil, store
 from harness.data import ImageSet
 from harness.trainer import Interrupted, Trainer
-from methods.base import Batch, Unsupported
+from harness.errors import Unsupported
+from methods.base import Batch, DataInfo, build_method
 from methods.color import ab_bins, colour_input, gray_input, lab_to_rgb, rgb_to_lab, soft_encode
 from methods.colorization import Colorization, colorization_loss, rebalance_weights
 from methods.jigsaw import Jigsaw, hamming_permutations, normalize_tiles
 from methods.relative_location import RelativeLocation, drop_colours, gray_project, patch_pair
 from methods.split_brain import SplitBrain, l_bin, split_brain_loss
 from tests.conftest import make_colour_images, make_images, parse_method
+
+
+def _info(channels: int = 1, num_images: int = 64, num_classes: int = 4) -> DataInfo:
+    """The data facts a directly constructed method gets (the job passes `DataInfo.of` its data)."""
+    return DataInfo(channels=channels, num_classes=num_classes, num_images=num_images, mean=(0.5,) * channels,
+                    std=(0.25,) * channels)
 
 
 def _hamming(p, q) -> int:
@@ -92,7 +99,7 @@ def test_normalize_tiles_standardises_each_tile_on_its_own():
 
 
 def test_puzzle_puts_cell_perm_k_at_position_k_by_hand():
-    m = Jigsaw(_Pool(2), num_permutations=10, tile_frac=1.0, tile_dim=4, hidden_dim=8)
+    m = Jigsaw(_Pool(2), _info(2), num_permutations=10, tile_frac=1.0, tile_dim=4, hidden_dim=8)
     torch.manual_seed(0)
     x = torch.randn(3, 2, 11, 11)  # cells of 3 px around the central 9x9 square (offset 1)
     index = torch.tensor([0, 7, 9])
@@ -106,7 +113,7 @@ def test_puzzle_puts_cell_perm_k_at_position_k_by_hand():
 
 
 def test_puzzle_tiles_are_jittered_windows_inside_their_cells():
-    m = Jigsaw(_Pool(1), num_permutations=5, tile_frac=64 / 75, tile_dim=4, hidden_dim=8)
+    m = Jigsaw(_Pool(1), _info(1), num_permutations=5, tile_frac=64 / 75, tile_dim=4, hidden_dim=8)
     x = torch.arange(32 * 32.0).view(1, 1, 32, 32)  # cells of 10 px from pixel 1, tiles of 8
     torch.manual_seed(0)
     tiles = m.puzzle(x, torch.tensor([3]))
@@ -120,7 +127,7 @@ def test_puzzle_tiles_are_jittered_windows_inside_their_cells():
 
 def test_jigsaw_loss_matches_an_independent_computation():
     torch.manual_seed(0)
-    m = Jigsaw(_Pool(2), num_permutations=12, tile_frac=1.0, tile_dim=5, hidden_dim=6).eval()
+    m = Jigsaw(_Pool(2), _info(2), num_permutations=12, tile_frac=1.0, tile_dim=5, hidden_dim=6).eval()
     x = torch.randn(4, 2, 12, 12)  # cells of 4 px from the corner
     index = torch.tensor([11, 0, 5, 5])
     m.draw = lambda b, device: index
@@ -144,8 +151,8 @@ def test_jigsaw_loss_matches_an_independent_computation():
 
 
 def test_jigsaw_permutations_are_a_buffer_that_a_checkpoint_restores():
-    a = Jigsaw(_Pool(1), num_permutations=20, permutation_seed=0, tile_dim=4, hidden_dim=8)
-    b = Jigsaw(_Pool(1), num_permutations=20, permutation_seed=5, tile_dim=4, hidden_dim=8)
+    a = Jigsaw(_Pool(1), _info(1), num_permutations=20, permutation_seed=0, tile_dim=4, hidden_dim=8)
+    b = Jigsaw(_Pool(1), _info(1), num_permutations=20, permutation_seed=5, tile_dim=4, hidden_dim=8)
     assert "permutations" in a.state_dict() and not torch.equal(a.permutations, b.permutations)
     b.load_state_dict(a.state_dict())
     assert torch.equal(a.permutations, b.permutations)
@@ -167,7 +174,7 @@ def test_neighbour_labels_map_to_offsets_by_hand():
 
 def test_patches_are_jittered_around_the_centre_of_their_cells():
     x = (100 * torch.arange(32.0)[:, None] + torch.arange(32.0)).view(1, 1, 32, 32).repeat(64, 1, 1, 1)
-    m = RelativeLocation(_Pool(1), patch_dim=0, hidden_dim=8)
+    m = RelativeLocation(_Pool(1), _info(1), patch_dim=0, hidden_dim=8)
     patch, jitter = m.geometry(32)
     assert (patch, jitter) == (6, 1)  # cells of 10 px: 2/3 of a cell, 7/144 of it rounded up
     assert m.geometry(432) == (96, 7)  # the paper's 96-px patches, 48-px gaps, 7-px jitter
@@ -207,7 +214,7 @@ def test_gray_projection_puts_the_luminance_in_every_channel():
 
 def test_relative_location_loss_matches_an_independent_computation():
     torch.manual_seed(0)
-    m = RelativeLocation(_Pool(3), patch_frac=1.0, jitter_frac=0.0, aberration="none", patch_dim=5,
+    m = RelativeLocation(_Pool(3), _info(3), patch_frac=1.0, jitter_frac=0.0, aberration="none", patch_dim=5,
                          hidden_dim=6).eval()
     x = torch.randn(8, 3, 12, 12)  # cells of 4 px, patches = whole cells
     labels = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
@@ -225,7 +232,7 @@ def test_relative_location_loss_matches_an_independent_computation():
 
 def test_relative_location_rejects_an_unknown_counter_measure():
     with pytest.raises(ValueError, match="aberration"):
-        RelativeLocation(_Pool(1), aberration="blur")
+        RelativeLocation(_Pool(1), _info(1), aberration="blur")
 
 
 # --- Lab, bins, soft-encoding, rebalancing -------------------------------------------
@@ -329,7 +336,7 @@ def _colour_method(name: str, data: ImageSet, seed: int = 0):
     parse_method(name)
     torch.manual_seed(seed)
     net = backbone.create(in_chans=data.channels)
-    method = ginutil.reference("job.run.method")(net, channels=data.channels, mean=data.mean, std=data.std)
+    method = build_method(ginutil.reference("job.run.method"), net, DataInfo.of(data))
     return method, ginutil.reference("job.run.views")(mean=data.mean, std=data.std)
 
 
@@ -337,8 +344,9 @@ def _colour_method(name: str, data: ImageSet, seed: int = 0):
 def test_colour_methods_are_unsupported_on_grayscale_data(name):
     with pytest.raises(Unsupported, match=rf"{name} needs colour .3-channel. images; this dataset has 1 channel\b"):
         _colour_method(name, make_images())
-    with pytest.raises(ValueError, match="mean and std"):
-        {"colorization": Colorization, "split_brain": SplitBrain}[name](_Pool(3), channels=3)
+    info = DataInfo(channels=3, num_classes=4, num_images=8, mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6))
+    m = {"colorization": Colorization, "split_brain": SplitBrain}[name](_Pool(3), info)
+    assert (m.mean, m.std) == (info.mean, info.std)  # the views' normalisation, to recover RGB
 
 
 @pytest.mark.parametrize("name", COLOUR)

@@ -13,13 +13,19 @@ from harness import backbone as backbone_lib
 from harness import ginutil, job
 from harness.trainer import Interrupted, Trainer
 from methods.autoencoder import AutoEncoder, corrupt, random_pixels
-from methods.base import Batch
+from methods.base import Batch, DataInfo
 from methods.context_encoder import (ContextEncoder, block_mask, center_mask, inpainting_loss, region_mask,
                                      ring)
 from methods.decoder import Decoder, feature_map_shape
 from methods.vae import VAE, bernoulli_nll, gaussian_kl, gaussian_nll
 from methods.vqvae import VQVAE, ema_update, nearest_code, straight_through, vq_terms
 from tests.conftest import parse_method
+
+
+def _info(channels: int = 1, mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None) -> DataInfo:
+    """The data facts a directly constructed method gets (the job passes `DataInfo.of` its data)."""
+    return DataInfo(channels=channels, num_classes=4, num_images=64, mean=mean or (0.5,) * channels,
+                    std=std or (0.25,) * channels)
 
 
 class _Stub(nn.Module):
@@ -118,17 +124,17 @@ def test_gaussian_noise_has_the_stated_std_everywhere():
     assert abs(d.std().item() - 0.4) < 0.01 and abs(d.mean().item()) < 0.01
 
 
-def test_salt_and_pepper_needs_the_normalisation():
-    with pytest.raises(ValueError, match="mean, std"):
-        AutoEncoder(_Stub(), channels=1, image_size=8, noise="salt_and_pepper")
+def test_salt_and_pepper_takes_black_and_white_from_the_datas_normalisation():
+    m = AutoEncoder(_Stub(), _info(mean=(0.3,), std=(0.2,)), image_size=8, noise="salt_and_pepper")
+    assert torch.allclose(m.black, torch.tensor([-1.5])) and torch.allclose(m.white, torch.tensor([3.5]))
     with pytest.raises(ValueError, match="noise"):
-        AutoEncoder(_Stub(), channels=1, image_size=8, noise="blur")
+        AutoEncoder(_Stub(), _info(), image_size=8, noise="blur")
 
 
 @pytest.mark.parametrize("noise", [None, "masking"])
 def test_autoencoder_reconstructs_the_clean_view_from_the_corrupted_one(noise):
     torch.manual_seed(0)
-    m = AutoEncoder(_Stub(), channels=1, image_size=6, decoder=lambda **_: nn.Identity(), noise=noise,
+    m = AutoEncoder(_Stub(), _info(), image_size=6, decoder=lambda **_: nn.Identity(), noise=noise,
                     noise_level=0.5)
     m.backbone.conv.weight.data.fill_(1.0)
     m.backbone.conv.bias.data.zero_()
@@ -201,7 +207,7 @@ def test_inpainting_loss_weights_inside_border_and_outside():
 
 
 def test_context_encoder_fills_the_hole_with_the_mean():
-    m = ContextEncoder(_Stub(), channels=1, image_size=8, decoder=lambda **_: nn.Identity(), overlap=0.0)
+    m = ContextEncoder(_Stub(), _info(), image_size=8, decoder=lambda **_: nn.Identity(), overlap=0.0)
     x = torch.rand(2, 1, 8, 8) + 1
     m.loss(_batch(x))
     hole = center_mask(2, 8, 0.25)
@@ -211,7 +217,7 @@ def test_context_encoder_fills_the_hole_with_the_mean():
 
 def _adversarial(lam=0.001):
     torch.manual_seed(0)
-    m = ContextEncoder(_Stub(2), channels=2, image_size=8, decoder=lambda **_: nn.Conv2d(2, 2, 3, padding=1),
+    m = ContextEncoder(_Stub(2), _info(2), image_size=8, decoder=lambda **_: nn.Conv2d(2, 2, 3, padding=1),
                        adversarial=lam, disc_width=4)
     return m, _batch(torch.randn(4, 2, 8, 8))
 
@@ -294,8 +300,8 @@ def test_likelihoods_match_torch_distributions_and_hand_computation():
 def test_vae_loss_is_the_negative_elbo(likelihood, sigma):
     torch.manual_seed(0)
     mean, std = (0.3,), (0.2,)
-    m = VAE(_Stub(), channels=1, image_size=4, decoder=lambda **_: nn.Upsample(size=4), latent_dim=1,
-            likelihood=likelihood, sigma=sigma, beta=2.0, mean=mean, std=std)
+    m = VAE(_Stub(), _info(mean=mean, std=std), image_size=4, decoder=lambda **_: nn.Upsample(size=4), latent_dim=1,
+            likelihood=likelihood, sigma=sigma, beta=2.0)
     x = torch.randn(6, 1, 4, 4)
     torch.manual_seed(1)
     out = m.loss(_batch(x))
@@ -317,9 +323,10 @@ def test_vae_loss_is_the_negative_elbo(likelihood, sigma):
     assert torch.allclose(out["loss"], (nll + 2.0 * kl).mean(), rtol=tol)
 
 
-def test_vae_bernoulli_needs_the_normalisation():
-    with pytest.raises(ValueError, match="mean, std"):
-        VAE(_Stub(), channels=1, image_size=4, likelihood="bernoulli")
+def test_vae_bernoulli_maps_the_views_back_with_the_datas_normalisation():
+    m = VAE(_Stub(), _info(mean=(0.3,), std=(0.2,)), image_size=4, likelihood="bernoulli")
+    assert m.pixel_mean.flatten().tolist() == [torch.tensor(0.3).item()]
+    assert m.pixel_std.flatten().tolist() == [torch.tensor(0.2).item()]
 
 
 # --- VQ-VAE ------------------------------------------------------------------------
@@ -380,7 +387,7 @@ def test_ema_update_by_hand_on_two_codes():
 
 def _vq_stub(ema: bool) -> VQVAE:
     torch.manual_seed(0)
-    m = VQVAE(_Stub(2), channels=2, image_size=1, decoder=lambda **_: nn.Conv2d(2, 2, 1), num_codes=2, code_dim=2,
+    m = VQVAE(_Stub(2), _info(2), image_size=1, decoder=lambda **_: nn.Conv2d(2, 2, 1), num_codes=2, code_dim=2,
               ema=ema, decay=0.9, eps=1e-2)
     with torch.no_grad():
         m.backbone.conv.weight.copy_(torch.eye(2).view(2, 2, 1, 1))

@@ -13,12 +13,12 @@ from harness import ginutil, job, store
 from harness.trainer import Interrupted, Trainer
 from methods.aet import (aet_mse, affine_matrices, entries, gaussian_nll, geodesic_loss, homography_from_points,
                          matrices, polar_rotation, projective_matrices, warp)
-from methods.base import Batch
+from methods.base import Batch, DataInfo
 from methods.gan import GAN, Generator, discriminator_loss, generator_loss, upsampling_plan
 from methods.mae import MAE, masked_patch_loss, patchify, random_masking, sincos_pos_embed
 from tests.conftest import parse_method
 
-# The embedded-scale ViT proposed for gin/scale/embedded.gin, at test size.
+# The embedded-scale ViT of gin/scale/embedded/mae.gin, at test size.
 SMALL_VIT = ["vit/backbone.create.name = 'vit_tiny_patch16_224'", "vit/backbone.create.patch_size = 4",
              "vit/backbone.create.depth = 2", "mae.MAE.decoder_dim = 32", "mae.MAE.decoder_depth = 1",
              "mae.MAE.decoder_heads = 2"]
@@ -405,7 +405,8 @@ def test_mae_decoder_puts_tokens_back_in_place(tiny_data):
 def test_mae_without_a_vit_says_how_to_bind_one():
     from harness import backbone
     with pytest.raises(ValueError, match="vit/backbone.create"):
-        MAE(backbone.create("test_resnet", in_chans=1), channels=1)
+        MAE(backbone.create("test_resnet", in_chans=1),
+            DataInfo(channels=1, num_classes=4, num_images=64, mean=(0.5,), std=(0.25,)))
 
 
 def test_avt_log_variances_are_bounded_so_the_loss_stays_finite(tiny_data):
