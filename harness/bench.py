@@ -137,7 +137,7 @@ def runs(table_dirs: Sequence[str]) -> list[dict]:
     rows = []
     for table_dir in table_dirs:
         df = collate.load_runs(Path(table_dir))
-        done = df[df["status"] == "done"].drop_duplicates("run_id")
+        done = df[df["status"] == store.Status.DONE.value].drop_duplicates("run_id")
         for method, group in done.groupby("method", sort=False):
             recs = [store.read_json(Path(table_dir) / "runs" / r / "run.json") or {} for r in group["run_id"]]
             t = [r.get("timings") or {} for r in recs]

@@ -25,6 +25,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from harness import store
+from harness.store import Status
 
 RUN_COLUMNS = ["run_id", "pretrain_id", "table", "method", "seed", "status", "metric", "value", "protocol",
                "protocol_id", "pretrain_s", "eval_s"]
@@ -56,7 +57,7 @@ def _rows(run: dict) -> list[dict]:
         row[f"swept:{key}"] = value if np.isscalar(value) or value is None else json.dumps(value)
     warned = run.get("warnings") or []
     row |= {"error": run.get("error"), "log": run.get("log"), "warning": "; ".join(map(str, warned)) or None}
-    metrics = (run.get("metrics") or {}) if row["status"] == "done" else {}
+    metrics = (run.get("metrics") or {}) if row["status"] == Status.DONE else {}
     if not metrics:
         return [row | {"metric": np.nan, "value": np.nan}]
     owner = {m: (name, p.get("id")) for name, p in _protocols(run).items() for m in p.get("metrics") or []}
@@ -119,7 +120,7 @@ def load_runs(table_dir: Path) -> pd.DataFrame:
     df.attrs["skipped"] = len(folders) - len(records)
     df.attrs["outside_plan"] = len(outside)
     df.attrs["protocols"] = {}
-    for run in (r for r in records if r.get("status") == "done"):
+    for run in (r for r in records if r.get("status") == Status.DONE.value):
         for name, p in _protocols(run).items():
             entry = df.attrs["protocols"].setdefault((name, p["id"]), {"params": p.get("params"), "metrics": set()})
             entry["metrics"].update(p.get("metrics") or [])
@@ -144,7 +145,7 @@ def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
         methods whose runs were all skipped (no numbers; ``note`` gives the reason).
     """
     keys = _keys(df)
-    done = df[df["status"] == "done"]
+    done = df[df["status"] == Status.DONE.value]
     runs = done.drop_duplicates("run_id")
     runs = runs.assign(cost_s=runs[["pretrain_s", "eval_s"]].sum(axis=1, min_count=1))
     board = runs.groupby(keys, dropna=False).agg(seeds=("run_id", "size"), cost_s=("cost_s", "mean"))
@@ -162,7 +163,7 @@ def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
     warned = runs.dropna(subset=["warning"]).groupby(keys, dropna=False)["warning"].first()
     board["note"] = [("warning: " + warned[k]) if k in warned.index else ""
                      for k in (board[keys[0]] if len(keys) == 1 else board[keys].itertuples(index=False, name=None))]
-    skipped = df[df["status"] == "skipped"].drop_duplicates(keys)  # methods that refused the data
+    skipped = df[df["status"] == Status.SKIPPED.value].drop_duplicates(keys)  # methods that refused the data
     skipped = skipped[~skipped.set_index(keys).index.isin(board.set_index(keys).index)]
     if not skipped.empty:
         rows = skipped[keys].assign(seeds=0, note="skipped: " + skipped["error"].fillna("").astype(str))
@@ -171,7 +172,7 @@ def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
     return board.reset_index(drop=True)
 
 
-NOT_COUNTED = ["failed", "interrupted", "invalid"]
+NOT_COUNTED = [Status.FAILED.value, Status.INTERRUPTED.value, Status.INVALID.value]
 
 
 def failed_runs(df: pd.DataFrame) -> pd.DataFrame:
@@ -248,7 +249,7 @@ def render_markdown(df: pd.DataFrame, board: pd.DataFrame, ref: pd.DataFrame, ta
         lines += ["## Failed runs", "", "Failed, interrupted, or finished with a record or file that failed its "
                   "checks: not in the table; the sweep runs them again.", "",
                   failed.to_markdown(index=False, disable_numparse=True), ""]
-    pending = df[~df["status"].isin(["done", "skipped", *NOT_COUNTED])].drop_duplicates("run_id")["status"].fillna("?")
+    pending = df[~df["status"].isin([Status.DONE.value, Status.SKIPPED.value, *NOT_COUNTED])].drop_duplicates("run_id")["status"].fillna("?")
     counts = {**pending.value_counts(), "without a readable run.json": df.attrs.get("skipped", 0)}
     if total := sum(counts.values()):
         detail = ", ".join(f"{n} {status}" for status, n in counts.items() if n)
@@ -267,7 +268,7 @@ def _labels(frame: pd.DataFrame) -> pd.Series:
 
 def plot_leaderboard(df: pd.DataFrame, board: pd.DataFrame, path: Path, table: str) -> None:
     """Saves top-1 per method (mean ± std, one dot per seed) to ``path`` as a PNG."""
-    done = df[(df["status"] == "done") & df["metric"].notna()]
+    done = df[(df["status"] == Status.DONE.value) & df["metric"].notna()]
     present = list(pd.unique(done["metric"]))
     metrics = [m for m in PLOT_METRICS if m in present] or present[:2]
     fig = Figure(figsize=(max(6.0, 1.3 * len(board) + 2.5), 4.5), layout="constrained")

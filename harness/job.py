@@ -154,7 +154,8 @@ def _run(spec: RunSpec, out_dir: Path, pre_dir: Path, method: Callable[..., Meth
          views: Callable[..., Views], trainer: Trainer, features: FrozenFeatures, evaluations: Sequence,
          seed: int) -> dict:
     root = Path(spec.results)
-    record = {"run_id": spec.run_id, "pretrain_id": spec.pretrain_id, "table": spec.table, "method": spec.method,
+    record: store.RunRecord = {
+              "run_id": spec.run_id, "pretrain_id": spec.pretrain_id, "table": spec.table, "method": spec.method,
               "seed": seed, "swept": dict(spec.swept), "status": store.Status.RUNNING.value, "metrics": {},
               "protocols": {}, "timings": {}, "artefacts": {}, "warnings": [], "git": store.git_revision(),
               "error": None, "log": _log_path(), "host": socket.gethostname(), "pid": os.getpid(),

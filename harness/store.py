@@ -34,7 +34,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, TypedDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _HOST = socket.gethostname().replace(".", "_").replace("@", "_")
@@ -50,6 +50,34 @@ class Status(str, enum.Enum):
     REQUEUED = "requeued"  # preempted or timed out on SLURM; a new attempt resumes it
     INTERRUPTED = "interrupted"  # the process was stopped (signal) or died; the sweep runs it again
     INVALID = "invalid"  # never stored: a record that failed its checks (shown by collate and --status)
+
+    def __str__(self) -> str:  # the plain string, as stored (Python < 3.11's StrEnum)
+        return self.value
+
+
+class RunRecord(TypedDict, total=False):
+    """``run.json``: what one run stored. `run_problems` checks the fields marked (checked)."""
+
+    run_id: str  # (checked) its folder's name
+    pretrain_id: str  # (checked) the pretraining it evaluated: <root>/pretrain/<pretrain_id>/
+    table: str  # (checked)
+    method: str  # (checked)
+    seed: int  # (checked)
+    status: str  # (checked) a `Status` value
+    metrics: dict[str, float]  # (checked) {"linear/top1": 83.8, ...}
+    protocols: dict[str, dict]  # (checked) per protocol: id, params, metrics (or skipped)
+    timings: dict[str, Any]  # (checked) pretrain_s, eval_s, their CPU seconds, per protocol
+    artefacts: dict[str, dict]  # (checked) {path under the root: file_meta}, what the numbers depend on
+    swept: dict[str, str]
+    warnings: list[str]
+    error: str | None
+    traceback: str
+    git: str
+    log: str | None
+    host: str
+    pid: int
+    started: str
+    finished: str | None
 
 
 class StoreError(RuntimeError):
@@ -247,7 +275,7 @@ def load_cache(path: Path) -> tuple[Any, dict] | None:
 
 _PRETRAIN_FIELDS = {"status": str, "steps": int, "seconds": (int, float), "artefacts": dict, "encoder": str}
 _RUN_FIELDS = {"run_id": str, "pretrain_id": str, "table": str, "method": str, "seed": int, "status": str,
-               "metrics": dict, "protocols": dict, "timings": dict, "artefacts": dict}
+               "metrics": dict, "protocols": dict, "timings": dict, "artefacts": dict}  # RunRecord's (checked)
 
 
 def _field_problems(rec: dict, fields: dict) -> list[str]:

@@ -156,9 +156,9 @@ def run_state(spec: RunSpec, queued: dict[str, str] | None) -> tuple[str, str]:
     if job_id and queued is not None and job_id in queued:
         return queued[job_id].lower(), f"job {job_id}, log {marker.get('log')}"
     if status == store.Status.RUNNING:
-        return "running", f"pid {rec.get('pid')} on {rec.get('host')}, log {rec.get('log')}"
+        return str(status), f"pid {rec.get('pid')} on {rec.get('host')}, log {rec.get('log')}"
     if status == store.Status.FAILED:
-        return "failed", f"{(rec.get('error') or '').splitlines()[0][:200]} (log {rec.get('log')})"
+        return str(status), f"{(rec.get('error') or '').splitlines()[0][:200]} (log {rec.get('log')})"
     if status in (store.Status.INTERRUPTED, store.Status.INVALID):
         return str(status), reason.splitlines()[0][:300] if reason else ""
     if rec is not None or marker or folder.is_dir() and (folder / "run.json").exists():
@@ -166,7 +166,7 @@ def run_state(spec: RunSpec, queued: dict[str, str] | None) -> tuple[str, str]:
     return "todo", ""
 
 
-TO_RUN = ("todo", "failed", "interrupted", "invalid")
+TO_RUN = ("todo", store.Status.FAILED.value, store.Status.INTERRUPTED.value, store.Status.INVALID.value)
 
 
 def _stop_on_sigterm(signum: int, frame: object) -> None:
