@@ -56,7 +56,7 @@ def test_configured_root_is_read(tmp_path):
 
 
 def test_missing_data_says_where_it_looked_and_how_to_fix(tmp_path, monkeypatch):
-    monkeypatch.setattr("harness.data.SYSTEM_DIRS", (str(tmp_path / "nowhere"),))
+    monkeypatch.setattr("harness.data.fmnist.SYSTEM_DIRS", (str(tmp_path / "nowhere"),))
     with pytest.raises(DataError) as err:
         FashionMNIST(root=str(tmp_path / "empty"), download=False).split("train")
     msg = str(err.value)
@@ -73,7 +73,7 @@ def test_check_returns_the_pretraining_count(tmp_path):
 
 
 def test_check_on_missing_or_broken_files_names_the_gin_key(tmp_path, monkeypatch):
-    monkeypatch.setattr("harness.data.SYSTEM_DIRS", (str(tmp_path / "nowhere"),))
+    monkeypatch.setattr("harness.data.fmnist.SYSTEM_DIRS", (str(tmp_path / "nowhere"),))
     monkeypatch.delenv("SSLBENCH_DATA", raising=False)
     with pytest.raises(DataError) as err:
         FashionMNIST(root=str(tmp_path / "empty"), download=False).check()

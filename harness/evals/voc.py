@@ -1,5 +1,7 @@
-"""PASCAL VOC 2007 classification with linear SVMs on frozen features, and what the VOC
-protocols share: the VOC07 11-point AP, reading a VOCdevkit tree, the embedded tree.
+"""PASCAL VOC 2007 classification with linear SVMs on frozen features.
+
+The AP maths live in `harness.evals.ap` and the VOC reading (devkit lists, resized images,
+the embedded tree) in `harness.evals.voc_data`; their names are re-exported here.
 
 `VOC07SVM` follows Goyal et al. 2019, "Scaling and Benchmarking Self-Supervised Visual
 Representation Learning" (ICCV), as their benchmark code does it
@@ -26,193 +28,15 @@ from typing import Sequence
 import gin
 import numpy as np
 import torch
-from torch import nn
 
 from harness import backbone, ginutil, store
 from harness.data import DataError, ImageSet
 from harness.evals import Context, Features
+from harness.evals.ap import pr_curve, ranking_ap, voc07_ap  # noqa: F401 - re-exported
 from harness.evals.features import extract
+from harness.evals.voc_data import (GENERATE_HINT, EmbeddedVOC, ResizedImages, image_labels,  # noqa: F401 - re-exported
+                                    in_channels, pixel_stats, resolve_root, voc_classes, voc_dir)
 
-GENERATE_HINT = "python -m harness.vocgen DIR"
-
-
-# --- average precision ------------------------------------------------------------
-
-def voc07_ap(recall: Sequence[float], precision: Sequence[float]) -> float:
-    """The VOC2007 devkit's 11-point interpolated AP: the mean over t = 0, 0.1, ..., 1 of
-    the highest precision at recall >= t (0 where recall never reaches t).
-
-    Args:
-        recall: recall after each ranked prediction (non-decreasing), ``[K]``.
-        precision: precision after the same predictions, ``[K]``.
-    """
-    rec, prec = np.asarray(recall, np.float64), np.asarray(precision, np.float64)
-    points = [prec[rec >= t].max() if (rec >= t).any() else 0.0 for t in np.linspace(0, 1, 11)]
-    return float(np.mean(points))
-
-
-def pr_curve(scores: np.ndarray, tp: np.ndarray, fp: np.ndarray, positives: int) -> tuple[np.ndarray, np.ndarray]:
-    """Recall and precision at each distinct score, predictions taken highest score first.
-
-    Equal scores form one step (scikit-learn's convention): the ranking among ties, which
-    the devkit leaves to the input order, never changes the AP.
-    """
-    order = np.argsort(-scores, kind="stable")
-    s, tp, fp = scores[order], np.cumsum(tp[order]), np.cumsum(fp[order])
-    last = np.r_[s[1:] != s[:-1], True]  # the last prediction of each run of equal scores
-    tp, fp = tp[last], fp[last]
-    return tp / positives, tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
-
-
-def ranking_ap(scores: Sequence[float], labels: Sequence[int]) -> float:
-    """VOC07 classification AP of one class: labels 1 (present), -1 (absent), 0 (difficult,
-    ignored as in the devkit's ``VOCevalcls``). NaN when no image is positive."""
-    s, y = np.asarray(scores, np.float64), np.asarray(labels)
-    keep = y != 0
-    s, y = s[keep], y[keep]
-    if not (y > 0).any():
-        return math.nan
-    return voc07_ap(*pr_curve(s, (y > 0).astype(np.float64), (y < 0).astype(np.float64), int((y > 0).sum())))
-
-
-# --- reading a VOCdevkit tree -----------------------------------------------------
-
-def voc_dir(root: Path, year: str = "2007") -> Path:
-    return Path(root) / "VOCdevkit" / f"VOC{year}"
-
-
-def resolve_root(root: str | None, generate_embedded: bool, ctx: Context, key: str) -> Path:
-    """The folder holding ``VOCdevkit/VOC2007`` (torchvision's VOC ``root``).
-
-    `key` is the protocol's gin name (``voc.VOC07SVM``), for the error messages.
-    """
-    if root:
-        path = Path(root).expanduser()
-        if path.name == "VOCdevkit" and (path / "VOC2007").is_dir():
-            path = path.parent
-        elif path.name == "VOC2007" and path.parent.name == "VOCdevkit":
-            path = path.parent.parent
-        if not voc_dir(path).is_dir():
-            raise DataError(f"{key}.root = {root!r}: no VOCdevkit/VOC2007 folder there. Fix: bind it to the folder "
-                            f"holding VOCdevkit/ (real PASCAL VOC), or make one: `{GENERATE_HINT}`")
-        return path
-    if generate_embedded:
-        return EmbeddedVOC().root(Path(ctx.pretrain_dir).parent.parent)
-    raise DataError(f"{key}.root is not set: this protocol reads a PASCAL VOC tree (VOCdevkit/VOC2007). Fix: bind "
-                    f"`{key}.root = '<folder holding VOCdevkit/>'` (real VOC, or one made by `{GENERATE_HINT}`), or "
-                    f"`{key}.generate_embedded = True` to generate the Fashion-MNIST one under the results folder")
-
-
-def voc_classes(root: Path) -> list[str]:
-    """Class names of a tree, from its ``ImageSets/Main/<class>_trainval.txt`` files, sorted."""
-    main = voc_dir(root) / "ImageSets" / "Main"
-    classes = sorted(p.name[: -len("_trainval.txt")] for p in main.glob("*_trainval.txt"))
-    if not classes:
-        raise DataError(f"{main}: no <class>_trainval.txt lists; a VOC tree needs one per class ({GENERATE_HINT} "
-                        "writes them)")
-    return classes
-
-
-def image_labels(root: Path, split: str, classes: Sequence[str]) -> tuple[list[str], np.ndarray]:
-    """Image ids of a split (``ImageSets/Main/<split>.txt``) and their labels ``[N, C]``
-    from the per-class lists: 1 present, -1 absent, 0 difficult only."""
-    main = voc_dir(root) / "ImageSets" / "Main"
-    try:
-        ids = (main / f"{split}.txt").read_text().split()
-    except OSError as err:
-        raise DataError(f"{main / f'{split}.txt'}: cannot read the {split} list ({err})") from err
-    index = {image_id: i for i, image_id in enumerate(ids)}
-    labels = np.full((len(ids), len(classes)), -2, np.int8)
-    for c, cls in enumerate(classes):
-        path = main / f"{cls}_{split}.txt"
-        try:
-            rows = [line.split() for line in path.read_text().splitlines() if line.strip()]
-            for image_id, value in rows:
-                labels[index[image_id], c] = int(value)
-        except (OSError, ValueError, KeyError) as err:
-            raise DataError(f"{path}: unreadable or not matching {split}.txt ({type(err).__name__}: {err})") from err
-    if (labels == -2).any():
-        c = int(np.nonzero((labels == -2).any(0))[0][0])
-        raise DataError(f"{main / f'{classes[c]}_{split}.txt'}: lists fewer images than {split}.txt")
-    return ids, labels
-
-
-class ResizedImages:
-    """VOC images decoded when sliced, each resized whole to ``size x size`` (Goyal et
-    al.'s ``global_resize``): ``images[a:b]`` is uint8 ``[B, C, S, S]``."""
-
-    def __init__(self, paths: Sequence[Path], size: int, channels: int):
-        self.paths, self.size, self.channels = list(paths), size, channels
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def load(self, path: Path) -> torch.Tensor:
-        from PIL import Image, UnidentifiedImageError
-        try:
-            with Image.open(path) as im:
-                im = im.convert("RGB" if self.channels == 3 else "L").resize((self.size, self.size), Image.BILINEAR)
-                arr = np.asarray(im, np.uint8).reshape(self.size, self.size, self.channels)
-        except (OSError, UnidentifiedImageError) as err:
-            raise DataError(f"{path}: cannot decode image ({err})") from err
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1)  # [C, S, S]
-
-    def __getitem__(self, idx: slice) -> torch.Tensor:
-        return torch.stack([self.load(p) for p in self.paths[idx]])
-
-
-def in_channels(encoder: nn.Module, default: int = 3) -> int:
-    """Input channels of an encoder (its timm spec, else its first convolution, else
-    `default`: an encoder without convolutions, like raw pixels, reads what it is given)."""
-    spec = getattr(encoder, "sslbench_spec", None)
-    if spec and "in_chans" in spec:
-        return int(spec["in_chans"])
-    conv = next((m for m in encoder.modules() if isinstance(m, nn.Conv2d)), None)
-    return conv.in_channels if conv is not None else default
-
-
-def pixel_stats(ctx: Context, channels: int, mean: Sequence[float] | None,
-                std: Sequence[float] | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Normalisation for VOC images: the bound values, else the pretraining data's (what
-    the encoder was trained on, as transfer protocols use ImageNet's on VOC)."""
-    if mean is None or std is None:
-        data = ctx.dataset.split("train")
-        mean, std = mean or data.mean, std or data.std
-    if len(mean) != channels or len(std) != channels:
-        raise ValueError(f"VOC protocol: mean/std have {len(mean)}/{len(std)} values for a {channels}-channel encoder")
-    return tuple(map(float, mean)), tuple(map(float, std))
-
-
-@gin.configurable(module="voc")
-class EmbeddedVOC:
-    """The generated Fashion-MNIST VOC tree used when a VOC protocol has no ``root``
-    (harness.vocgen), made once per results folder: ``<results>/data/voc-fmnist-<hash>``.
-
-    Args:
-        images: canvases in all (half test).
-        size: canvas side in pixels.
-        seed: the generator's seed (the same tree for every run of a table).
-        max_items: most items per canvas.
-    """
-
-    def __init__(self, images: int = 1000, size: int = 128, seed: int = 0, max_items: int = 4):
-        self.images, self.size, self.seed, self.max_items = images, size, seed, max_items
-
-    def params(self) -> dict:
-        return {"images": self.images, "size": self.size, "seed": self.seed, "max_items": self.max_items}
-
-    def root(self, results: Path) -> Path:
-        """Generates the tree under ``results/data`` unless it is there; returns its root."""
-        from harness import vocgen
-        folder = Path(results) / "data" / f"voc-fmnist-{ginutil.digest([json.dumps(self.params(), sort_keys=True)])}"
-        with store.locked(folder.parent):  # two runs starting together generate it once
-            if not (folder / "vocgen.json").is_file():
-                print(f"generating the embedded VOC tree in {folder}", flush=True)
-                vocgen.generate(folder, self.images, self.size, self.seed, self.max_items)
-        return folder
-
-
-# --- VOC07 classification with linear SVMs ------------------------------------------
 
 GOYAL_COSTS = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, *(0.5 ** k for k in range(4, 20)))
 
