@@ -1,17 +1,134 @@
-"""Optimizers and learning-rate schedules, registered for gin as ``optim.<Name>``.
-
-LARS (You et al. 2017) is written here; SGD, Adam and AdamW are torch's.
+"""The optimisation kernel of every training loop (pretraining, fine-tuning, the paper probes, detection): batch
+order, weight-decay split, linear lr scaling, the one schedule and `Kernel`'s step; and the optimizers and schedules
+registered for gin as ``optim.<Name>`` (LARS, You et al. 2017, is written here; SGD, Adam and AdamW are torch's).
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
-from typing import Iterable
+from typing import Callable, ContextManager, Iterable, Mapping, Sequence
 
 import gin
 import torch
+from torch import nn
 
 for _cls in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW):
     gin.external_configurable(_cls, module="optim")
+
+NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The loss became NaN or infinite; the message names the step, the lr and where the lr comes from."""
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
+    """Indices of `step`'s batch: epoch-wise permutations, drop-last, a pure function."""
+    per_epoch = n // batch_size
+    epoch, j = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    return perm[j * batch_size:(j + 1) * batch_size]
+
+
+def param_groups(model: nn.Module, weight_decay: float, norms_only: bool = False) -> list[dict]:
+    """The trainable parameters as decayed, and exempt from decay and LARS (``lars=False``): biases and norm
+    parameters (``ndim <= 1``, as SimCLR and BYOL), or with `norms_only` only norm layers' (detectron2's)."""
+    norm = {id(p) for m in model.modules() if isinstance(m, NORMS) for p in m.parameters(recurse=False)}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            exempt = id(p) in norm if norms_only else p.ndim <= 1
+            (no_decay if exempt else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0, "lars": False}]
+
+
+def scaled_lr(base_lr: float, batch_size: int, scale: bool = True, key: str = "lr") -> tuple[float, str]:
+    """``base_lr * batch_size / 256`` (Goyal et al. 2017's linear scaling) or `base_lr`, and its source (messages)."""
+    if scale:
+        return base_lr * batch_size / 256, f"{key} = {base_lr} x batch_size {batch_size} / 256"
+    return base_lr, f"{key} = {base_lr}, scale_lr = False"
+
+
+def lr_factor(step: int, total: int, warmup: float = 0.0, decay: str = "cosine", final: float = 0.0,
+              milestones: Sequence[float] = (), warmup_from: float | None = None) -> float:
+    """Multiplier of the lr at `step` of `total`: a linear warm-up over `warmup` steps (fractions allowed), then
+    `decay`: ``cosine`` to `final` after the warm-up (Loshchilov & Hutter 2017), ``step`` (x0.1 at each of
+    `milestones`, in steps) or ``constant``. With `warmup_from` None the ramp ``(step + 1) / warmup`` replaces the
+    decay (Goyal et al. 2017's gradual warm-up); else ``f (1 - a) + a``, ``a = step / warmup``, rises from ``f``
+    and multiplies it (detectron2's WarmupMultiStepLR)."""
+    if step < warmup and warmup_from is None:
+        return (step + 1) / warmup
+    if decay == "cosine":
+        t = min(1.0, max(0.0, (step - warmup) / max(1.0, total - warmup)))
+        factor = final + (1 - final) * 0.5 * (1 + math.cos(math.pi * t))
+    elif decay == "step":
+        factor = 0.1 ** sum(step >= m for m in milestones)
+    elif decay == "constant":
+        factor = 1.0
+    else:
+        raise ValueError(f"lr_factor: decay {decay!r} is not one of cosine, step, constant")
+    if step < warmup:
+        a = step / warmup
+        return (warmup_from * (1 - a) + a) * factor
+    return factor
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` (CUDA when present, else CPU), ``cpu`` or ``cuda``."""
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+
+
+@dataclasses.dataclass
+class Kernel:
+    """One optimisation step of a training loop, and the one place where its numerics are decided: `device`
+    (`prepare` places models), `precision` (``fp32`` only: bf16 belongs in `autocast`, channels_last and
+    torch.compile in `prepare`, so that every loop gets them at once). `optimizer` None: only the loss is checked.
+    `lr` (after `scaled_lr`) times ``schedule(step)`` is the step's lr; `total`, `source` (of `lr`), `fix` and `name`
+    (a prefix) word the `NonFiniteLoss` message."""
+
+    optimizer: torch.optim.Optimizer | None
+    lr: float
+    schedule: Callable[[int], float]
+    total: int
+    source: str
+    fix: str
+    name: str = ""
+    device: torch.device = torch.device("cpu")
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.precision != "fp32":
+            raise ValueError(f"Kernel: precision {self.precision!r} is not supported (only 'fp32')")
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """`model` on the device (parameters keep their identity: an optimizer on them stays valid)."""
+        return model.to(self.device)
+
+    def autocast(self) -> ContextManager:
+        """The context of forward passes: nothing in fp32; the hook for bf16 autocast."""
+        return contextlib.nullcontext()
+
+    def step(self, loss: torch.Tensor, step: int, check: torch.Tensor | None = None,
+             terms: Mapping[str, torch.Tensor] | None = None) -> float:
+        """Checks `check` (default `loss`; e.g. its mean across ranks), raising `NonFiniteLoss` that names the step,
+        the lr, its source and the `terms` of the loss; sets the lr on every group, back-propagates, steps.
+        Returns the lr."""
+        lr = self.lr * self.schedule(step)
+        checked = loss if check is None else check
+        if not torch.isfinite(checked):
+            parts = "; " + ", ".join(f"{k} {v.item():.4g}" for k, v in terms.items()) if terms else ""
+            where = f"{self.name}: " if self.name else ""
+            raise NonFiniteLoss(f"{where}loss is {checked.item()} at step {step} of {self.total} (lr {lr:.4g}, from "
+                                f"{self.source}, times the schedule{parts}); {self.fix}")
+        if self.optimizer is not None:
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+        return lr
 
 
 @gin.configurable(module="optim")
@@ -41,13 +158,9 @@ class LARS(torch.optim.Optimizer):
 
 @gin.configurable(module="optim")
 def warmup_cosine(step: int, total: int, warmup: float = 0.0, final: float = 0.0) -> float:
-    """Multiplier of the base learning rate: linear warm-up over `warmup` (a fraction of
-    `total` when < 1, else steps), then cosine decay to `final` (Loshchilov & Hutter 2017)."""
-    w = warmup * total if warmup < 1 else warmup
-    if step < w:
-        return (step + 1) / w
-    t = (step - w) / max(1.0, total - w)
-    return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    """The trainer's `lr_factor`: linear warm-up over `warmup` (a fraction of `total` when < 1, else steps), then
+    cosine decay to `final` (Loshchilov & Hutter 2017)."""
+    return lr_factor(step, total, warmup * total if warmup < 1 else warmup, "cosine", final)
 
 
 @gin.configurable(module="optim")

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from harness import store
 from harness.data import ImageSet
+from harness.optim import Kernel, NonFiniteLoss, batch_indices, param_groups, resolve_device, scaled_lr  # noqa: F401
 from harness.views import Views
 from methods.base import Batch, Method
 
@@ -50,10 +51,6 @@ def defer_while_training(handler: Callable[[int, object], None]) -> Callable[[in
         else:
             handler(signum, frame)
     return wrapped
-
-
-class NonFiniteLoss(FloatingPointError):
-    """The loss became NaN or infinite; the message names the step."""
 
 
 class Interrupted(RuntimeError):
@@ -104,24 +101,6 @@ def check_batch(batch_size: int, n: int) -> None:
                          "(e.g. the dataset's pretrain_size)")
 
 
-def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
-    """Indices of `step`'s batch: epoch-wise permutations, drop-last, a pure function."""
-    per_epoch = n // batch_size
-    epoch, j = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    return perm[j * batch_size:(j + 1) * batch_size]
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on weights only; biases and norm parameters are exempt (and skip LARS)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0, "lars": False}]
-
-
 @gin.configurable(module="trainer")
 class Trainer:
     """Pretrains a method on a dataset's views.
@@ -146,14 +125,11 @@ class Trainer:
                  schedule: Callable[[int, int], float] | None = None, max_steps: int | None = None,
                  checkpoint_every: int = 100, log_every: int = 1, device: str = "auto", progress: bool = True):
         self.epochs, self.batch_size, self.optimizer = epochs, batch_size, optimizer
-        self.lr = base_lr * batch_size / 256 if scale_lr else base_lr
-        self.lr_source = (f"trainer.Trainer.base_lr = {base_lr} x batch_size {batch_size} / 256" if scale_lr else
-                          f"trainer.Trainer.base_lr = {base_lr}, scale_lr = False")
+        self.lr, self.lr_source = scaled_lr(base_lr, batch_size, scale_lr, key="trainer.Trainer.base_lr")
         self.weight_decay, self.max_steps = weight_decay, max_steps
         self.schedule = schedule or (lambda step, total: 1.0)
         self.checkpoint_every, self.log_every, self.progress = checkpoint_every, log_every, progress
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                                   ("cpu" if device == "auto" else device))
+        self.device = resolve_device(device)
 
     def total_steps(self, method: Method, n: int) -> int:
         if method.pretrain_steps is not None:
@@ -177,9 +153,11 @@ class Trainer:
         if self.batch_size % distributed()[1]:
             raise ValueError(f"trainer.Trainer.batch_size = {self.batch_size} must divide evenly among "
                              f"{distributed()[1]} processes")
-        method.to(self.device).train()
         trainable = [p for p in method.parameters() if p.requires_grad]
         opt = self.optimizer(param_groups(method, self.weight_decay), lr=self.lr) if trainable else None
+        kernel = Kernel(opt, self.lr, lambda step: self.schedule(step, total), total, self.lr_source,
+                        "lower trainer.Trainer.base_lr or check the method", device=self.device)
+        kernel.prepare(method).train()
         folder.mkdir(parents=True, exist_ok=True)
         ckpt_path, log_path = folder / "checkpoint.pt", folder / "log.jsonl"
         start, resumed = 0, None
@@ -205,16 +183,17 @@ class Trainer:
         global _training, _pending
         _training = True
         try:
-            self._loop(method, opt, data, views, bar, total, start, seed, ckpt_path, log_path, stop_after)
+            self._loop(method, kernel, data, views, bar, total, start, seed, ckpt_path, log_path, stop_after)
         finally:
             _training, _pending = False, None
         bar.close()
         return {"steps": total, "resumed_from": resumed, "final_loss": self.last_loss}
 
-    def _loop(self, method: Method, opt: torch.optim.Optimizer | None, data: ImageSet, views: Views, bar: tqdm,
-              total: int, start: int, seed: int, ckpt_path: Path, log_path: Path, stop_after: int | None) -> None:
+    def _loop(self, method: Method, kernel: Kernel, data: ImageSet, views: Views, bar: tqdm, total: int, start: int,
+              seed: int, ckpt_path: Path, log_path: Path, stop_after: int | None) -> None:
         global _pending
         rank, world = distributed()
+        opt = kernel.optimizer
         model = method
         if world > 1 and opt is not None:  # gradients averaged across ranks
             if self.device.type == "cuda":
@@ -230,21 +209,12 @@ class Trainer:
                 all_views = views(data.images[idx].to(self.device))
                 batch = Batch(views=[v[shard] for v in all_views], labels=data.labels[idx][shard].to(self.device),
                               index=idx[shard].to(self.device))
-                lr = self.lr * self.schedule(step, total)
-                out = model(batch)
+                with kernel.autocast():
+                    out = model(batch)
                 loss = out["loss"]
                 if world > 1:  # the logged and checked loss is the global batch's
                     out = {k: _mean_across_ranks(v) for k, v in out.items()}
-                if not torch.isfinite(out["loss"]):
-                    raise NonFiniteLoss(f"loss is {out['loss'].item()} at step {step} of {total} (lr {lr:.4g}, from "
-                                        f"{self.lr_source}, times the schedule); lower trainer.Trainer.base_lr or "
-                                        "check the method")
-                if opt is not None:
-                    for g in opt.param_groups:
-                        g["lr"] = lr
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
+                lr = kernel.step(loss, step, check=out["loss"])
                 method.after_step(step, total)
                 self.last_loss = out["loss"].item()
                 if step % self.log_every == 0 or step == total - 1:

@@ -5,23 +5,23 @@ network, `harness.evals.semisup.SemiSupervised`).
 Training views are a random resized crop and a horizontal flip (`harness.views.resized_crop`,
 the crop of ``views.Augment``), drawn per sample on the training device; evaluation takes
 the central ``eval_crop`` of each image resized to the image size (ImageNet's 224 of 256:
-0.875). Batches follow ``trainer.batch_indices`` (epoch-wise seeded permutations, last
-partial batch dropped), so a run is a pure function of its seed.
+0.875). Batches follow ``optim.batch_indices`` (epoch-wise seeded permutations, last
+partial batch dropped), so a run is a pure function of its seed. The steps are `harness.optim.Kernel`'s.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from harness import optim
 from harness.data import ImageSet
-from harness.optim import LARS
-from harness.trainer import batch_indices, param_groups
 from harness.views import eval_view, normalize, resized_crop
 
 OPTIMIZERS = ("sgd", "lars")
@@ -84,23 +84,17 @@ class Recipe:
         return out
 
 
-def lr_factor(recipe: Recipe, step: int, per_epoch: int, total: int) -> float:
-    """Multiplier of the learning rate at `step` of `total` (`per_epoch` steps an epoch)."""
-    warmup = round(recipe.warmup_epochs * per_epoch)
-    if step < warmup:
-        return (step + 1) / warmup
-    if recipe.schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-    if recipe.schedule == "step":
-        return 0.1 ** sum(step >= m * per_epoch for m in recipe.milestones)
-    return 1.0
+def schedule(recipe: Recipe, per_epoch: int, total: int) -> Callable[[int], float]:
+    """The recipe's lr multiplier per step (`optim.lr_factor`; `per_epoch` steps an epoch, `total` steps)."""
+    return functools.partial(optim.lr_factor, total=total, warmup=round(recipe.warmup_epochs * per_epoch),
+                             decay=recipe.schedule, milestones=[m * per_epoch for m in recipe.milestones])
 
 
 def optimizer(recipe: Recipe, model: nn.Module, lr: float) -> torch.optim.Optimizer:
     """The recipe's optimizer over `model`'s trainable parameters."""
-    groups = [g for g in param_groups(model, recipe.weight_decay) if g["params"]]
+    groups = [g for g in optim.param_groups(model, recipe.weight_decay) if g["params"]]
     if recipe.optimizer == "lars":
-        return LARS(groups, lr=lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay, eta=0.001)
+        return optim.LARS(groups, lr=lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay, eta=0.001)
     return torch.optim.SGD(groups, lr=lr, momentum=recipe.momentum, nesterov=recipe.nesterov,
                            weight_decay=recipe.weight_decay)
 
@@ -127,40 +121,35 @@ def train(encoder: nn.Module, head: nn.Module, data: ImageSet, index: torch.Tens
     Returns:
         ``{"steps": int, "final_loss": float}``.
     Raises:
-        FloatingPointError: when the loss stops being finite (names the step and the lr).
+        optim.NonFiniteLoss: when the loss stops being finite (names the step and the lr).
     """
     n = len(index)
     batch = min(recipe.batch_size, n)
     per_epoch = n // batch
     total = max(1, math.ceil(recipe.epochs * per_epoch))
     total = min(total, recipe.max_steps) if recipe.max_steps else total
-    lr = recipe.lr * batch / 256 if recipe.scale_lr else recipe.lr
-    encoder.to(device).train(fine_tune)
-    head.to(device).train()
+    lr, source = optim.scaled_lr(recipe.lr, batch, recipe.scale_lr)
     for p in encoder.parameters():
         p.requires_grad_(fine_tune)
     opt = optimizer(recipe, nn.ModuleList([encoder, head]) if fine_tune else head, lr)
+    kernel = optim.Kernel(opt, lr, schedule(recipe, per_epoch, total), total, source, "lower the protocol's lr",
+                          name=desc, device=torch.device(device))
+    kernel.prepare(encoder).train(fine_tune)
+    kernel.prepare(head).train()
     loss = torch.zeros(())
     devices = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         for step in tqdm(range(total), desc=desc, disable=not progress, dynamic_ncols=True, mininterval=1.0):
-            idx = index[batch_indices(n, batch, seed, step)]  # [b]
+            idx = index[optim.batch_indices(n, batch, seed, step)]  # [b]
             x = resized_crop(data.images[idx].to(device).float().div_(255), image_size, recipe.crop_scale,
                              (3 / 4, 4 / 3), 0.5)
             x = normalize(x, data.mean, data.std)  # [b, C, S, S]
-            with torch.set_grad_enabled(fine_tune):
-                h = encoder(x).flatten(1)  # [b, D]
-            loss = F.cross_entropy(head(h), data.labels[idx].to(device))
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{desc}: loss is {loss.item()} at step {step} of {total} (lr {lr:g} at batch "
-                                         f"{batch}); lower the protocol's lr")
-            step_lr = lr * lr_factor(recipe, step, per_epoch, total)
-            for g in opt.param_groups:
-                g["lr"] = step_lr
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            with kernel.autocast():
+                with torch.set_grad_enabled(fine_tune):
+                    h = encoder(x).flatten(1)  # [b, D]
+                loss = F.cross_entropy(head(h), data.labels[idx].to(device))
+            kernel.step(loss, step)
     return {"steps": total, "final_loss": loss.item()}
 
 

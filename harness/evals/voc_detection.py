@@ -21,9 +21,10 @@ are trained on (as detectron2 does) and ignored at scoring (as the devkit does).
 """
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import gin
 import numpy as np
@@ -31,11 +32,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from harness import optim
 from harness.data import DataError
+from harness.errors import Unsupported
 from harness.evals import Context
 from harness.evals.voc import (EmbeddedVOC, in_channels, pixel_stats, pr_curve, resolve_root, voc07_ap,
                                voc_classes, voc_dir)
-from methods.base import Unsupported
 
 STEM = ("conv1", "bn1", "act1", "maxpool")
 
@@ -280,12 +282,11 @@ class Detection:
             box_head=Res5Head(layer4, c5, self.extra_norm), box_predictor=FastRCNNPredictor(c5, num_classes + 1),
             box_batch_size_per_image=self.box_batch_size, box_detections_per_img=self.detections_per_image)
 
-    def _lr_factor(self, it: int) -> float:
-        warm = 1.0
-        if it < self.warmup_iters:
-            a = it / self.warmup_iters
-            warm = self.warmup_factor * (1 - a) + a
-        return warm * 0.1 ** sum(it >= s * self.iterations for s in self.lr_steps)
+    def schedule(self) -> Callable[[int], float]:
+        """The lr multiplier per iteration: detectron2's warm-up from ``warmup_factor`` times the 10x steps."""
+        return functools.partial(optim.lr_factor, total=self.iterations, warmup=self.warmup_iters,
+                                 warmup_from=self.warmup_factor, decay="step",
+                                 milestones=[s * self.iterations for s in self.lr_steps])
 
     def _batches(self, data: VOCBoxes, count: int, generator: torch.Generator):
         """`count` training batches of images drawn without replacement, epoch after epoch."""
@@ -341,27 +342,20 @@ class Detection:
         test = VOCBoxes(root, [("2007", "test")], classes, channels)
         torch.manual_seed(ctx.seed)  # the new heads' initialisation and the sizes drawn per batch
         gen = torch.Generator().manual_seed(ctx.seed)
-        model = self.build(encoder, len(classes), mean, std).to(ctx.device)
-        decay = [p for n, p in model.named_parameters() if p.requires_grad and not _is_norm(model, n)]
-        no_decay = [p for n, p in model.named_parameters() if p.requires_grad and _is_norm(model, n)]
-        opt = torch.optim.SGD([{"params": decay, "weight_decay": self.weight_decay},
-                               {"params": no_decay, "weight_decay": 0.0}], lr=self.lr, momentum=self.momentum)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_factor)
-        model.train()
+        model = self.build(encoder, len(classes), mean, std)
+        opt = torch.optim.SGD(optim.param_groups(model, self.weight_decay, norms_only=True), lr=self.lr,
+                              momentum=self.momentum)
+        kernel = optim.Kernel(opt, self.lr, self.schedule(), self.iterations, f"voc_detection.Detection.lr = {self.lr}",
+                              "lower voc_detection.Detection.lr", name=self.name, device=torch.device(ctx.device))
+        kernel.prepare(model).train()
         self.losses = []
         bar = tqdm(self._batches(train, self.iterations, gen), total=self.iterations, desc="detection/voc07",
                    disable=not ctx.progress, dynamic_ncols=True, mininterval=1.0)
         for it, (images, targets) in enumerate(bar):
-            terms = model(*self._to(images, targets, ctx.device))
+            with kernel.autocast():
+                terms = model(*self._to(images, targets, ctx.device))
             loss = sum(terms.values())
-            if not torch.isfinite(loss):
-                detail = ", ".join(f"{k} {v.item():.4g}" for k, v in terms.items())
-                raise FloatingPointError(f"detection/voc07: loss is {loss.item()} at iteration {it} ({detail}); "
-                                         "lower voc_detection.Detection.lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            kernel.step(loss, it, terms=terms)
             self.losses.append(loss.item())
             bar.set_postfix(loss=f"{self.losses[-1]:.3f}", refresh=False)
         self._precise_bn(model, train, gen, ctx.device)
@@ -406,8 +400,3 @@ class Detection:
         return {"detection/voc07/AP50": 100 * float(ap[:, 0].mean()),
                 "detection/voc07/AP75": 100 * float(ap[:, 5].mean()),
                 "detection/voc07/AP": 100 * float(ap.mean())}
-
-
-def _is_norm(model: nn.Module, name: str) -> bool:
-    module = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-    return isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm))
