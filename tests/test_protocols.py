@@ -401,7 +401,7 @@ def test_table2_smoke_runs_every_protocol_end_to_end(tmp_path):
            *(a for b in SMOKE for a in ("--bind", b)), "--results", str(tmp_path)]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    ginutil.parse(["gin/table2.gin", "gin/scale/smoke.gin"], SMOKE)
+    ginutil.parse(ginutil.run_files("supervised", "embedded", ["gin/table2.gin", "gin/scale/smoke.gin"]), SMOKE)
     protocols = [ref.scoped_configurable_fn() for ref in gin.query_parameter("job.run.evaluations")]
     expected = {p.name: protocol_lib.protocol_id(p) for p in protocols}
     assert len(expected) == 8
