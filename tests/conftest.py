@@ -1,7 +1,9 @@
 """Shared fixtures: tiny generated data, gin parsed for a method at a test scale."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Mapping
 
 import gin
 import pytest
@@ -67,6 +69,55 @@ def tiny_colour_data() -> ImageSet:
 def parse_method(name: str, *bindings: str) -> None:
     """Parses a method's gin file at the embedded scale with the tiny test network."""
     ginutil.parse(ginutil.run_files(name, "embedded"), [*TINY, *bindings])
+
+
+@dataclass
+class Resumed:
+    """What `assert_resumes_exactly` ran: both methods after training, the resumed fit's
+    info, and the folder of the interrupted-then-resumed run (checkpoint.pt, log.jsonl)."""
+    ref: Any  # the method after the uninterrupted fit
+    resumed: Any  # the method after the interrupted fit was resumed
+    info: dict  # Trainer.fit's return value for the resumed fit
+    folder: Path
+
+
+def assert_resumes_exactly(make_method: Callable[[], tuple[Any, Any]], data: ImageSet, tmp_path: Path, *,
+                           steps: int, stop_after: int = 3, checkpoint_every: int = 2, seed: int = 3,
+                           trainer_kwargs: Mapping[str, Any] | None = None) -> Resumed:
+    """Trains `steps` steps uninterrupted (``tmp_path/"a"``), and again (``tmp_path/"b"``)
+    stopped after `stop_after` steps, then resumed from its last checkpoint; asserts that the
+    checkpoint is at the last multiple of `checkpoint_every` before the stop, that the resumed
+    fit started there, and that every entry of the two methods' state_dicts is equal
+    (``torch.equal``: parameters, buffers, banks, queues, counters).
+
+    `make_method` returns a fresh ``(method, views)`` (e.g. parse gin, then ``job.build``);
+    it is called once per fit. Both fits use the real `harness.trainer.Trainer` with
+    ``max_steps=steps``, ``batch_size=16``, `checkpoint_every`, no progress bar, and
+    `trainer_kwargs` on top. Checks of a method's particular state stay in its test, on
+    the returned `Resumed`.
+    """
+    from harness import store
+    from harness.trainer import Interrupted, Trainer
+    assert checkpoint_every <= stop_after < steps, "stop after a checkpoint, before the last step"
+    kwargs = {"batch_size": 16, "progress": False, **(trainer_kwargs or {})}
+
+    def fit(folder: Path, stop: int | None = None) -> tuple[Any, dict]:
+        method, views = make_method()
+        trainer = Trainer(max_steps=steps, checkpoint_every=checkpoint_every, **kwargs)
+        return method, trainer.fit(method, data, views, folder, seed, stop_after=stop)
+
+    ref, _ = fit(tmp_path / "a")
+    with pytest.raises(Interrupted):
+        fit(tmp_path / "b", stop_after)
+    saved = (stop_after // checkpoint_every) * checkpoint_every
+    assert store.load_torch(tmp_path / "b" / "checkpoint.pt")["step"] == saved
+    resumed, info = fit(tmp_path / "b")
+    assert info["resumed_from"] == saved
+    a, b = ref.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"after resuming from step {saved}, these differ from the uninterrupted run: {differ}"
+    return Resumed(ref, resumed, info, tmp_path / "b")
 
 
 def _slurm_can_start() -> str | None:

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from harness import ginutil, job
-from harness.trainer import Interrupted, Trainer, batch_indices
+from harness.trainer import batch_indices
 from methods.base import Batch
 from methods.deepcluster import fill_empty_clusters, uniform_cluster_loss
 from methods.sela import heads_cross_entropy, self_label
 from methods.sinkhorn import sinkhorn, sinkhorn_scalings
 from methods.swav import swapped_prediction
-from tests.conftest import parse_method
+from tests.conftest import assert_resumes_exactly, parse_method
 
 SMALL = "SMALL_IMAGE_SIZE = 16"  # the embedded scale's small crops
 
@@ -157,19 +157,6 @@ RESUME = {  # bindings, steps, stop_after (checkpoints every 2 steps), a check t
 @pytest.mark.parametrize("name", sorted(RESUME))
 def test_resume_restores_the_methods_state_exactly(name, tmp_path, tiny_data):
     bindings, steps, stop, nontrivial = RESUME[name]
-
-    def fit(folder, stop_after=None):
-        method, views = _build(name, tiny_data, *bindings)
-        trainer = Trainer(max_steps=steps, batch_size=16, checkpoint_every=2, progress=False)
-        trainer.fit(method, tiny_data, views, folder, seed=3, stop_after=stop_after)
-        return method
-
-    ref = fit(tmp_path / "a")
-    assert nontrivial(ref)
-    with pytest.raises(Interrupted):
-        fit(tmp_path / "b", stop_after=stop)
-    resumed = fit(tmp_path / "b")
-    a, b = ref.state_dict(), resumed.state_dict()
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    run = assert_resumes_exactly(lambda: _build(name, tiny_data, *bindings), tiny_data, tmp_path,
+                                 steps=steps, stop_after=stop)
+    assert nontrivial(run.ref)

@@ -97,7 +97,7 @@ def test_wrong_type_in_a_binding_and_through_a_macro(capsys, tmp_path):
     assert "--bind 'knn.KNN.ks = 20': knn.KNN.ks = 20 is an int; it takes list or tuple" in out
     out = fails(capsys, tmp_path / "results", TABLE, "--dry-run", "--bind", "IMAGE_SIZE = 'big'")
     assert "IMAGE_SIZE = 'big' is a str" in out and "features.FrozenFeatures.image_size = %IMAGE_SIZE" in out
-    assert "gin/common.gin, line" in out and "Fix: give IMAGE_SIZE a value of type int" in out
+    assert "gin/base.gin, line" in out and "Fix: give IMAGE_SIZE a value of type int" in out
 
 
 def test_misaligned_block(capsys, tmp_path):

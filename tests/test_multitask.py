@@ -10,10 +10,9 @@ from torch import nn
 import methods.multitask
 from harness import ginutil, job
 from harness.errors import Unsupported
-from harness.trainer import Interrupted, Trainer
 from methods.base import Batch, DataInfo, Method, build_method
 from methods.multitask import MultiTask
-from tests.conftest import make_colour_images, parse_method
+from tests.conftest import assert_resumes_exactly, make_colour_images, parse_method
 
 # RotNet + Exemplar on the gin file's views: RotNet reads view 0, Exemplar views 2-3 (works on gray data).
 ROT_EX = ["multitask.MultiTask.tasks = [@rotnet.RotNet, @exemplar.Exemplar]",
@@ -151,21 +150,13 @@ def test_the_papers_combination_needs_colour_and_trains_on_it(tiny_data):
 def test_resume_restores_every_tasks_state_exactly(tmp_path):
     colour = make_colour_images()  # the paper's combination: colorization's bin counts, exemplar's seeds
 
-    def fit(folder, stop_after=None):
+    def make():
         parse_method("multitask", *PAPER_TASKS, *SMALL_HEADS)
-        method, views = job.build(ginutil.reference("job.run.method"), ginutil.reference("job.run.views"), colour, 3)
-        Trainer(max_steps=5, batch_size=16, checkpoint_every=2, progress=False).fit(
-            method, colour, views, folder, seed=3, stop_after=stop_after)
-        return method
+        return job.build(ginutil.reference("job.run.method"), ginutil.reference("job.run.views"), colour, 3)
 
-    ref = fit(tmp_path / "a")
-    with pytest.raises(Interrupted):
-        fit(tmp_path / "b", stop_after=3)
-    resumed = fit(tmp_path / "b")
-    a, b = ref.state_dict(), resumed.state_dict()
-    assert a.keys() == b.keys() and any(k.startswith("tasks.2.surrogate_class") for k in a)
+    run = assert_resumes_exactly(make, colour, tmp_path, steps=5, stop_after=3)
+    a = run.ref.state_dict()
+    assert any(k.startswith("tasks.2.surrogate_class") for k in a)
     state = [k for k in a if k.startswith("tasks.1.") and not k.startswith("tasks.1.backbone.")
              and "running" not in k and "num_batches" not in k and not a[k].requires_grad]
     assert state  # colorization keeps state besides weights
-    for k in a:
-        assert torch.equal(a[k], b[k]), k

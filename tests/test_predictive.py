@@ -5,13 +5,12 @@ import math
 import pytest
 import torch
 
-from harness import ginutil, job, store
-from harness.trainer import Interrupted, Trainer
+from harness import ginutil, job
 from methods.base import Batch, DataInfo
 from methods.cpc import CPC, info_nce, patch_grid
 from methods.pirl import pirl_nce
 from methods.tiles import jigsaw_tiles, jitter_crop, shuffle_tiles
-from tests.conftest import parse_method
+from tests.conftest import assert_resumes_exactly, parse_method
 
 
 def _info(channels: int = 1, num_images: int = 64, num_classes: int = 4) -> DataInfo:
@@ -74,29 +73,18 @@ def test_pirl_nce_matches_hand_computation():
         assert math.isclose(pirl_nce(q, p, n, tau).item(), _pirl_nce_by_hand(q, p, n, tau), rel_tol=1e-5)
 
 
-def _fit_pirl(folder, data, stop_after=None, seed=3, steps=4):
+def _build_pirl(data, seed=3):
     parse_method("pirl")
-    method, views = job.build(ginutil.reference("job.run.method"), ginutil.reference("job.run.views"), data, seed)
-    trainer = Trainer(max_steps=steps, batch_size=16, checkpoint_every=2, progress=False)
-    trainer.fit(method, data, views, folder, seed, stop_after=stop_after)
-    return method
+    return job.build(ginutil.reference("job.run.method"), ginutil.reference("job.run.views"), data, seed)
 
 
 def test_pirl_bank_resumes_exactly(tmp_path, tiny_data):
-    ref = _fit_pirl(tmp_path / "a", tiny_data)
-    parse_method("pirl")
-    fresh, _ = job.build(ginutil.reference("job.run.method"), ginutil.reference("job.run.views"), tiny_data, 3)
-    assert not torch.equal(ref.memory.bank, fresh.memory.bank)  # the bank was updated
-    assert torch.allclose(ref.memory.bank.norm(dim=1), torch.ones(len(tiny_data)), atol=1e-5)
-    with pytest.raises(Interrupted):
-        _fit_pirl(tmp_path / "b", tiny_data, stop_after=3)  # checkpoint at step 2, step 3 lost
-    assert store.load_torch(tmp_path / "b" / "checkpoint.pt")["step"] == 2
-    resumed = _fit_pirl(tmp_path / "b", tiny_data)
-    assert torch.equal(ref.memory.bank, resumed.memory.bank)
-    a, b = ref.state_dict(), resumed.state_dict()
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    # checkpoint at step 2, step 3 lost
+    run = assert_resumes_exactly(lambda: _build_pirl(tiny_data), tiny_data, tmp_path, steps=4, stop_after=3)
+    fresh, _ = _build_pirl(tiny_data)
+    assert not torch.equal(run.ref.memory.bank, fresh.memory.bank)  # the bank was updated
+    assert torch.allclose(run.ref.memory.bank.norm(dim=1), torch.ones(len(tiny_data)), atol=1e-5)
+    assert "memory.bank" in run.ref.state_dict()  # so the helper compared it
 
 
 # --- CPC --------------------------------------------------------------------------

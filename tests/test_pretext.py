@@ -9,9 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness import backbone, ginutil, store
+from harness import backbone, ginutil
 from harness.data import ImageSet
-from harness.trainer import Interrupted, Trainer
 from harness.errors import Unsupported
 from methods.base import Batch, DataInfo, build_method
 from methods.color import ab_bins, colour_input, gray_input, lab_to_rgb, rgb_to_lab, soft_encode
@@ -19,7 +18,7 @@ from methods.colorization import Colorization, colorization_loss, rebalance_weig
 from methods.jigsaw import Jigsaw, hamming_permutations, normalize_tiles
 from methods.relative_location import RelativeLocation, drop_colours, gray_project, patch_pair
 from methods.split_brain import SplitBrain, l_bin, split_brain_loss
-from tests.conftest import make_colour_images, make_images, parse_method
+from tests.conftest import assert_resumes_exactly, make_colour_images, make_images, parse_method
 
 
 def _info(channels: int = 1, num_images: int = 64, num_classes: int = 4) -> DataInfo:
@@ -387,23 +386,9 @@ def test_colorization_sees_colour_targets_and_gray_inputs():
     assert (m._pending > 0).sum() > 3  # the tints spread the targets over several bins
 
 
-def _fit_colorization(folder, data, stop_after=None, seed=3, steps=4):
-    method, views = _colour_method("colorization", data, seed)
-    trainer = Trainer(max_steps=steps, batch_size=16, checkpoint_every=2, progress=False)
-    trainer.fit(method, data, views, folder, seed, stop_after=stop_after)
-    return method
-
-
 def test_colorization_bin_counts_resume_exactly(tmp_path):
     data = tinted_images()
-    ref = _fit_colorization(tmp_path / "a", data)
-    assert ref.counts.sum() == 4 * 16 * 8 * 8  # four steps of 16 images, 8x8 targets each
-    with pytest.raises(Interrupted):
-        _fit_colorization(tmp_path / "b", data, stop_after=3)  # checkpoint at step 2, step 3 lost
-    assert store.load_torch(tmp_path / "b" / "checkpoint.pt")["step"] == 2
-    resumed = _fit_colorization(tmp_path / "b", data)
-    assert torch.equal(ref.counts, resumed.counts)
-    a, b = ref.state_dict(), resumed.state_dict()
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    # checkpoint at step 2, step 3 lost
+    run = assert_resumes_exactly(lambda: _colour_method("colorization", data, 3), data, tmp_path, steps=4, stop_after=3)
+    assert run.ref.counts.sum() == 4 * 16 * 8 * 8  # four steps of 16 images, 8x8 targets each
+    assert "counts" in run.ref.state_dict()  # so the helper compared the bin counts

@@ -11,7 +11,6 @@ from torch import nn
 
 from harness import backbone as backbone_lib
 from harness import ginutil, job
-from harness.trainer import Interrupted, Trainer
 from methods.autoencoder import AutoEncoder, corrupt, random_pixels
 from methods.base import Batch, DataInfo
 from methods.context_encoder import (ContextEncoder, block_mask, center_mask, inpainting_loss, region_mask,
@@ -19,7 +18,7 @@ from methods.context_encoder import (ContextEncoder, block_mask, center_mask, in
 from methods.decoder import Decoder, feature_map_shape
 from methods.vae import VAE, bernoulli_nll, gaussian_kl, gaussian_nll
 from methods.vqvae import VQVAE, ema_update, nearest_code, straight_through, vq_terms
-from tests.conftest import parse_method
+from tests.conftest import assert_resumes_exactly, parse_method
 
 
 def _info(channels: int = 1, mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None) -> DataInfo:
@@ -438,22 +437,11 @@ def _build(name, data, *bindings, seed=3):
 def test_vqvae_ema_resume_restores_the_codebook_exactly(tmp_path, tiny_data):
     ema = ["vqvae.VQVAE.ema = True", "vqvae.VQVAE.num_codes = 16", "vqvae.VQVAE.code_dim = 8"]
 
-    def fit(folder, stop_after=None):
-        method, views = _build("vqvae", tiny_data, *ema)
-        trainer = Trainer(max_steps=4, batch_size=16, checkpoint_every=2, progress=False)
-        trainer.fit(method, tiny_data, views, folder, seed=3, stop_after=stop_after)
-        return method
-
-    ref = fit(tmp_path / "a")
+    # checkpoint at step 2, step 3 lost
+    run = assert_resumes_exactly(lambda: _build("vqvae", tiny_data, *ema), tiny_data, tmp_path, steps=4, stop_after=3)
     fresh, _ = _build("vqvae", tiny_data, *ema)
-    assert not torch.equal(ref.codebook, fresh.codebook) and not torch.equal(ref.ema_count, fresh.ema_count)
-    with pytest.raises(Interrupted):
-        fit(tmp_path / "b", stop_after=3)  # checkpoint at step 2, step 3 lost
-    resumed = fit(tmp_path / "b")
-    a, b = ref.state_dict(), resumed.state_dict()
-    assert a.keys() == b.keys() and {"codebook", "ema_count", "ema_sum"} <= a.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    assert not torch.equal(run.ref.codebook, fresh.codebook) and not torch.equal(run.ref.ema_count, fresh.ema_count)
+    assert {"codebook", "ema_count", "ema_sum"} <= run.ref.state_dict().keys()
 
 
 # --- options that tests/test_methods.py (the gin files' defaults) does not reach -----

@@ -4,31 +4,30 @@ import json
 import pytest
 import torch
 
-from harness import ginutil, job, store
-from harness.trainer import Interrupted, NonFiniteLoss, Trainer, batch_indices
-from tests.conftest import parse_method
+from harness import ginutil, job
+from harness.trainer import NonFiniteLoss, Trainer, batch_indices
+from tests.conftest import assert_resumes_exactly, parse_method
 
 
-def _fit(folder, data, stop_after=None, seed=3, steps=6):
+TRAINER = {"base_lr": 0.05, "optimizer": torch.optim.SGD}
+
+
+def _build(data, seed=3):
     parse_method("simclr")
-    method, views = job.build(ginutil.reference("job.run.method"), ginutil.reference("job.run.views"), data, seed)
-    trainer = Trainer(max_steps=steps, batch_size=16, base_lr=0.05, optimizer=torch.optim.SGD,
-                      checkpoint_every=2, progress=False)
-    return method, trainer.fit(method, data, views, folder, seed, stop_after=stop_after)
+    return job.build(ginutil.reference("job.run.method"), ginutil.reference("job.run.views"), data, seed)
+
+
+def _fit(folder, data, seed=3, steps=6):
+    method, views = _build(data, seed)
+    trainer = Trainer(max_steps=steps, batch_size=16, checkpoint_every=2, progress=False, **TRAINER)
+    return method, trainer.fit(method, data, views, folder, seed)
 
 
 def test_resumed_run_ends_with_exactly_the_uninterrupted_weights(tmp_path, tiny_data):
-    ref, _ = _fit(tmp_path / "a", tiny_data)
-    with pytest.raises(Interrupted):
-        _fit(tmp_path / "b", tiny_data, stop_after=3)  # checkpoint at step 2, step 3 lost
-    assert store.load_torch(tmp_path / "b" / "checkpoint.pt")["step"] == 2
-    resumed, info = _fit(tmp_path / "b", tiny_data)
-    assert info["resumed_from"] == 2
-    a, b = ref.state_dict(), resumed.state_dict()
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    steps = [json.loads(ln)["step"] for ln in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    # checkpoint at step 2, step 3 lost
+    run = assert_resumes_exactly(lambda: _build(tiny_data), tiny_data, tmp_path, steps=6, stop_after=3,
+                                 trainer_kwargs=TRAINER)
+    steps = [json.loads(ln)["step"] for ln in (run.folder / "log.jsonl").read_text().splitlines()]
     assert steps == list(range(6))  # the lost step was logged once, not twice
 
 

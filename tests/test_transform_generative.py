@@ -9,14 +9,13 @@ import pytest
 import scipy.linalg
 import torch
 
-from harness import ginutil, job, store
-from harness.trainer import Interrupted, Trainer
+from harness import ginutil, job
 from methods.aet import (aet_mse, affine_matrices, entries, gaussian_nll, geodesic_loss, homography_from_points,
                          matrices, polar_rotation, projective_matrices, warp)
 from methods.base import Batch, DataInfo
 from methods.gan import GAN, Generator, discriminator_loss, generator_loss, upsampling_plan
 from methods.mae import MAE, masked_patch_loss, patchify, random_masking, sincos_pos_embed
-from tests.conftest import parse_method
+from tests.conftest import assert_resumes_exactly, parse_method
 
 # The embedded-scale ViT of gin/scale/embedded/mae.gin, at test size.
 SMALL_VIT = ["vit/backbone.create.name = 'vit_tiny_patch16_224'", "vit/backbone.create.patch_size = 4",
@@ -253,23 +252,9 @@ def test_each_gan_player_learns_against_a_fixed_opponent(tiny_data):
         assert values[-1] < 0.9 * values[0], (term, values)
 
 
-def _fit_gan(folder, data, stop_after=None, steps=4):
-    method, views = _build("gan", data, seed=3)
-    Trainer(max_steps=steps, batch_size=16, checkpoint_every=2, progress=False).fit(
-        method, data, views, folder, 3, stop_after=stop_after)
-    return method
-
-
 def test_gan_resumes_exactly(tmp_path, tiny_data):
-    ref = _fit_gan(tmp_path / "a", tiny_data)
-    with pytest.raises(Interrupted):
-        _fit_gan(tmp_path / "b", tiny_data, stop_after=3)
-    assert store.load_torch(tmp_path / "b" / "checkpoint.pt")["step"] == 2
-    resumed = _fit_gan(tmp_path / "b", tiny_data)
-    a, b = ref.state_dict(), resumed.state_dict()
-    assert a.keys() == b.keys() and any(k.startswith("generator.") for k in a)
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    run = assert_resumes_exactly(lambda: _build("gan", tiny_data, seed=3), tiny_data, tmp_path, steps=4, stop_after=3)
+    assert any(k.startswith("generator.") for k in run.ref.state_dict())
 
 
 # --- MAE ------------------------------------------------------------------------------
