@@ -15,11 +15,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-import gin
 import timm
-import torch
 from torch import nn
 
+import gin
 from harness import store
 
 

@@ -11,7 +11,6 @@ a markdown table; BENCHMARKS.md quotes them.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -63,7 +62,8 @@ def throughput(batch: int = 256, repeats: int = 3) -> list[dict]:
             net.train()
         rows.append({"backbone": name, "size": size, "small_input": small, "params_m": round(
             sum(p.numel() for p in net.parameters()) / 1e6, 1),
-            "train_img_s": round(len(x) / _timed(train_step, repeats)), "infer_img_s": round(len(x) / _timed(infer, repeats))})
+            "train_img_s": round(len(x) / _timed(train_step, repeats)),
+            "infer_img_s": round(len(x) / _timed(infer, repeats))})
         print(rows[-1], flush=True)
     return rows
 
@@ -93,7 +93,8 @@ def methods(names: Sequence[str], table_files: Sequence[str] = ("gin/table1.gin"
         if trainer.total_steps(method, len(data)) == 0:
             continue
         method.train()
-        opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad] or [torch.zeros(1, requires_grad=True)], lr=1e-3)
+        trainable = [p for p in method.parameters() if p.requires_grad] or [torch.zeros(1, requires_grad=True)]
+        opt = torch.optim.SGD(trainable, lr=1e-3)
         state = {"step": 0}
 
         def step():
@@ -130,7 +131,8 @@ def table(gin_files: Sequence[str]) -> list[dict]:
 
 def runs(table_dirs: Sequence[str]) -> list[dict]:
     """Timings a table's finished runs recorded (run.json), mean per method: wall and CPU seconds
-    of pretraining and evaluation, and each protocol's CPU seconds where recorded. CPU seconds barely move when other jobs share the cores;
+    of pretraining and evaluation, and each protocol's CPU seconds where recorded. CPU seconds barely move when
+    other jobs share the cores;
     with one torch thread per job (``launch.Local.parallel = 2``) they are the run's wall time
     on an idle core."""
     from harness import collate
@@ -172,7 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = table(args.args or ["gin/table1.gin"])
     OUT.mkdir(exist_ok=True)
     stem = {"methods": lambda: f"methods-{Path(tables[0]).stem}",
-            "runs": lambda: "runs-" + "-".join(Path(a).name for a in args.args or ["table1"])}.get(args.what, lambda: args.what)()
+            "runs": lambda: "runs-" + "-".join(Path(a).name for a in args.args or ["table1"]),
+            }.get(args.what, lambda: args.what)()
     store.write_json(OUT / f"{stem}.json", {"machine": machine(), "rows": rows})
     print(f"wrote {OUT / (stem + '.json')}")
     return 0

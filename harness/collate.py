@@ -249,7 +249,8 @@ def render_markdown(df: pd.DataFrame, board: pd.DataFrame, ref: pd.DataFrame, ta
         lines += ["## Failed runs", "", "Failed, interrupted, or finished with a record or file that failed its "
                   "checks: not in the table; the sweep runs them again.", "",
                   failed.to_markdown(index=False, disable_numparse=True), ""]
-    pending = df[~df["status"].isin([Status.DONE.value, Status.SKIPPED.value, *NOT_COUNTED])].drop_duplicates("run_id")["status"].fillna("?")
+    ended = [Status.DONE.value, Status.SKIPPED.value, *NOT_COUNTED]
+    pending = df[~df["status"].isin(ended)].drop_duplicates("run_id")["status"].fillna("?")
     counts = {**pending.value_counts(), "without a readable run.json": df.attrs.get("skipped", 0)}
     if total := sum(counts.values()):
         detail = ", ".join(f"{n} {status}" for status, n in counts.items() if n)

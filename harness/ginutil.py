@@ -18,7 +18,6 @@ from typing import Iterable, Sequence
 
 import gin
 from gin import config as gin_config
-
 from harness import gincheck
 from harness.gincheck import GinError
 

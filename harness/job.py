@@ -13,10 +13,10 @@ import traceback
 from pathlib import Path
 from typing import Callable, Sequence
 
-import gin
 import torch
 from torch import nn
 
+import gin
 from harness import backbone as backbone_lib
 from harness import data as data_lib
 from harness import ginutil, store

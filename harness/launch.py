@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import gin
 import submitit
 
+import gin
 from harness import job, store, trainer
 from harness.runspec import RunSpec
 
@@ -269,7 +269,8 @@ class Slurm:
     def launch(self, specs: Sequence[RunSpec], folder: Path) -> list[tuple[RunSpec, Exception | None]]:
         """Submits every spec as one job array; returns outcomes only when `wait` is set."""
         self.check()
-        executor = submitit.AutoExecutor(folder=str(folder), cluster="slurm", slurm_max_num_timeout=self.max_num_timeout)
+        executor = submitit.AutoExecutor(folder=str(folder), cluster="slurm",
+                                         slurm_max_num_timeout=self.max_num_timeout)
         executor.update_parameters(**{k: v for k, v in self.params.items() if v is not None})
         folder.mkdir(parents=True, exist_ok=True)
         before = set(folder.rglob("*"))

@@ -9,9 +9,10 @@ import dataclasses
 import math
 from typing import Callable, ContextManager, Iterable, Mapping, Sequence
 
-import gin
 import torch
 from torch import nn
+
+import gin
 
 for _cls in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW):
     gin.external_configurable(_cls, module="optim")

@@ -16,8 +16,8 @@ from typing import Sequence
 
 from harness import collate, ginutil, store
 from harness import launch as launch_lib
-from harness.runspec import RunSpec
 from harness.data import DataError
+from harness.runspec import RunSpec
 from harness.table import Table
 from harness.trainer import check_batch
 

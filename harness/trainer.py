@@ -14,26 +14,25 @@ batch on every rank, so a run on N processes follows a one-process run's traject
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import random
-import time
 from pathlib import Path
 from typing import Callable
 
-import gin
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import gin
 from harness import store
 from harness.data import ImageSet
 from harness.optim import Kernel, NonFiniteLoss, batch_indices, param_groups, resolve_device, scaled_lr  # noqa: F401
 from harness.views import Views
 from methods.base import Batch, Method
-
 
 # Preemption (SLURM or submitit's local executor send SIGUSR2): the launcher routes the
 # signal here, so the checkpoint is saved at a step boundary, never mid-step.
@@ -47,7 +46,7 @@ def defer_while_training(handler: Callable[[int, object], None]) -> Callable[[in
     def wrapped(signum: int, frame: object) -> None:
         global _pending
         if _training:
-            _pending = lambda: handler(signum, frame)
+            _pending = functools.partial(handler, signum, frame)
         else:
             handler(signum, frame)
     return wrapped

@@ -14,9 +14,10 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-import gin
 import torch
 import torch.nn.functional as F
+
+import gin
 
 
 def _uniform(n: int, lo: float, hi: float, device: torch.device) -> torch.Tensor:

@@ -31,11 +31,11 @@ from __future__ import annotations
 
 import math
 
-import gin
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import gin
 from methods.base import Batch, DataInfo, Method, mlp
 
 

@@ -30,11 +30,11 @@ from __future__ import annotations
 
 from typing import Callable
 
-import gin
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import gin
 from methods.base import Batch, DataInfo, Method
 from methods.decoder import Decoder, feature_map_shape
 

@@ -22,10 +22,10 @@ CPU; the paper width stays the default, and a scale file may bind ``proj_dim`` l
 """
 from __future__ import annotations
 
-import gin
 import torch
 from torch import nn
 
+import gin
 from methods.base import Batch, DataInfo, Method
 
 

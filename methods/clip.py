@@ -25,11 +25,11 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-import gin
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import gin
 from harness import store
 from harness.errors import Unsupported
 from methods.base import Batch, DataInfo, Method

@@ -29,14 +29,24 @@ Raises `harness.errors.Unsupported` on grayscale data: there is no colour to pre
 """
 from __future__ import annotations
 
-import gin
 import torch
 from torch import nn
 
+import gin
 from methods.base import Batch, DataInfo, Method
-from methods.color import (ab_bins, colour_views, dense_head,
-                           flat_logits, flat_targets, from_unit_rgb, gray_input, rgb_to_lab,
-                           soft_cross_entropy, soft_encode, to_unit_rgb)
+from methods.color import (
+    ab_bins,
+    colour_views,
+    dense_head,
+    flat_logits,
+    flat_targets,
+    from_unit_rgb,
+    gray_input,
+    rgb_to_lab,
+    soft_cross_entropy,
+    soft_encode,
+    to_unit_rgb,
+)
 
 
 def rebalance_weights(counts: torch.Tensor, bins: torch.Tensor, sigma: float = 5.0, lam: float = 0.5) -> torch.Tensor:

@@ -39,12 +39,12 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-import gin
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+import gin
 from methods.base import Batch, DataInfo, Method
 from methods.decoder import Decoder, feature_map_shape
 

@@ -23,11 +23,11 @@ paper's geometry (``2 S / (grid + 1)`` px, half-overlapping); K is clipped to
 """
 from __future__ import annotations
 
-import gin
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import gin
 from methods.base import Batch, DataInfo, Method
 
 
@@ -75,7 +75,8 @@ class _CausalResidual(nn.Module):
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.inp, self.mid, self.out = nn.Conv2d(dim, hidden, 1), nn.Conv2d(hidden, hidden, 3), nn.Conv2d(hidden, dim, 1)
+        self.inp, self.mid = nn.Conv2d(dim, hidden, 1), nn.Conv2d(hidden, hidden, 3)
+        self.out = nn.Conv2d(hidden, dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, D, G, G]
         h = F.relu(self.inp(F.relu(x)))
@@ -110,7 +111,8 @@ class CPC(Method):
         self.grid, self.patch_size, self.directions, self.patch_augment = grid, patch_size, directions, patch_augment
         self.steps = max(1, min(steps, grid - 1))
         self.context = nn.ModuleList(
-            nn.Sequential(*[_CausalResidual(d, context_hidden) for _ in range(context_blocks)]) for _ in range(directions))
+            nn.Sequential(*[_CausalResidual(d, context_hidden) for _ in range(context_blocks)])
+            for _ in range(directions))
         self.predict = nn.ModuleList(
             nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(self.steps)) for _ in range(directions))
 

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import math
 
-import gin
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import gin
 
 
 def feature_map_shape(backbone: nn.Module, channels: int, image_size: int) -> tuple[int, int]:

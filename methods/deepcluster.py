@@ -34,13 +34,13 @@ How the seam (batches only, no data set) is bridged, stated plainly:
 """
 from __future__ import annotations
 
-import gin
 import torch
 import torch.nn.functional as F
 from sklearn.cluster import KMeans
 from threadpoolctl import threadpool_limits
 from torch import nn
 
+import gin
 from methods.base import Batch, DataInfo, Method
 
 

@@ -22,11 +22,11 @@ surrogate set), so every visit trains on a pair.
 """
 from __future__ import annotations
 
-import gin
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import gin
 from methods.base import Batch, DataInfo, Method
 
 

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import gin
 import torch
 from timm.models import adapt_input_conv
 from torch import nn
 
+import gin
 from harness import backbone as backbone_lib
 from harness import store
 from methods.base import Batch, DataInfo, Method

@@ -22,12 +22,12 @@ not DCGAN's all-convolutional LeakyReLU network.
 """
 from __future__ import annotations
 
-import gin
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+import gin
 from methods.base import Batch, DataInfo, Method
 
 

@@ -17,11 +17,11 @@ code (and this file) augments both views with the same random transform family.
 """
 from __future__ import annotations
 
-import gin
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import gin
 from methods.base import Batch, DataInfo, Method
 
 

@@ -26,12 +26,12 @@ from __future__ import annotations
 import functools
 import itertools
 
-import gin
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import gin
 from methods.base import Batch, DataInfo, Method, mlp
 from methods.tiles import jigsaw_tiles, jitter_crop
 

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 from typing import Callable
 
-import gin
 import torch
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
+import gin
 from methods.base import Batch, DataInfo, Method
 
 

@@ -39,11 +39,11 @@ from __future__ import annotations
 import copy
 import functools
 
-import gin
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import gin
 from methods.base import Batch, DataInfo, Method, mlp
 from methods.memory import Queue
 

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-import gin
 import torch
 from torch import nn
 
+import gin
 from harness.errors import Unsupported
 from methods.base import Batch, DataInfo, Method, build_method
 

@@ -20,11 +20,11 @@ updated in `after_step` from the step's f(v_I).
 """
 from __future__ import annotations
 
-import gin
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import gin
 from methods.base import Batch, DataInfo, Method
 from methods.memory import MemoryBank
 from methods.tiles import jigsaw_tiles, jitter_crop, shuffle_tiles

@@ -4,10 +4,10 @@ on a linear probe (e.g. Coates & Ng 2011 report raw-pixel baselines on CIFAR).
 """
 from __future__ import annotations
 
-import gin
 import torch
 from torch import nn
 
+import gin
 from methods.base import Batch, DataInfo, Method
 
 

@@ -14,10 +14,10 @@ Choices made here:
 """
 from __future__ import annotations
 
-import gin
 import torch
 from torch import nn
 
+import gin
 from methods.base import Batch, DataInfo, Method
 
 

@@ -8,11 +8,11 @@ the backbone's pooled features predicts which.
 """
 from __future__ import annotations
 
-import gin
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import gin
 from methods.base import Batch, DataInfo, Method, mlp
 
 

@@ -7,11 +7,11 @@ must pick its partner among the other 2N-1 views of the batch.
 """
 from __future__ import annotations
 
-import gin
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import gin
 from methods.base import Batch, DataInfo, Method, mlp
 
 

@@ -27,15 +27,26 @@ Raises `harness.errors.Unsupported` on grayscale data: there is no ab to split o
 """
 from __future__ import annotations
 
-import gin
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import gin
 from methods.base import Batch, DataInfo, Method
-from methods.color import (ab_bins, colour_input, colour_views,
-                           dense_head, flat_logits, flat_targets, from_unit_rgb, gray_input,
-                           rgb_to_lab, soft_cross_entropy, soft_encode, to_unit_rgb)
+from methods.color import (
+    ab_bins,
+    colour_input,
+    colour_views,
+    dense_head,
+    flat_logits,
+    flat_targets,
+    from_unit_rgb,
+    gray_input,
+    rgb_to_lab,
+    soft_cross_entropy,
+    soft_encode,
+    to_unit_rgb,
+)
 
 
 def l_bin(lightness: torch.Tensor, bins: int) -> torch.Tensor:

@@ -4,11 +4,11 @@ in Goyal et al. 2019's benchmark).
 """
 from __future__ import annotations
 
-import gin
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import gin
 from methods.base import Batch, DataInfo, Method
 
 

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import gin
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import gin
 from methods.base import Batch, DataInfo, Method, mlp
 from methods.sinkhorn import sinkhorn
 

@@ -5,12 +5,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import gin
 import pytest
 import torch
 
+import gin
 from harness import ginutil
-from harness.data import ImageSet, SYSTEM_DIRS
+from harness.data import SYSTEM_DIRS, ImageSet
 
 REPO = Path(__file__).resolve().parent.parent
 METHODS = sorted(p.stem for p in (REPO / "gin" / "methods").glob("*.gin"))

@@ -15,7 +15,7 @@ from harness.evals.zeroshot import ZeroShot
 from harness.trainer import Trainer
 from harness.views import eval_view
 from methods.base import Batch, Unsupported
-from methods.clip import CLIP, EOT, SOT, UNK, TextTower, Tokenizer, clip_loss, load_text_side, words
+from methods.clip import EOT, SOT, UNK, TextTower, Tokenizer, clip_loss, load_text_side, words
 from tests.conftest import make_images, parse_method
 
 # The embedded scale's text tower (the paper's 12 x 512 is for paper scale).

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import math
 
-import gin
 import pytest
 import torch
 
+import gin
 from harness.evals import Features
 from harness.evals.knn import KNN
 from harness.evals.linear import LinearProbe

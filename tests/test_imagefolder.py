@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from harness.data import DataError, ImageFolder, main as data_main
+from harness.data import DataError, ImageFolder
+from harness.data import main as data_main
 from tests.conftest import REPO
 
 

@@ -15,7 +15,6 @@ from harness.evals.voc_detection import Detection
 from harness.optim import Kernel, NonFiniteLoss, lr_factor, param_groups, scaled_lr, warmup_cosine
 from tests.conftest import REPO
 
-
 # --- the schedule by hand -----------------------------------------------------------------
 
 def test_goyal_warmup_ramp_replaces_the_decay():

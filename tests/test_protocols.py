@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import gin
 import numpy as np
 import pytest
 import torch
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+import gin
 from harness import backbone as backbone_lib
 from harness import ginutil, job, store
 from harness.collate import collate, leaderboard, load_runs

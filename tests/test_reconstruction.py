@@ -13,8 +13,7 @@ from harness import backbone as backbone_lib
 from harness import ginutil, job
 from methods.autoencoder import AutoEncoder, corrupt, random_pixels
 from methods.base import Batch, DataInfo
-from methods.context_encoder import (ContextEncoder, block_mask, center_mask, inpainting_loss, region_mask,
-                                     ring)
+from methods.context_encoder import ContextEncoder, block_mask, center_mask, inpainting_loss, region_mask, ring
 from methods.decoder import Decoder, feature_map_shape
 from methods.vae import VAE, bernoulli_nll, gaussian_kl, gaussian_nll
 from methods.vqvae import VQVAE, ema_update, nearest_code, straight_through, vq_terms

@@ -8,7 +8,6 @@ import time
 import pytest
 import torch
 
-from harness import store
 from tests.conftest import REPO
 from tests.test_data import write_fake_fmnist
 

@@ -8,7 +8,6 @@ from harness import ginutil, job
 from harness.trainer import NonFiniteLoss, Trainer, batch_indices
 from tests.conftest import assert_resumes_exactly, parse_method
 
-
 TRAINER = {"base_lr": 0.05, "optimizer": torch.optim.SGD}
 
 

@@ -10,8 +10,18 @@ import scipy.linalg
 import torch
 
 from harness import ginutil, job
-from methods.aet import (aet_mse, affine_matrices, entries, gaussian_nll, geodesic_loss, homography_from_points,
-                         matrices, polar_rotation, projective_matrices, warp)
+from methods.aet import (
+    aet_mse,
+    affine_matrices,
+    entries,
+    gaussian_nll,
+    geodesic_loss,
+    homography_from_points,
+    matrices,
+    polar_rotation,
+    projective_matrices,
+    warp,
+)
 from methods.base import Batch, DataInfo
 from methods.gan import GAN, Generator, discriminator_loss, generator_loss, upsampling_plan
 from methods.mae import MAE, masked_patch_loss, patchify, random_masking, sincos_pos_embed

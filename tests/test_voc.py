@@ -4,18 +4,25 @@ import json
 import math
 from pathlib import Path
 
-import gin
 import numpy as np
 import pytest
 import torch
 from torchvision.datasets import VOCDetection
 
+import gin
 from harness import backbone, vocgen
-from harness.evals import voc
 from harness.data import FMNIST_CLASSES, DataError, FashionMNIST, ImageSet
-from harness.evals import Context
-from harness.evals.voc import (EmbeddedVOC, VOC07SVM, image_labels, l2_normalize, ranking_ap, svm_voc07, voc07_ap,
-                               voc_classes)
+from harness.evals import Context, voc
+from harness.evals.voc import (
+    VOC07SVM,
+    EmbeddedVOC,
+    image_labels,
+    l2_normalize,
+    ranking_ap,
+    svm_voc07,
+    voc07_ap,
+    voc_classes,
+)
 from harness.evals.voc_detection import Detection, VOCBoxes, c4_parts, detection_ap
 from methods.base import Unsupported
 from tests.conftest import fmnist_available

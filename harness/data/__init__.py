@@ -12,10 +12,27 @@ logic every dataset inherits), `fmnist`, `files` (the PIL decoder, image files a
 usually by subclassing `CachedSplits` and writing `read_split`.
 """
 from harness.data.base import CachedSplits, DataError, Dataset, ImageSet, check_pretrain_size, probe, warnings_for
-from harness.data.captions import (PROMPT_TEMPLATES, CaptionRows, Captioned, ImageCaptions, image_keys,
-                                   read_caption_csv, with_captions)
-from harness.data.files import (IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, ImageFiles, ImageFolder, class_dirs,
-                                decode, main, scan_folder, verify)
+from harness.data.captions import (
+                                   PROMPT_TEMPLATES,
+                                   Captioned,
+                                   CaptionRows,
+                                   ImageCaptions,
+                                   image_keys,
+                                   read_caption_csv,
+                                   with_captions,
+)
+from harness.data.files import (
+                                   IMAGE_EXTENSIONS,
+                                   IMAGENET_MEAN,
+                                   IMAGENET_STD,
+                                   ImageFiles,
+                                   ImageFolder,
+                                   class_dirs,
+                                   decode,
+                                   main,
+                                   scan_folder,
+                                   verify,
+)
 from harness.data.fmnist import FMNIST_CLASSES, FMNIST_FILES, SYSTEM_DIRS, FashionMNIST, read_idx
 
 __all__ = [

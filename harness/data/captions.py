@@ -8,9 +8,9 @@ import zlib
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
-import gin
 import torch
 
+import gin
 from harness.data.base import CachedSplits, DataError, Dataset, ImageSet, names
 from harness.data.files import IMAGENET_MEAN, IMAGENET_STD, ImageFiles
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import gin
 import numpy as np
 import torch
 
+import gin
 from harness.data.base import CachedSplits, DataError, ImageSet, names
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")

@@ -10,10 +10,10 @@ import os
 import struct
 from pathlib import Path
 
-import gin
 import numpy as np
 import torch
 
+import gin
 from harness.data.base import CachedSplits, DataError, ImageSet
 
 SYSTEM_DIRS = ("/usr/share/datasets/fashion-mnist",)

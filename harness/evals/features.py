@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import gin
 import torch
 from torch import nn
 from tqdm import tqdm
 
+import gin
 from harness import ginutil, store
 from harness.data import ImageSet
 from harness.evals import Features

@@ -17,11 +17,11 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
-import gin
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import gin
 from harness.evals import Features, finetune
 
 if TYPE_CHECKING:

@@ -18,10 +18,10 @@ from __future__ import annotations
 import statistics
 from typing import Sequence
 
-import gin
 import torch
 import torch.nn.functional as F
 
+import gin
 from harness.evals import Features
 from harness.evals.linear import fit_logistic, one_thread, standardizer
 from harness.evals.subsets import balanced_indices

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import gin
 import torch
 import torch.nn.functional as F
 
+import gin
 from harness.evals import Features
 
 

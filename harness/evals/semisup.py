@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
-import gin
 from torch import nn
 
+import gin
 from harness.evals import finetune
 from harness.evals.subsets import balanced_indices, per_class_for, read_subset_file
 

@@ -25,18 +25,26 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
-import gin
 import numpy as np
 import torch
 
+import gin
 from harness import backbone, ginutil, store
 from harness.data import DataError, ImageSet
 from harness.evals import Context, Features
 from harness.evals.ap import pr_curve, ranking_ap, voc07_ap  # noqa: F401 - re-exported
 from harness.evals.features import extract
-from harness.evals.voc_data import (GENERATE_HINT, EmbeddedVOC, ResizedImages, image_labels,  # noqa: F401 - re-exported
-                                    in_channels, pixel_stats, resolve_root, voc_classes, voc_dir)
-
+from harness.evals.voc_data import (  # noqa: F401 - re-exported
+    GENERATE_HINT,
+    EmbeddedVOC,
+    ResizedImages,
+    image_labels,
+    in_channels,
+    pixel_stats,
+    resolve_root,
+    voc_classes,
+    voc_dir,
+)
 
 GOYAL_COSTS = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, *(0.5 ** k for k in range(4, 20)))
 

@@ -8,11 +8,11 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-import gin
 import numpy as np
 import torch
 from torch import nn
 
+import gin
 from harness import ginutil, store
 from harness.data import DataError, decode
 from harness.evals import Context

@@ -26,18 +26,26 @@ import math
 from pathlib import Path
 from typing import Callable, Sequence
 
-import gin
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
+import gin
 from harness import optim
 from harness.data import DataError
 from harness.errors import Unsupported
 from harness.evals import Context
-from harness.evals.voc import (EmbeddedVOC, in_channels, pixel_stats, pr_curve, resolve_root, voc07_ap,
-                               voc_classes, voc_dir)
+from harness.evals.voc import (
+    EmbeddedVOC,
+    in_channels,
+    pixel_stats,
+    pr_curve,
+    resolve_root,
+    voc07_ap,
+    voc_classes,
+    voc_dir,
+)
 
 STEM = ("conv1", "bn1", "act1", "maxpool")
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-import gin
 import torch
 
+import gin
 from harness.data import PROMPT_TEMPLATES
 from harness.evals import Context
 from methods.clip import TextSide, load_text_side
