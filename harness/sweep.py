@@ -234,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: results folder {table_dir} is not writable ({err}); pass --results DIR", file=sys.stderr)
         return 2
     print(f"table {table.name}: {len(specs)} runs, {sum(st == 'done' for _, st, _ in states)} already done, "
-          f"{len(specs) - len(todo) - sum(st == 'done' for _, st, _ in states)} queued, running or skipped, "
+          f"{len(specs) - len(todo) - sum(st == 'done' for _, st, _ in states)} queued or running, "
           f"{len(todo)} to run", file=sys.stderr)
     # The table's current plan (every method, not only --only's): the leaderboard averages these
     # runs alone, never runs left in runs/ by other settings of the table.
