@@ -46,6 +46,8 @@ class Recipe:
         warmup_epochs: linear warm-up before the schedule.
         crop_scale: area range of the random resized crop.
         max_steps: cap on optimizer steps (smoke tests); None: epochs decide.
+        precise_bn: after training, recompute the running statistics of the BatchNorm layers
+            that trained (`refresh_bn`), weights unchanged, on the centre views that are tested.
     """
 
     epochs: float
@@ -61,6 +63,7 @@ class Recipe:
     warmup_epochs: float = 0.0
     crop_scale: Sequence[float] = (0.08, 1.0)
     max_steps: int | None = None
+    precise_bn: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -81,7 +84,17 @@ class Recipe:
     def params(self) -> dict:
         out = dataclasses.asdict(self)
         out["milestones"], out["crop_scale"] = list(self.milestones), list(self.crop_scale)
+        if not self.precise_bn:  # settings made before the switch existed keep their protocol ids
+            del out["precise_bn"]
         return out
+
+    def budget(self, images: int) -> dict[str, int]:
+        """What training on `images` labelled images costs: ``{"batch", "steps", "images_seen"}``
+        (last partial batch dropped each epoch, as `train` runs)."""
+        batch = min(self.batch_size, images)
+        steps = max(1, math.ceil(self.epochs * (images // batch)))
+        steps = min(steps, self.max_steps) if self.max_steps else steps
+        return {"batch": batch, "steps": steps, "images_seen": steps * batch}
 
 
 def schedule(recipe: Recipe, per_epoch: int, total: int) -> Callable[[int], float]:
@@ -119,15 +132,13 @@ def train(encoder: nn.Module, head: nn.Module, data: ImageSet, index: torch.Tens
     RNG state is left as it was).
 
     Returns:
-        ``{"steps": int, "final_loss": float}``.
+        ``Recipe.budget`` (batch, steps, images seen) and ``"final_loss"``.
     Raises:
         optim.NonFiniteLoss: when the loss stops being finite (names the step and the lr).
     """
     n = len(index)
-    batch = min(recipe.batch_size, n)
-    per_epoch = n // batch
-    total = max(1, math.ceil(recipe.epochs * per_epoch))
-    total = min(total, recipe.max_steps) if recipe.max_steps else total
+    budget = recipe.budget(n)
+    batch, per_epoch, total = budget["batch"], n // budget["batch"], budget["steps"]
     lr, source = optim.scaled_lr(recipe.lr, batch, recipe.scale_lr)
     for p in encoder.parameters():
         p.requires_grad_(fine_tune)
@@ -150,7 +161,41 @@ def train(encoder: nn.Module, head: nn.Module, data: ImageSet, index: torch.Tens
                     h = encoder(x).flatten(1)  # [b, D]
                 loss = F.cross_entropy(head(h), data.labels[idx].to(device))
             kernel.step(loss, step)
-    return {"steps": total, "final_loss": loss.item()}
+    return {**budget, "final_loss": loss.item()}
+
+
+@torch.no_grad()
+def refresh_bn(encoder: nn.Module, head: nn.Module, data: ImageSet, index: torch.Tensor, image_size: int,
+               eval_crop: float, *, fine_tune: bool, device: torch.device | str = "cpu", batch_size: int = 256) -> int:
+    """Recomputes the running mean and variance of the BatchNorm layers that trained (the head's;
+    the encoder's too with `fine_tune`) as averages over the centre views of ``data[index]``;
+    weights are unchanged. Precise BN (Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm",
+    arXiv:2105.07576, sec. 3): after a short schedule the momentum averages lag the weights,
+    and statistics of random crops do not describe the whole images that are tested.
+
+    Returns:
+        The number of BatchNorm layers refreshed.
+    """
+    trained = [head, encoder] if fine_tune else [head]
+    norms = [m for module in trained for m in module.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return 0
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches below
+    encoder.train(fine_tune)
+    head.train()
+    for i in range(0, len(index), batch_size):
+        idx = index[i:i + batch_size]
+        if len(idx) < 2:  # BatchNorm cannot take the variance of one image
+            break
+        x = center_view(data.images[idx].to(device), image_size, eval_crop, data.mean, data.std)  # [b, C, S, S]
+        head(encoder(x).flatten(1))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    return len(norms)
 
 
 def center_view(images: torch.Tensor, size: int, crop: float, mean: Sequence[float],

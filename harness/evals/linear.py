@@ -188,7 +188,7 @@ class PaperProbe:
         name: the protocol's name, also the prefix of its metrics (``<name>/top1``).
         image_size: side of the training crops and of the evaluation view (``%IMAGE_SIZE``).
         epochs, batch_size, lr, scale_lr, optimizer, momentum, nesterov, weight_decay, schedule,
-            milestones, warmup_epochs, crop_scale, max_steps: the training recipe
+            milestones, warmup_epochs, crop_scale, max_steps, precise_bn: the training recipe
             (`harness.evals.finetune.Recipe`; ``lr`` is at batch 256 when ``scale_lr``).
         norm: before the classifier, ``none``, ``bn`` (BatchNorm with affine parameters, as
             VISSL's linear head of Goyal et al. 2019) or ``bn_noaffine`` (MAE).
@@ -204,7 +204,8 @@ class PaperProbe:
                  momentum: float = 0.9, nesterov: bool = False, weight_decay: float = 0.0, schedule: str = "step",
                  milestones: Sequence[float] = (60, 80), warmup_epochs: float = 0.0,
                  crop_scale: Sequence[float] = (0.08, 1.0), norm: str = "none", eval_crop: float = 0.875,
-                 train_size: int | None = None, test_size: int | None = None, max_steps: int | None = None) -> None:
+                 train_size: int | None = None, test_size: int | None = None, max_steps: int | None = None,
+                 precise_bn: bool = False) -> None:
         if norm not in NORMS or not 0 < eval_crop <= 1 or not name:
             raise ValueError(f"linear.PaperProbe ({name}): norm must be one of {NORMS} and 0 < eval_crop <= 1 (check "
                              f"its gin bindings); got norm={norm!r}, eval_crop={eval_crop}")
@@ -213,7 +214,8 @@ class PaperProbe:
         self.recipe = finetune.Recipe(epochs=epochs, batch_size=batch_size, lr=lr, scale_lr=scale_lr,
                                       optimizer=optimizer, momentum=momentum, nesterov=nesterov,
                                       weight_decay=weight_decay, schedule=schedule, milestones=tuple(milestones),
-                                      warmup_epochs=warmup_epochs, crop_scale=tuple(crop_scale), max_steps=max_steps)
+                                      warmup_epochs=warmup_epochs, crop_scale=tuple(crop_scale), max_steps=max_steps,
+                                      precise_bn=precise_bn)
 
     def params(self) -> dict:
         """Settings that change the numbers (JSON-serialisable)."""
@@ -234,12 +236,18 @@ class PaperProbe:
 
         Returns:
             ``<name>/top1`` and ``<name>/top5`` (with more than 5 classes), in percent, of the last epoch.
+            ``self.selected["budget"]`` records the batch, steps and images seen.
         """
         train = ctx.dataset.split("train").subset(self.train_size)
         test = ctx.dataset.split("test").subset(self.test_size)
         encoder = ctx.encoder()
         head = self.head(finetune.feature_dim(encoder, train, self.image_size, ctx.device), len(train.classes))
-        finetune.train(encoder, head, train, torch.arange(len(train)), self.recipe, self.image_size, fine_tune=False,
-                       seed=ctx.seed, device=ctx.device, progress=ctx.progress, desc=self.name)
+        index = torch.arange(len(train))
+        done = finetune.train(encoder, head, train, index, self.recipe, self.image_size, fine_tune=False,
+                              seed=ctx.seed, device=ctx.device, progress=ctx.progress, desc=self.name)
+        self.selected = {"budget": {k: done[k] for k in ("batch", "steps", "images_seen")}}
+        if self.recipe.precise_bn:
+            finetune.refresh_bn(encoder, head, train, index, self.image_size, self.eval_crop, fine_tune=False,
+                                device=ctx.device)
         scores = finetune.test(encoder, head, test, self.image_size, self.eval_crop, ctx.device)
         return {f"{self.name}/{k}": v for k, v in scores.items()}

@@ -40,7 +40,7 @@ class SemiSupervised:
             lists), or None to draw class-balanced subsets; a None entry draws that one.
         subset_seed: seed of the class-balanced draws.
         batch_size, lr, scale_lr, optimizer, momentum, nesterov, weight_decay, schedule,
-            warmup_epochs, crop_scale, max_steps: the recipe (`harness.evals.finetune.Recipe`).
+            warmup_epochs, crop_scale, max_steps, precise_bn: the recipe (`harness.evals.finetune.Recipe`).
         eval_crop: central fraction of each test image that is evaluated (ImageNet: 224/256).
         test_size: test images (a fixed subset); None: all.
     """
@@ -53,7 +53,7 @@ class SemiSupervised:
                  lr: float = 0.05, scale_lr: bool = True, optimizer: str = "sgd", momentum: float = 0.9,
                  nesterov: bool = True, weight_decay: float = 0.0, schedule: str = "cosine",
                  warmup_epochs: float = 0.0, crop_scale: Sequence[float] = (0.08, 1.0), eval_crop: float = 0.875,
-                 test_size: int | None = None, max_steps: int | None = None) -> None:
+                 test_size: int | None = None, max_steps: int | None = None, precise_bn: bool = False) -> None:
         files = list(subset_files) if subset_files is not None else [None] * len(percents)
         if not percents or len(epochs) != len(percents) or len(files) != len(percents):
             raise ValueError(f"semisup.SemiSupervised: percents, epochs and subset_files need one entry per labelled "
@@ -67,7 +67,7 @@ class SemiSupervised:
         self.recipes = [finetune.Recipe(epochs=e, batch_size=batch_size, lr=lr, scale_lr=scale_lr, optimizer=optimizer,
                                         momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                                         schedule=schedule, warmup_epochs=warmup_epochs, crop_scale=tuple(crop_scale),
-                                        max_steps=max_steps) for e in self.epochs]
+                                        max_steps=max_steps, precise_bn=precise_bn) for e in self.epochs]
 
     def params(self) -> dict:
         """Settings that change the numbers (JSON-serialisable)."""
@@ -97,8 +97,12 @@ class SemiSupervised:
             head = nn.Linear(finetune.feature_dim(encoder, train, self.image_size, ctx.device), len(train.classes))
             nn.init.zeros_(head.weight)  # SimCLR's zero-initialised logits layer
             nn.init.zeros_(head.bias)
-            finetune.train(encoder, head, train, index, recipe, self.image_size, fine_tune=True, seed=ctx.seed,
-                           device=ctx.device, progress=ctx.progress, desc=f"{self.name}/{tag}")
+            done = finetune.train(encoder, head, train, index, recipe, self.image_size, fine_tune=True, seed=ctx.seed,
+                                  device=ctx.device, progress=ctx.progress, desc=f"{self.name}/{tag}")
+            self.selected[tag]["budget"] = {k: done[k] for k in ("batch", "steps", "images_seen")}
+            if recipe.precise_bn:
+                finetune.refresh_bn(encoder, head, train, index, self.image_size, self.eval_crop, fine_tune=True,
+                                    device=ctx.device)
             scores = finetune.test(encoder, head, test, self.image_size, self.eval_crop, ctx.device)
             out.update({f"{self.name}/{tag}/{k}": v for k, v in scores.items()})
         return out
