@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import timm
 from torch import nn
@@ -42,9 +42,10 @@ def create(name: str = "resnet18", in_chans: int = 3, small_input: bool = False,
         if isinstance(model.conv1, nn.Conv2d):
             model.conv1 = nn.Conv2d(in_chans, model.conv1.out_channels, 3, 1, 1, bias=False)
         else:  # a deep stem (resnet*d, *t): keep it, without its stride
-            next(m for m in model.conv1.modules() if isinstance(m, nn.Conv2d)).stride = (1, 1)
+            next(m for m in cast(nn.Module, model.conv1).modules() if isinstance(m, nn.Conv2d)).stride = (1, 1)
         model.maxpool = nn.Identity()
-    model.sslbench_spec = {"name": name, "in_chans": in_chans, "small_input": small_input, **kwargs}
+    # a plain attribute (torch types module attributes as tensors or modules); `export` writes it
+    model.sslbench_spec = {"name": name, "in_chans": in_chans, "small_input": small_input, **kwargs}  # type: ignore[assignment]
     return model
 
 
@@ -55,7 +56,7 @@ def fit_input_size(model: nn.Module, size: int) -> nn.Module:
     embed = getattr(model, "patch_embed", None)
     img_size = getattr(embed, "img_size", None)
     if img_size is not None and tuple(img_size) != (size, size) and hasattr(model, "set_input_size"):
-        model.set_input_size(img_size=size)
+        cast(Any, model).set_input_size(img_size=size)  # a timm ViT's (checked above)
     return model
 
 

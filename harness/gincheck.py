@@ -16,7 +16,7 @@ import tokenize
 import types
 import typing
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence, cast
 
 import gin
 from gin import config as gin_config
@@ -183,7 +183,7 @@ def _kinds(ann: object) -> frozenset[str] | None:
     origin = typing.get_origin(ann) or ann
     if origin in (typing.Union, types.UnionType):
         parts = [_kinds(a) for a in typing.get_args(ann)]
-        return None if any(p is None for p in parts) else frozenset().union(*parts)
+        return None if any(p is None for p in parts) else frozenset().union(*cast("list[frozenset[str]]", parts))
     if origin in (list, tuple):
         return frozenset({"list"})
     if origin in _SEQUENCES:  # a str is a Sequence too, but messages ask for a list
@@ -196,7 +196,7 @@ def _kinds(ann: object) -> frozenset[str] | None:
 _SPECS: dict[object, dict[str, tuple[frozenset[str], object]]] = {}
 
 
-def _param_specs(fn: object) -> dict[str, tuple[frozenset[str], object]]:
+def _param_specs(fn: Callable[..., Any]) -> dict[str, tuple[frozenset[str], object]]:
     """``{param: (accepted kinds, default)}`` for the parameters of `fn` whose type is decidable.
 
     The annotation decides; without one, the type of a non-None default (an int default takes
@@ -221,8 +221,8 @@ def _param_specs(fn: object) -> dict[str, tuple[frozenset[str], object]]:
         if p.annotation is p.empty:
             by_default = {bool: {"bool"}, int: {"int", "float"}, float: {"float"}, str: {"str"}, list: {"list"},
                           tuple: {"list"}, dict: {"dict"}}
-            kinds = by_default.get(type(default))
-            kinds = frozenset(kinds | {"None"}) if kinds else None
+            named = by_default.get(type(default))
+            kinds = frozenset(named | {"None"}) if named else None
         else:
             ann = p.annotation
             if isinstance(ann, str):  # `from __future__ import annotations`

@@ -14,7 +14,7 @@ import pprint
 import re
 import tokenize
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence, cast
 
 import gin
 from gin import config as gin_config
@@ -128,7 +128,8 @@ def _explain(err: Exception) -> str:
         close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
         msg += f"\nFix: did you mean {', '.join(close)}?" if close else "\nFix: check the name and its `import` line."
     elif "doesn't have a parameter named" in msg:
-        selector, param = re.search(r"'([^']+)' doesn't have a parameter named '([^']+)'", msg).groups()
+        found = cast("re.Match[str]", re.search(r"'([^']+)' doesn't have a parameter named '([^']+)'", msg))
+        selector, param = found.groups()
         fn = gin_config._REGISTRY.get_match(selector).wrapped  # noqa: SLF001
         names = list(inspect.signature(fn).parameters)
         close = difflib.get_close_matches(param, names, n=3, cutoff=0.5)
@@ -160,7 +161,7 @@ def explain(key: str, files: Sequence[str], bindings: Sequence[str] = ()) -> str
     return f"{key} = {_value(value)}   (set by {where[-1]}{overridden})"
 
 
-def reference(key: str) -> object:
+def reference(key: str) -> Any:
     """The callable bound to `key` as ``@name`` (``@name()`` is called), e.g. ``job.run.method``."""
     value = gin.query_parameter(key)
     if isinstance(value, gin_config.ConfigurableReference):

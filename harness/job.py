@@ -11,7 +11,7 @@ import socket
 import time
 import traceback
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 
 import torch
 from torch import nn
@@ -70,7 +70,7 @@ def pretrain(folder: Path, method: Callable[..., Method], dataset, views: Callab
     if exported:
         backbone_lib.export(m.backbone, folder)
     if hasattr(m, "export"):  # parts some protocol needs besides the encoder (CLIP's text tower)
-        m.export(folder)
+        cast(Any, m).export(folder)
     artefacts = {f.name: store.file_meta(f) for f in sorted(folder.iterdir())
                  if f.is_file() and f.name not in _NOT_ARTEFACTS and not f.name.startswith(".")}
     # cpu_seconds: CPU time of all this process's threads; unlike wall time it barely moves
@@ -88,7 +88,8 @@ def encoder_for_eval(folder: Path, method: Callable[..., Method], data: ImageSet
     recorded SHA-256 and rebuilt by timm alone; a method that exports none (pixels: no
     weights) builds its own. Never a fresh network in place of a missing file."""
     if pre.get("encoder") != "exported":
-        return build(method, lambda **_: None, data, seed=0)[0].encoder()
+        no_views = cast("Callable[..., Views]", lambda **_: None)  # only the encoder is used
+        return build(method, no_views, data, seed=0)[0].encoder()
     for name in ("encoder.pt", "encoder.json"):
         if problem := store.file_problem(folder / name, pre["artefacts"].get(name), full=True):
             raise store.StoreError(f"{problem}. Fix: delete {folder / 'pretrain.json'} and run the sweep again "
@@ -105,7 +106,7 @@ def _pretrained(pre_dir: Path, method: Callable[..., Method], dataset, views: Ca
         problems = store.pretrain_problems(pre_dir, full=True)
         if not problems:
             print(f"pretraining {pretrain_id} already done: reusing {pre_dir}", flush=True)
-            return store.read_json(pre_dir / "pretrain.json")
+            return cast(dict, store.read_json(pre_dir / "pretrain.json"))  # checked: no problems
         if (pre_dir / "pretrain.json").exists():
             print(f"pretraining {pretrain_id} cannot be reused ({'; '.join(problems)}): rebuilding it", flush=True)
         return pretrain(pre_dir, method, dataset, views, trainer, seed)
@@ -142,8 +143,9 @@ def run(spec: RunSpec, method: Callable[..., Method] = gin.REQUIRED, dataset=gin
             store.clean_stale_temps(out_dir)
             if not store.run_problems(out_dir):  # finished by another sweep meanwhile
                 print(f"run {spec.run_id} already done", flush=True)
-                return store.read_json(out_dir / "run.json")
-            return _run(spec, out_dir, pre_dir, method, dataset, views, trainer, features, evaluations, seed)
+                return cast(dict, store.read_json(out_dir / "run.json"))  # checked: no problems
+            record = _run(spec, out_dir, pre_dir, method, dataset, views, trainer, features, evaluations, seed)
+            return cast(dict, record)  # a RunRecord is a dict
     except store.Busy:
         print(f"run {spec.run_id} is being run by another process (its lock is held): not running it twice",
               flush=True)
@@ -152,7 +154,7 @@ def run(spec: RunSpec, method: Callable[..., Method] = gin.REQUIRED, dataset=gin
 
 def _run(spec: RunSpec, out_dir: Path, pre_dir: Path, method: Callable[..., Method], dataset,
          views: Callable[..., Views], trainer: Trainer, features: FrozenFeatures, evaluations: Sequence,
-         seed: int) -> dict:
+         seed: int) -> store.RunRecord:
     root = Path(spec.results)
     record: store.RunRecord = {
               "run_id": spec.run_id, "pretrain_id": spec.pretrain_id, "table": spec.table, "method": spec.method,
@@ -193,27 +195,28 @@ def _run(spec: RunSpec, out_dir: Path, pre_dir: Path, method: Callable[..., Meth
         rel = pre_dir.relative_to(root)
         record["artefacts"] = {**{f"{rel}/{name}": meta for name, meta in pre["artefacts"].items()},
                                **{str(p.relative_to(root)): meta for p, meta in getattr(features, "used", {}).items()}}
-        record.update(status=store.Status.DONE.value, finished=store.now())
+        record.update({"status": store.Status.DONE.value, "finished": store.now()})
         store.write_text(out_dir / "config.gin", gin.operative_config_str())
         store.write_json(out_dir / "run.json", record)
         return record
     except Unsupported as err:  # e.g. a colour-only method on grayscale data: a reason, not a failure
-        record.update(status=store.Status.SKIPPED.value, error=str(err).splitlines()[0], finished=store.now())
+        record.update({"status": store.Status.SKIPPED.value, "error": str(err).splitlines()[0],
+                       "finished": store.now()})
         store.write_json(out_dir / "run.json", record)
         print(f"skipped {spec.method}: {err}", flush=True)
         return record
     except SystemExit:  # submitit requeues a preempted or timed-out job by exiting it
-        record.update(status=store.Status.REQUEUED.value, finished=store.now())
+        record.update({"status": store.Status.REQUEUED.value, "finished": store.now()})
         store.write_json(out_dir / "run.json", record)
         raise
     except KeyboardInterrupt:  # SIGINT (the sweep stopped, submitit cancelled the job, Ctrl-C) or SIGTERM
-        record.update(status=store.Status.INTERRUPTED.value, error="interrupted: the process was stopped by a signal",
-                      finished=store.now())
+        record.update({"status": store.Status.INTERRUPTED.value,
+                       "error": "interrupted: the process was stopped by a signal", "finished": store.now()})
         store.write_json(out_dir / "run.json", record)
         raise
     except BaseException as err:
-        record.update(status=store.Status.FAILED.value, error=f"{type(err).__name__}: {err}", finished=store.now(),
-                      traceback=traceback.format_exc())
+        record.update({"status": store.Status.FAILED.value, "error": f"{type(err).__name__}: {err}",
+                       "finished": store.now(), "traceback": traceback.format_exc()})
         store.write_json(out_dir / "run.json", record)
         raise
 

@@ -22,9 +22,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence, cast
 
 import submitit
+from submitit.local.local import LocalJob
 
 import gin
 from harness import job, store, trainer
@@ -39,7 +40,8 @@ class Job(submitit.helpers.Checkpointable):
         # ignored; the job must still stop (and record itself interrupted) when cancelled.
         signal.signal(signal.SIGINT, signal.default_int_handler)
         sig = submitit.JobEnvironment._usr_sig()  # noqa: SLF001 - the signal submitit preempts with
-        signal.signal(sig, trainer.defer_while_training(signal.getsignal(sig)))
+        handler = cast("Callable[[int, object], None]", signal.getsignal(sig))  # the handler submitit installed
+        signal.signal(sig, trainer.defer_while_training(handler))
         return job.execute(RunSpec.from_json(spec_json))
 
 
@@ -71,7 +73,7 @@ class InProcess:
 
     def launch(self, specs: Sequence[RunSpec], folder: Path) -> list[tuple[RunSpec, Exception | None]]:
         """Runs every spec; returns each with the exception it raised, or None."""
-        results = []
+        results: list[tuple[RunSpec, Exception | None]] = []
         for i, spec in enumerate(specs, 1):
             print(f"\n=== [{i}/{len(specs)}] {spec.method} seed={spec.seed} {dict(spec.swept) or ''} "
                   f"run {spec.run_id} (in process)", file=sys.stderr, flush=True)
@@ -104,8 +106,9 @@ class Local:
         if self.parallel > 1:  # share the cores: oversubscribed torch threads run many times slower
             threads = max(1, (os.cpu_count() or 1) // self.parallel)
             executor.update_parameters(setup=[f"export OMP_NUM_THREADS={threads}"])
-        results, pending = [], list(specs)
-        running: list[tuple[RunSpec, submitit.Job]] = []
+        results: list[tuple[RunSpec, Exception | None]] = []
+        pending = list(specs)
+        running: list[tuple[RunSpec, LocalJob]] = []
         offsets: dict[Path, int] = {}
         echo = self.echo and self.parallel == 1
         try:
@@ -114,7 +117,7 @@ class Local:
                     spec = pending.pop(0)
                     print(f"\n=== [{len(specs) - len(pending)}/{len(specs)}] {spec.method} seed={spec.seed} "
                           f"{dict(spec.swept) or ''} run {spec.run_id}", file=sys.stderr, flush=True)
-                    running.append((spec, executor.submit(Job(), spec.to_json())))
+                    running.append((spec, cast(LocalJob, executor.submit(Job(), spec.to_json()))))  # a local executor's
                 time.sleep(0.5)
                 for spec, j in list(running):
                     finished = j.done()  # read before echoing, so the last output is echoed too
@@ -135,14 +138,14 @@ class Local:
             for _, j in running:  # a job that did not stop (submitit's tasks ignore SIGTERM): killed
                 if not j.done():
                     _signal_job(j, signal.SIGKILL)
-                    j._process.wait(timeout=10)  # noqa: SLF001 - submitit keeps the Popen there
+                    cast("subprocess.Popen", j._process).wait(timeout=10)  # noqa: SLF001 - submitit keeps the Popen there
             for spec, _ in running:
                 mark_interrupted(spec, "interrupted: the sweep was stopped (SIGINT or SIGTERM)")
             raise
         return results
 
 
-def _signal_job(job: submitit.Job, signum: int) -> None:
+def _signal_job(job: LocalJob, signum: int) -> None:
     """Sends `signum` to a local job's controller and every process below it (submitit's
     controller forwards no SIGINT when it inherited SIGINT ignored, e.g. from `sweep &`), and
     for SIGKILL waits until they are gone, so their locks are free."""

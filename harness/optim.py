@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from typing import Callable, ContextManager, Iterable, Mapping, Sequence
+from typing import Callable, ContextManager, Iterable, Mapping, Sequence, cast
 
 import torch
 from torch import nn
@@ -36,7 +36,8 @@ def param_groups(model: nn.Module, weight_decay: float, norms_only: bool = False
     """The trainable parameters as decayed, and exempt from decay and LARS (``lars=False``): biases and norm
     parameters (``ndim <= 1``, as SimCLR and BYOL), or with `norms_only` only norm layers' (detectron2's)."""
     norm = {id(p) for m in model.modules() if isinstance(m, NORMS) for p in m.parameters(recurse=False)}
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
             exempt = id(p) in norm if norms_only else p.ndim <= 1
@@ -72,7 +73,7 @@ def lr_factor(step: int, total: int, warmup: float = 0.0, decay: str = "cosine",
         raise ValueError(f"lr_factor: decay {decay!r} is not one of cosine, step, constant")
     if step < warmup:
         a = step / warmup
-        return (warmup_from * (1 - a) + a) * factor
+        return (cast(float, warmup_from) * (1 - a) + a) * factor  # not None: the ramp returned above
     return factor
 
 

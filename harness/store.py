@@ -34,7 +34,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator, TypedDict
+from typing import Any, Iterator, TypedDict, cast
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 _HOST = socket.gethostname().replace(".", "_").replace("@", "_")
@@ -264,7 +264,7 @@ def load_cache(path: Path) -> tuple[Any, dict] | None:
     problem = file_problem(path, meta, full=True) if meta else f"{path}: no checksum sidecar"
     if problem is None:
         try:
-            return load_torch(path), meta
+            return load_torch(path), cast(dict, meta)  # a dict: file_problem found none
         except StoreError as err:
             problem = str(err)
     print(f"cache {problem.split('. Fix:')[0]}: rebuilding it", flush=True)

@@ -20,7 +20,7 @@ import math
 import os
 import random
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, cast
 
 import numpy as np
 import torch
@@ -63,8 +63,8 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+    np_state = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())  # the legacy tuple
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
              "numpy_pos": torch.tensor(np_state[2]), "python": torch.tensor(random.getstate()[1])}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -193,7 +193,7 @@ class Trainer:
         global _pending
         rank, world = distributed()
         opt = kernel.optimizer
-        model = method
+        model: torch.nn.Module = method
         if world > 1 and opt is not None:  # gradients averaged across ranks
             if self.device.type == "cuda":
                 model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)

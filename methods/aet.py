@@ -30,13 +30,14 @@ backbone encodes and the decoder is an MLP (linear by default, as the AET CIFAR 
 from __future__ import annotations
 
 import math
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import gin
-from methods.base import Batch, DataInfo, Method, mlp
+from methods.base import Batch, DataInfo, Encoder, Method, mlp
 
 
 def _uniform(b: int, lo: float, hi: float, device: torch.device) -> torch.Tensor:
@@ -190,6 +191,8 @@ class AET(Method):
         shift, projective_scale: projective ranges (`projective_matrices`).
     """
 
+    identity: torch.Tensor
+
     def __init__(self, backbone: nn.Module, data: DataInfo, *, transformation: str = "projective",
                  objective: str = "mse", hidden_dim: int = 0, stretch_weight: float = 1.0, rotation: float = 180.0,
                  translation: float = 0.2, affine_scale: tuple[float, float] = (0.7, 1.3), shear: float = 30.0,
@@ -200,9 +203,10 @@ class AET(Method):
         if objective not in ("mse", "geodesic", "variational"):
             raise ValueError(f"aet.AET.objective = {objective!r}; use 'mse', 'geodesic' or 'variational'")
         self.projective, self.objective, self.stretch_weight = transformation == "projective", objective, stretch_weight
-        self.affine_args = dict(rotation=rotation, translation=translation, scale=tuple(affine_scale), shear=shear)
-        self.projective_args = dict(shift=shift, scale=tuple(projective_scale))
-        d, k = backbone.num_features, 8 if self.projective else 6
+        self.affine_args: dict[str, Any] = dict(rotation=rotation, translation=translation, scale=tuple(affine_scale),
+                                                shear=shear)
+        self.projective_args: dict[str, Any] = dict(shift=shift, scale=tuple(projective_scale))
+        d, k = cast(Encoder, backbone).num_features, 8 if self.projective else 6
         out = 2 * k if objective == "variational" else k  # AVT: mean and log-variance of t
         self.decoder = mlp([2 * d, hidden_dim, out] if hidden_dim else [2 * d, out])
         # AVT: log-variance of the transformed image's representation

@@ -28,14 +28,14 @@ Corruptions act on the normalised view the network sees:
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import gin
-from methods.base import Batch, DataInfo, Method
+from methods.base import Batch, DataInfo, Encoder, Method
 from methods.decoder import Decoder, feature_map_shape
 
 NOISES = ("masking", "gaussian", "salt_and_pepper")
@@ -66,7 +66,8 @@ def corrupt(x: torch.Tensor, noise: str, level: float, black: torch.Tensor | Non
         return x.masked_fill(hit, 0.0)
     if noise == "salt_and_pepper":
         salt = torch.rand(b, 1, h, w, device=x.device) < 0.5
-        value = torch.where(salt, white.view(1, c, 1, 1), black.view(1, c, 1, 1))  # [B, C, H, W]
+        value = torch.where(salt, cast(torch.Tensor, white).view(1, c, 1, 1),  # this noise needs black and white
+                            cast(torch.Tensor, black).view(1, c, 1, 1))  # [B, C, H, W]
         return torch.where(hit, value, x)
     raise ValueError(f"unknown noise {noise!r}; autoencoder.AutoEncoder.noise is one of {', '.join(NOISES)} or None")
 
@@ -84,6 +85,9 @@ class AutoEncoder(Method):
         noise: None (plain autoencoder), ``masking``, ``gaussian`` or ``salt_and_pepper``.
         noise_level: ν (fraction of pixels) or σ (gaussian).
     """
+
+    black: torch.Tensor | None  # buffers with noise='salt_and_pepper'
+    white: torch.Tensor | None
 
     def __init__(self, backbone: nn.Module, data: DataInfo, *, image_size: int = gin.REQUIRED,
                  decoder: Callable[..., nn.Module] = Decoder, noise: str | None = None, noise_level: float = 0.25):
@@ -103,5 +107,5 @@ class AutoEncoder(Method):
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         x = batch.views[0]  # [B, C, S, S], the clean target
         inp = x if self.noise is None else corrupt(x, self.noise, self.noise_level, self.black, self.white)
-        recon = self.decoder(self.backbone.forward_features(inp))  # [B, C, S, S]
+        recon = self.decoder(cast(Encoder, self.backbone).forward_features(inp))  # [B, C, S, S]
         return {"loss": F.mse_loss(recon, x)}

@@ -22,11 +22,13 @@ CPU; the paper width stays the default, and a scale file may bind ``proj_dim`` l
 """
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
 import gin
-from methods.base import Batch, DataInfo, Method
+from methods.base import Batch, DataInfo, Encoder, Method
 
 
 def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float, eps: float = 1e-5) -> torch.Tensor:
@@ -66,7 +68,7 @@ class BarlowTwins(Method):
     def __init__(self, backbone: nn.Module, data: DataInfo, *, proj_dim: int = 8192, lambd: float = 5e-3,
                  bias_lr_ratio: float = 0.0048 / 0.2):
         super().__init__(backbone)
-        dims = [backbone.num_features, proj_dim, proj_dim]
+        dims = [cast(Encoder, backbone).num_features, proj_dim, proj_dim]
         layers: list[nn.Module] = []
         for a, b in zip(dims[:-1], dims[1:]):  # Linear-BN-ReLU twice, then a plain Linear
             layers += [nn.Linear(a, b, bias=False), nn.BatchNorm1d(b), nn.ReLU(inplace=True)]

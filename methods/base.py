@@ -14,7 +14,7 @@ and resume. Training runs in float32: there is no mixed precision to choose.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ from harness.errors import Unsupported
 if TYPE_CHECKING:
     from harness.data import ImageSet
 
-__all__ = ["Batch", "DataInfo", "Method", "Unsupported", "build_method", "mlp"]
+__all__ = ["Batch", "DataInfo", "Encoder", "Method", "Unsupported", "build_method", "mlp"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +71,21 @@ class Batch:
     views: list[torch.Tensor]
     labels: torch.Tensor
     index: torch.Tensor
+
+
+class Encoder(Protocol):
+    """What methods read from the timm backbone beyond `nn.Module`, for the type checker only
+    (torch types a module's attributes as ``Tensor | Module``): ``cast(Encoder, backbone)``.
+
+    Attributes:
+        num_features: width of the pooled output ``backbone(x)``.
+    """
+
+    num_features: int
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The spatial map (``[B, C, h, w]`` for a CNN, the tokens for a ViT)."""
+        ...
 
 
 class Method(nn.Module):

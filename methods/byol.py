@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import gin
-from methods.base import Batch, DataInfo, Method, mlp
+from methods.base import Batch, DataInfo, Encoder, Method, mlp
 
 
 def byol_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
@@ -72,7 +73,7 @@ class BYOL(Method):
     def __init__(self, backbone: nn.Module, data: DataInfo, *, hidden_dim: int = 4096, out_dim: int = 256,
                  base_momentum: float = 0.996):
         super().__init__(backbone)
-        self.projector = mlp([backbone.num_features, hidden_dim, out_dim])  # Linear-BN-ReLU-Linear
+        self.projector = mlp([cast(Encoder, backbone).num_features, hidden_dim, out_dim])  # Linear-BN-ReLU-Linear
         self.predictor = mlp([out_dim, hidden_dim, out_dim])
         self.target = nn.Sequential(copy.deepcopy(backbone), copy.deepcopy(self.projector)).requires_grad_(False)
         self.base_momentum = base_momentum

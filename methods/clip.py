@@ -23,7 +23,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, cast
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,7 @@ from torch import nn
 import gin
 from harness import store
 from harness.errors import Unsupported
-from methods.base import Batch, DataInfo, Method
+from methods.base import Batch, DataInfo, Encoder, Method
 
 SPECIALS = ("<pad>", "<unk>", "<sot>", "<eot>")  # ids 0-3
 PAD, UNK, SOT, EOT = range(4)
@@ -182,7 +182,7 @@ class CLIP(Method):
         self.text_config = {"vocab_size": len(self.tokenizer), "context": context, "width": text_width,
                             "layers": text_layers, "heads": text_heads, "embed_dim": embed_dim}
         self.text = TextTower(**self.text_config)
-        self.image_proj = nn.Linear(backbone.num_features, embed_dim, bias=False)
+        self.image_proj = nn.Linear(cast(Encoder, backbone).num_features, embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / init_temperature)))
         self.max_scale = max_scale
 

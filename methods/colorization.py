@@ -29,11 +29,13 @@ Raises `harness.errors.Unsupported` on grayscale data: there is no colour to pre
 """
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
 import gin
-from methods.base import Batch, DataInfo, Method
+from methods.base import Batch, DataInfo, Encoder, Method
 from methods.color import (
     ab_bins,
     colour_views,
@@ -100,6 +102,9 @@ class Colorization(Method):
         upsamples: x2 upsamplings in the decoder.
     """
 
+    bins: torch.Tensor
+    counts: torch.Tensor
+
     def __init__(self, backbone: nn.Module, data: DataInfo, *, grid: float = 10.0, neighbours: int = 5,
                  sigma: float = 5.0, smoothing: float = 5.0, rebalance: float = 0.5, hidden_dim: int = 256,
                  upsamples: int = 3):
@@ -108,13 +113,13 @@ class Colorization(Method):
         self.neighbours, self.sigma, self.smoothing, self.rebalance = neighbours, sigma, smoothing, rebalance
         self.register_buffer("bins", ab_bins(grid))  # [Q, 2]
         self.register_buffer("counts", torch.zeros(len(self.bins), dtype=torch.float64))  # [Q] nearest-bin counts
-        self.decoder = dense_head(backbone.num_features, hidden_dim, len(self.bins), upsamples)
+        self.decoder = dense_head(cast(Encoder, backbone).num_features, hidden_dim, len(self.bins), upsamples)
         self._pending: torch.Tensor | None = None  # this step's counts; not state
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         lab = rgb_to_lab(to_unit_rgb(batch.views[0], self.mean, self.std))  # [B, 3, S, S]
         x = from_unit_rgb(gray_input(lab), self.mean, self.std)  # [B, 3, S, S]
-        logits = self.decoder(self.backbone.forward_features(x))  # [B, Q, h, w]
+        logits = self.decoder(cast(Encoder, self.backbone).forward_features(x))  # [B, Q, h, w]
         index, soft = soft_encode(flat_targets(lab[:, 1:], logits.shape[-2:]), self.bins, self.neighbours,
                                   self.sigma)  # [N, k] each, N = B h w
         seen = torch.bincount(index[:, 0], minlength=len(self.bins)).to(self.counts.dtype)  # [Q]

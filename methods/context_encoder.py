@@ -37,7 +37,7 @@ number in the paper.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, cast
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +45,7 @@ from torch import nn
 from torch.func import functional_call
 
 import gin
-from methods.base import Batch, DataInfo, Method
+from methods.base import Batch, DataInfo, Encoder, Method
 from methods.decoder import Decoder, feature_map_shape
 
 MASKS = ("center", "block", "region")
@@ -167,7 +167,7 @@ class ContextEncoder(Method):
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         x = batch.views[0]  # [B, C, S, S]
         m = self.masks(len(x), x.device)  # [B, 1, S, S]
-        recon = self.decoder(self.backbone.forward_features(x.masked_fill(m, 0.0)))  # [B, C, S, S]
+        recon = self.decoder(cast(Encoder, self.backbone).forward_features(x.masked_fill(m, 0.0)))  # [B, C, S, S]
         rec = inpainting_loss(recon, x, m, ring(m, self.overlap_px), self.overlap_weight, self.outside_weight)
         if self.discriminator is None:
             return {"loss": rec}

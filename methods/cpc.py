@@ -23,12 +23,14 @@ paper's geometry (``2 S / (grid + 1)`` px, half-overlapping); K is clipped to
 """
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import gin
-from methods.base import Batch, DataInfo, Method
+from methods.base import Batch, DataInfo, Encoder, Method
 
 
 def patch_grid(x: torch.Tensor, grid: int, patch: int) -> torch.Tensor:
@@ -106,7 +108,7 @@ class CPC(Method):
         super().__init__(backbone)
         if directions not in (1, 2, 4):
             raise ValueError(f"cpc.CPC.directions = {directions}: use 1 (top-down), 2 (and bottom-up) or 4")
-        d = backbone.num_features
+        d = cast(Encoder, backbone).num_features
         context_hidden = context_hidden or max(1, d // 4)
         self.grid, self.patch_size, self.directions, self.patch_augment = grid, patch_size, directions, patch_augment
         self.steps = max(1, min(steps, grid - 1))
@@ -136,7 +138,7 @@ class CPC(Method):
             zr = torch.rot90(z, r, dims=(2, 3))  # direction r: predict downwards in the rotated grid
             c = context(zr)  # [B, D, G, G]; row i sees rows <= i
             cand = zr.permute(0, 2, 3, 1).reshape(-1, d)  # [B*G*G, D], row b*G*G + i*G + j
-            for k, w in enumerate(maps, start=1):
+            for k, w in enumerate(cast(nn.ModuleList, maps), start=1):
                 pred = w(c[:, :, :g - k].permute(0, 2, 3, 1).reshape(-1, d))  # [B*(G-k)*G, D] from rows i < G-k
                 bi, ii, jj = torch.meshgrid(torch.arange(b, device=dev), torch.arange(g - k, device=dev),
                                             torch.arange(g, device=dev), indexing="ij")

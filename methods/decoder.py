@@ -20,12 +20,14 @@ multiply-adds per image, a fifth of the backbone's 35 M forward. With
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import gin
+from methods.base import Encoder
 
 
 def feature_map_shape(backbone: nn.Module, channels: int, image_size: int) -> tuple[int, int]:
@@ -41,7 +43,7 @@ def feature_map_shape(backbone: nn.Module, channels: int, image_size: int) -> tu
     device = next(backbone.parameters()).device
     backbone.eval()
     with torch.no_grad():
-        f = backbone.forward_features(torch.zeros(1, channels, image_size, image_size, device=device))
+        f = cast(Encoder, backbone).forward_features(torch.zeros(1, channels, image_size, image_size, device=device))
     backbone.train(was_training)
     if f.ndim != 4 or f.shape[2] != f.shape[3]:
         raise ValueError(f"the decoder needs a convolutional backbone whose forward_features gives a square "

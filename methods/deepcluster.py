@@ -34,6 +34,8 @@ How the seam (batches only, no data set) is bridged, stated plainly:
 """
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from sklearn.cluster import KMeans
@@ -41,7 +43,7 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 
 import gin
-from methods.base import Batch, DataInfo, Method
+from methods.base import Batch, DataInfo, Encoder, Method
 
 
 def uniform_cluster_loss(logits: torch.Tensor, labels: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
@@ -112,11 +114,20 @@ class DeepCluster(Method):
         kmeans_iterations: Lloyd iterations (paper: 20, faiss).
     """
 
+    bank: torch.Tensor
+    fresh: torch.Tensor
+    labels: torch.Tensor
+    sizes: torch.Tensor
+    centroids: torch.Tensor
+    pca_mean: torch.Tensor
+    pca_proj: torch.Tensor
+    clusterings: torch.Tensor
+
     def __init__(self, backbone: nn.Module, data: DataInfo, *, num_clusters: int = 10000, pca_dim: int = 256,
                  min_clusterings: int = 8, kmeans_iterations: int = 20):
         super().__init__(backbone)
         num_images = data.num_images
-        d, k = backbone.num_features, max(2, min(num_clusters, num_images // 128))
+        d, k = cast(Encoder, backbone).num_features, max(2, min(num_clusters, num_images // 128))
         self.classifier = nn.Linear(d, k)
         self._init_classifier()
         self.num_images, self.min_clusterings, self.kmeans_iterations = num_images, min_clusterings, kmeans_iterations

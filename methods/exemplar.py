@@ -22,12 +22,14 @@ surrogate set), so every visit trains on a pair.
 """
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import gin
-from methods.base import Batch, DataInfo, Method
+from methods.base import Batch, DataInfo, Encoder, Method
 
 
 def surrogate_labels(classes: torch.Tensor, index: torch.Tensor, num_views: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,6 +57,8 @@ class Exemplar(Method):
         num_surrogate: surrogate classes N (paper: 8000 to 32000); clipped to `num_images`.
     """
 
+    surrogate_class: torch.Tensor
+
     def __init__(self, backbone: nn.Module, data: DataInfo, *, num_surrogate: int = 8000):
         super().__init__(backbone)
         num_images = data.num_images
@@ -62,12 +66,12 @@ class Exemplar(Method):
         classes = torch.full((num_images,), -1, dtype=torch.long)
         classes[torch.randperm(num_images)[:n]] = torch.arange(n)
         self.register_buffer("surrogate_class", classes)  # [num_images]
-        self.classifier = nn.Linear(backbone.num_features, n)
+        self.classifier = nn.Linear(cast(Encoder, backbone).num_features, n)
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         keep, y = surrogate_labels(self.surrogate_class, batch.index, len(batch.views))  # [V*B], [K]
         if int(y.numel()) < 2:  # no seed here (BatchNorm needs two samples): a zero loss keeps the graph
-            zero = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+            zero = cast(torch.Tensor, sum(p.sum() for p in self.parameters() if p.requires_grad)) * 0.0
             return {"loss": zero, "acc": zero.detach(), "seeds": zero.detach()}
         x = torch.cat(batch.views)[keep]  # [K, C, S, S]
         logits = self.classifier(self.backbone(x))  # [K, N]

@@ -22,13 +22,15 @@ not DCGAN's all-convolutional LeakyReLU network.
 """
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
 import gin
-from methods.base import Batch, DataInfo, Method
+from methods.base import Batch, DataInfo, Encoder, Method
 
 
 def upsampling_plan(size: int) -> tuple[int, int]:
@@ -106,7 +108,7 @@ class GAN(Method):
     def __init__(self, backbone: nn.Module, data: DataInfo, *, image_size: int = gin.REQUIRED, z_dim: int = 100,
                  width: int = 64):
         super().__init__(backbone)
-        self.head = nn.Linear(backbone.num_features, 1)
+        self.head = nn.Linear(cast(Encoder, backbone).num_features, 1)
         self.generator = Generator(z_dim, data.channels, image_size, width)
 
     def _logits(self, x: torch.Tensor, real: bool, detach_params: bool = False) -> torch.Tensor:

@@ -17,12 +17,14 @@ code (and this file) augments both views with the same random transform family.
 """
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import gin
-from methods.base import Batch, DataInfo, Method
+from methods.base import Batch, DataInfo, Encoder, Method
 
 
 def invariance_spreading(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -59,7 +61,7 @@ class InvaSpread(Method):
 
     def __init__(self, backbone: nn.Module, data: DataInfo, *, out_dim: int = 128, temperature: float = 0.1):
         super().__init__(backbone)
-        self.head = nn.Linear(backbone.num_features, out_dim)
+        self.head = nn.Linear(cast(Encoder, backbone).num_features, out_dim)
         self.temperature = temperature
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:

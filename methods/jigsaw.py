@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+from typing import cast
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gin
-from methods.base import Batch, DataInfo, Method, mlp
+from methods.base import Batch, DataInfo, Encoder, Method, mlp
 from methods.tiles import jigsaw_tiles, jitter_crop
 
 
@@ -102,6 +103,8 @@ class Jigsaw(Method):
         permutation_seed: seeds the first permutation of the greedy selection.
     """
 
+    permutations: torch.Tensor
+
     def __init__(self, backbone: nn.Module, data: DataInfo, *, num_permutations: int = 1000, grid: int = 3,
                  tile_frac: float = 64 / 75, tile_dim: int = 512, hidden_dim: int = 4096, min_tile: int = 0,
                  permutation_seed: int = 0):
@@ -109,7 +112,7 @@ class Jigsaw(Method):
         n = grid * grid
         self.grid, self.tile_frac, self.min_tile = grid, tile_frac, min_tile
         self.register_buffer("permutations", hamming_permutations(num_permutations, n, permutation_seed))  # [P, n]
-        self.tile_fc = nn.Sequential(nn.Linear(backbone.num_features, tile_dim), nn.ReLU(inplace=True))
+        self.tile_fc = nn.Sequential(nn.Linear(cast(Encoder, backbone).num_features, tile_dim), nn.ReLU(inplace=True))
         self.classifier = mlp([n * tile_dim, hidden_dim, num_permutations])
 
     def draw(self, b: int, device: torch.device) -> torch.Tensor:

@@ -16,7 +16,7 @@ class token, the paper's linear-probe feature).
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, cast
 
 import torch
 from timm.models.vision_transformer import Block, VisionTransformer
@@ -92,6 +92,8 @@ class MAE(Method):
         norm_pix: normalise each target patch (paper: yes).
     """
 
+    decoder_pos: torch.Tensor
+
     def __init__(self, backbone: nn.Module, data: DataInfo, *, encoder: Callable[..., nn.Module] | None = None,
                  mask_ratio: float = 0.75, decoder_dim: int = 512, decoder_depth: int = 8, decoder_heads: int = 16,
                  norm_pix: bool = True):
@@ -124,10 +126,12 @@ class MAE(Method):
 
     def encode(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """The ViT on the visible patches `keep` ``[B, K]`` -> ``[B, 1 + K, D]`` (class token first)."""
-        vit = self.backbone
-        t = vit.patch_embed(x) + vit.pos_embed[:, 1:]  # [B, N, D]
+        vit = cast(VisionTransformer, self.backbone)
+        # __init__ checked the ViT has both (timm types them as optional)
+        pos_embed, cls_token = cast(torch.Tensor, vit.pos_embed), cast(torch.Tensor, vit.cls_token)
+        t = vit.patch_embed(x) + pos_embed[:, 1:]  # [B, N, D]
         t = torch.gather(t, 1, keep.unsqueeze(-1).expand(-1, -1, t.shape[-1]))  # [B, K, D]
-        cls = (vit.cls_token + vit.pos_embed[:, :1]).expand(len(t), -1, -1)
+        cls = (cls_token + pos_embed[:, :1]).expand(len(t), -1, -1)
         t = vit.norm_pre(torch.cat([cls, t], 1))
         return vit.norm(vit.blocks(t))
 

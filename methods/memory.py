@@ -32,6 +32,8 @@ class MemoryBank(nn.Module):
         momentum: weight ``m`` of the stored feature (NPID: 0.5).
     """
 
+    bank: torch.Tensor
+
     def __init__(self, size: int, dim: int, momentum: float = 0.5):
         super().__init__()
         self.momentum = momentum
@@ -54,6 +56,9 @@ class Queue(nn.Module):
         keys: ``[size, D]`` (order in the ring does not matter to a contrastive loss).
         ptr: the slot the next key is written to (a 0-d int64 buffer).
     """
+
+    keys: torch.Tensor
+    ptr: torch.Tensor
 
     def __init__(self, size: int, dim: int):
         super().__init__()

@@ -38,13 +38,14 @@ from __future__ import annotations
 
 import copy
 import functools
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import gin
-from methods.base import Batch, DataInfo, Method, mlp
+from methods.base import Batch, DataInfo, Encoder, Method, mlp
 from methods.memory import Queue
 
 
@@ -75,15 +76,18 @@ def _grouped_bn(bn: nn.modules.batchnorm._BatchNorm, splits: int, x: torch.Tenso
     b, c, rest = len(x), x.shape[1], x.shape[2:]
     folded = x.reshape(splits, b // splits, c, *rest).transpose(0, 1).reshape(b // splits, splits * c, *rest)
     track = bn.track_running_stats and bn.running_mean is not None
-    mean, var = (bn.running_mean.repeat(splits), bn.running_var.repeat(splits)) if track else (None, None)
-    momentum = 0.0 if not track else bn.momentum if bn.momentum is not None else 1 / (float(bn.num_batches_tracked) + 1)
+    # with `track` the running statistics exist (torch types them as optional)
+    running_mean, running_var = cast(torch.Tensor, bn.running_mean), cast(torch.Tensor, bn.running_var)
+    tracked = cast(torch.Tensor, bn.num_batches_tracked)
+    mean, var = (running_mean.repeat(splits), running_var.repeat(splits)) if track else (None, None)
+    momentum = 0.0 if not track else bn.momentum if bn.momentum is not None else 1 / (float(tracked) + 1)
     weight, bias = (bn.weight.repeat(splits), bn.bias.repeat(splits)) if bn.affine else (None, None)
     y = F.batch_norm(folded, mean, var, weight, bias, True, momentum, bn.eps)  # [B/G, G*C, *]
     if track:
         with torch.no_grad():
-            bn.num_batches_tracked.add_(1)
-            bn.running_mean.copy_(mean.view(splits, c).mean(0))
-            bn.running_var.copy_(var.view(splits, c).mean(0))
+            tracked.add_(1)
+            running_mean.copy_(cast(torch.Tensor, mean).view(splits, c).mean(0))
+            running_var.copy_(cast(torch.Tensor, var).view(splits, c).mean(0))
     return y.reshape(b // splits, splits, c, *rest).transpose(0, 1).reshape(x.shape)
 
 
@@ -99,7 +103,7 @@ def split_forward(net: nn.Module, x: torch.Tensor, splits: int) -> torch.Tensor:
     if len(x) % splits or any(type(m) not in _PLAIN_BN for m in bns):
         return torch.cat([net(part) for part in x.chunk(splits)])
     for m in bns:
-        m.forward = functools.partial(_grouped_bn, m, splits)
+        m.forward = functools.partial(_grouped_bn, m, splits)  # type: ignore[method-assign]  # patched for one call
     try:
         return net(x)
     finally:
@@ -133,7 +137,8 @@ class MoCo(Method):
     def __init__(self, backbone: nn.Module, data: DataInfo, *, out_dim: int = 128, hidden_dim: int = 2048,
                  temperature: float = 0.2, queue_size: int = 65536, momentum: float = 0.999, bn_splits: int = 8):
         super().__init__(backbone)
-        dims = [backbone.num_features, hidden_dim, out_dim] if hidden_dim else [backbone.num_features, out_dim]
+        width = cast(Encoder, backbone).num_features
+        dims = [width, hidden_dim, out_dim] if hidden_dim else [width, out_dim]
         self.head = mlp(dims, batch_norm=False)  # v2: fc-ReLU-fc; v1: one fc
         self.key_encoder = nn.Sequential(copy.deepcopy(backbone), copy.deepcopy(self.head)).requires_grad_(False)
         _drop_running_stats(self.key_encoder)

@@ -18,7 +18,7 @@ A task that cannot run on the data (a colour-only task on grayscale images) rais
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Sequence, cast
 
 import torch
 from torch import nn
@@ -81,14 +81,14 @@ class MultiTask(Method):
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         logs: dict[str, torch.Tensor] = {}
-        total = 0.0
+        total: float | torch.Tensor = 0.0
         for name, w, task, sub in zip(self.names, self.weights, self.tasks, self.task_batches(batch)):
-            out = task.loss(sub)
+            out = cast(Method, task).loss(sub)
             total = total + w * out["loss"]
             logs.update({f"{name}/{k}": v for k, v in out.items()})
-        return {"loss": total, **logs}
+        return {"loss": cast(torch.Tensor, total), **logs}  # a tensor: there is at least one task
 
     def after_step(self, step: int, total: int) -> None:
         """Each task's own updates (banks, queues, EMA targets)."""
         for task in self.tasks:
-            task.after_step(step, total)
+            cast(Method, task).after_step(step, total)

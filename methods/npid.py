@@ -21,13 +21,14 @@ bank entry of every image: NPID needs several epochs to mean what the paper mean
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import gin
-from methods.base import Batch, DataInfo, Method
+from methods.base import Batch, DataInfo, Encoder, Method
 from methods.memory import MemoryBank
 
 
@@ -69,10 +70,12 @@ class NPID(Method):
         prox_weight: lambda of the proximal regulariser (paper: 30; 0 turns it off).
     """
 
+    log_z: torch.Tensor
+
     def __init__(self, backbone: nn.Module, data: DataInfo, *, out_dim: int = 128, temperature: float = 0.07,
                  num_negatives: int = 4096, exact: bool = False, bank_momentum: float = 0.5, prox_weight: float = 30.0):
         super().__init__(backbone)
-        self.head = nn.Linear(backbone.num_features, out_dim)
+        self.head = nn.Linear(cast(Encoder, backbone).num_features, out_dim)
         self.memory = MemoryBank(data.num_images, out_dim, bank_momentum)
         self.register_buffer("log_z", torch.tensor(float("nan")))  # NaN until the first batch sets it
         self.temperature, self.exact, self.prox_weight = temperature, exact, prox_weight

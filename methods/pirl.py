@@ -20,12 +20,14 @@ updated in `after_step` from the step's f(v_I).
 """
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import gin
-from methods.base import Batch, DataInfo, Method
+from methods.base import Batch, DataInfo, Encoder, Method
 from methods.memory import MemoryBank
 from methods.tiles import jigsaw_tiles, jitter_crop, shuffle_tiles
 
@@ -72,7 +74,7 @@ class PIRL(Method):
                  num_negatives: int = 32000, bank_momentum: float = 0.5, mix: float = 0.5, grid: int = 3,
                  tile_frac: float = 64 / 85, min_tile: int = 16):
         super().__init__(backbone)
-        d = backbone.num_features
+        d = cast(Encoder, backbone).num_features
         self.image_head = nn.Linear(d, out_dim)  # f: image -> 128
         self.tile_head = nn.Linear(d, out_dim)  # each tile -> 128
         self.jigsaw_head = nn.Linear(grid * grid * out_dim, out_dim)  # g: 9 x 128 -> 128

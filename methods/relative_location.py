@@ -28,13 +28,14 @@ cell (``S // 3`` px) so one setting serves every image size; patches smaller tha
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import gin
-from methods.base import Batch, DataInfo, Method, mlp
+from methods.base import Batch, DataInfo, Encoder, Method, mlp
 from methods.tiles import jigsaw_tiles, jitter_crop
 
 NEIGHBOURS = (0, 1, 2, 3, 5, 6, 7, 8)  # label -> cell of the row-major 3x3 grid (4 is the centre)
@@ -98,7 +99,7 @@ class RelativeLocation(Method):
         if aberration not in ("drop", "gray", "none"):
             raise ValueError(f"relative_location.RelativeLocation.aberration = {aberration!r}: "
                              "use 'drop', 'gray' or 'none'")
-        d = backbone.num_features
+        d = cast(Encoder, backbone).num_features
         self.patch_frac, self.jitter_frac, self.min_patch = patch_frac, jitter_frac, min_patch
         self.aberration, self.noise = aberration, noise
         self.patch_fc = nn.Sequential(nn.Linear(d, patch_dim), nn.ReLU(inplace=True)) if patch_dim else nn.Identity()

@@ -8,12 +8,14 @@ the backbone's pooled features predicts which.
 """
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import gin
-from methods.base import Batch, DataInfo, Method, mlp
+from methods.base import Batch, DataInfo, Encoder, Method, mlp
 
 
 def rotate_all(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,7 +37,8 @@ class RotNet(Method):
 
     def __init__(self, backbone: nn.Module, data: DataInfo, *, hidden_dim: int = 0):
         super().__init__(backbone)
-        dims = [backbone.num_features, hidden_dim, 4] if hidden_dim else [backbone.num_features, 4]
+        width = cast(Encoder, backbone).num_features
+        dims = [width, hidden_dim, 4] if hidden_dim else [width, 4]
         self.classifier = mlp(dims)
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:

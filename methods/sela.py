@@ -28,13 +28,14 @@ How the seam (batches only, no data set) is bridged, stated plainly:
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import gin
-from methods.base import Batch, DataInfo, Method
+from methods.base import Batch, DataInfo, Encoder, Method
 from methods.sinkhorn import sinkhorn_scalings
 
 
@@ -75,11 +76,18 @@ class SeLa(Method):
         tolerance: Sinkhorn stopping tolerance (paper: 0.1).
     """
 
+    labels: torch.Tensor
+    bank: torch.Tensor
+    filled: torch.Tensor
+    covered: torch.Tensor
+    log_col: torch.Tensor
+    updates: torch.Tensor
+
     def __init__(self, backbone: nn.Module, data: DataInfo, *, num_heads: int = 10, num_clusters: int = 3000,
                  lam: float = 25.0, num_label_updates: int = 100, tolerance: float = 0.1):
         super().__init__(backbone)
         num_images = data.num_images
-        d, k = backbone.num_features, max(2, min(num_clusters, num_images // 128))
+        d, k = cast(Encoder, backbone).num_features, max(2, min(num_clusters, num_images // 128))
         self.heads = nn.ModuleList(nn.Linear(d, k) for _ in range(num_heads))
         self.lam, self.num_label_updates, self.tolerance = lam, num_label_updates, tolerance
         equal = torch.arange(num_images) % k  # the paper's initial labels: a shuffled equipartition

@@ -7,12 +7,14 @@ must pick its partner among the other 2N-1 views of the batch.
 """
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import gin
-from methods.base import Batch, DataInfo, Method, mlp
+from methods.base import Batch, DataInfo, Encoder, Method, mlp
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -46,7 +48,7 @@ class SimCLR(Method):
     def __init__(self, backbone: nn.Module, data: DataInfo, *, hidden_dim: int = 2048, out_dim: int = 128,
                  temperature: float = 0.1):
         super().__init__(backbone)
-        self.head = mlp([backbone.num_features, hidden_dim, out_dim])
+        self.head = mlp([cast(Encoder, backbone).num_features, hidden_dim, out_dim])
         self.temperature = temperature
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:

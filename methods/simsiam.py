@@ -18,13 +18,14 @@ every parameter, while the trainer exempts biases and norm parameters from weigh
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import gin
-from methods.base import Batch, DataInfo, Method, mlp
+from methods.base import Batch, DataInfo, Encoder, Method, mlp
 
 
 def simsiam_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
@@ -65,7 +66,7 @@ class SimSiam(Method):
 
     def __init__(self, backbone: nn.Module, data: DataInfo, *, proj_dim: int = 2048, pred_dim: int = 512):
         super().__init__(backbone)
-        self.projector = projection_mlp(backbone.num_features, proj_dim, proj_dim)
+        self.projector = projection_mlp(cast(Encoder, backbone).num_features, proj_dim, proj_dim)
         self.predictor = mlp([proj_dim, pred_dim, proj_dim])  # Linear-BN-ReLU-Linear, no BN at the output
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:

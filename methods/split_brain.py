@@ -27,12 +27,14 @@ Raises `harness.errors.Unsupported` on grayscale data: there is no ab to split o
 """
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import gin
-from methods.base import Batch, DataInfo, Method
+from methods.base import Batch, DataInfo, Encoder, Method
 from methods.color import (
     ab_bins,
     colour_input,
@@ -83,20 +85,23 @@ class SplitBrain(Method):
         upsamples: x2 upsamplings in each head.
     """
 
+    bins: torch.Tensor
+
     def __init__(self, backbone: nn.Module, data: DataInfo, *, grid: float = 10.0, neighbours: int = 5,
                  sigma: float = 5.0, l_bins: int = 50, hidden_dim: int = 256, upsamples: int = 3):
         super().__init__(backbone)
         self.mean, self.std = colour_views("split_brain.SplitBrain", data)
         self.neighbours, self.sigma, self.l_bins = neighbours, sigma, l_bins
         self.register_buffer("bins", ab_bins(grid))  # [Q, 2]
-        self.ab_head = dense_head(backbone.num_features, hidden_dim, len(self.bins), upsamples)  # L -> ab
-        self.l_head = dense_head(backbone.num_features, hidden_dim, l_bins, upsamples)  # ab -> L
+        width = cast(Encoder, backbone).num_features
+        self.ab_head = dense_head(width, hidden_dim, len(self.bins), upsamples)  # L -> ab
+        self.l_head = dense_head(width, hidden_dim, l_bins, upsamples)  # ab -> L
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         lab = rgb_to_lab(to_unit_rgb(batch.views[0], self.mean, self.std))  # [B, 3, S, S]
         h = len(lab) // 2  # images [0, h) show L, [h, B) show ab
         x = from_unit_rgb(torch.cat([gray_input(lab[:h]), colour_input(lab[h:])]), self.mean, self.std)
-        feats = self.backbone.forward_features(x)  # [B, D, h', w']
+        feats = cast(Encoder, self.backbone).forward_features(x)  # [B, D, h', w']
         ab_logits, l_logits = self.ab_head(feats[:h]), self.l_head(feats[h:])  # [h, Q, ...], [B-h, L, ...]
         ab_index, ab_soft = soft_encode(flat_targets(lab[:h, 1:], ab_logits.shape[-2:]), self.bins,
                                         self.neighbours, self.sigma)

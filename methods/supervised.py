@@ -4,12 +4,14 @@ in Goyal et al. 2019's benchmark).
 """
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import gin
-from methods.base import Batch, DataInfo, Method
+from methods.base import Batch, DataInfo, Encoder, Method
 
 
 @gin.configurable(module="supervised")
@@ -24,7 +26,7 @@ class Supervised(Method):
 
     def __init__(self, backbone: nn.Module, data: DataInfo, *, label_smoothing: float = 0.0):
         super().__init__(backbone)
-        self.classifier = nn.Linear(backbone.num_features, data.num_classes)
+        self.classifier = nn.Linear(cast(Encoder, backbone).num_features, data.num_classes)
         self.label_smoothing = label_smoothing
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:

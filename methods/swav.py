@@ -20,14 +20,14 @@ Paper details and how they are kept here:
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Sequence, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import gin
-from methods.base import Batch, DataInfo, Method, mlp
+from methods.base import Batch, DataInfo, Encoder, Method, mlp
 from methods.sinkhorn import sinkhorn
 
 
@@ -79,12 +79,16 @@ class SwAV(Method):
         queue_start_steps: steps before the queue starts filling (paper: 15 epochs).
     """
 
+    steps_done: torch.Tensor
+    queue: torch.Tensor
+    queue_filled: torch.Tensor
+
     def __init__(self, backbone: nn.Module, data: DataInfo, *, hidden_dim: int = 2048, out_dim: int = 128,
                  num_prototypes: int = 3000, temperature: float = 0.1, epsilon: float = 0.05,
                  sinkhorn_iterations: int = 3, num_global_crops: int = 2, freeze_prototypes_steps: int = 313,
                  queue_length: int = 0, queue_start_steps: int = 0):
         super().__init__(backbone)
-        self.head = mlp([backbone.num_features, hidden_dim, out_dim])
+        self.head = mlp([cast(Encoder, backbone).num_features, hidden_dim, out_dim])
         self.prototypes = nn.Linear(out_dim, num_prototypes, bias=False)
         with torch.no_grad():
             self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))

@@ -28,14 +28,14 @@ Frey Face).
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import gin
-from methods.base import Batch, DataInfo, Method
+from methods.base import Batch, DataInfo, Encoder, Method
 from methods.decoder import Decoder
 
 LIKELIHOODS = ("gaussian", "bernoulli")
@@ -76,6 +76,9 @@ class VAE(Method):
         beta: weight of the KL term (1: the ELBO).
     """
 
+    pixel_mean: torch.Tensor
+    pixel_std: torch.Tensor
+
     def __init__(self, backbone: nn.Module, data: DataInfo, *, image_size: int = gin.REQUIRED,
                  decoder: Callable[..., nn.Module] = Decoder, latent_dim: int = 128, likelihood: str = "gaussian",
                  sigma: float | None = None, beta: float = 1.0):
@@ -88,7 +91,7 @@ class VAE(Method):
             self.register_buffer("pixel_std", torch.tensor(data.std, dtype=torch.float32).view(1, -1, 1, 1),
                                  persistent=False)
         self.likelihood, self.sigma, self.beta = likelihood, sigma, beta
-        self.posterior = nn.Linear(backbone.num_features, 2 * latent_dim)  # -> [mu, logvar]
+        self.posterior = nn.Linear(cast(Encoder, backbone).num_features, 2 * latent_dim)  # -> [mu, logvar]
         self.decoder = decoder(in_channels=latent_dim, out_channels=data.channels, in_size=1, out_size=image_size)
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:

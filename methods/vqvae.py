@@ -29,14 +29,14 @@ image is one code. No ImageNet linear-probe number in the paper.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import gin
-from methods.base import Batch, DataInfo, Method
+from methods.base import Batch, DataInfo, Encoder, Method
 from methods.decoder import Decoder, feature_map_shape
 
 
@@ -94,6 +94,10 @@ class VQVAE(Method):
         eps: Laplace smoothing of the EMA counts.
     """
 
+    codebook: torch.Tensor
+    ema_count: torch.Tensor
+    ema_sum: torch.Tensor
+
     def __init__(self, backbone: nn.Module, data: DataInfo, *, image_size: int = gin.REQUIRED,
                  decoder: Callable[..., nn.Module] = Decoder, num_codes: int = 512, code_dim: int = 64,
                  beta: float = 0.25, ema: bool = False, decay: float = 0.99, eps: float = 1e-5):
@@ -121,7 +125,7 @@ class VQVAE(Method):
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         x = batch.views[0]  # [B, C, S, S]
-        z_e = self.project(self.backbone.forward_features(x))  # [B, D, h, w]
+        z_e = self.project(cast(Encoder, self.backbone).forward_features(x))  # [B, D, h, w]
         z_q, idx = self.quantize(z_e)
         recon = self.decoder(straight_through(z_e, z_q))  # [B, C, S, S]
         rec = F.mse_loss(recon, x)

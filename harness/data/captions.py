@@ -6,7 +6,7 @@ import csv
 import dataclasses
 import zlib
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Sequence, cast
 
 import torch
 
@@ -120,14 +120,14 @@ class ImageCaptions(CachedSplits):
                 raise DataError(f"data.ImageCaptions has no {which} split. Fix: bind "
                                 f"`data.ImageCaptions.test_csv = '<csv with image,caption,label>'`")
             key = "data.ImageCaptions.csv" if which == "train" else "data.ImageCaptions.test_csv"
-            self._rows[which] = read_caption_csv(self.files[which], key)
+            self._rows[which] = read_caption_csv(cast(Path, self.files[which]), key)
         return self._rows[which]
 
     def class_list(self) -> list[str]:
         """The classes of both splits: the training CSV's label names, sorted; if it has none, the test CSV's."""
         for which in ("train", "test"):
             if self.files[which] is not None and self._read(which).labels:
-                return sorted(set(self._read(which).labels))
+                return sorted(set(cast("list[str]", self._read(which).labels)))
         return []
 
     def read_split(self, which: str) -> ImageSet:
@@ -145,7 +145,7 @@ class ImageCaptions(CachedSplits):
                         torch.tensor(labels, dtype=torch.long), classes, self.mean, self.std, captions=rows.captions)
 
     def checked_splits(self) -> Sequence[str]:
-        return [which for which in self.splits if self.files[which] is not None]
+        return [which for which in cast("tuple[str, ...]", self.splits) if self.files[which] is not None]
 
     def check(self) -> int:
         """Preflight: both CSVs readable, their images present, one class list for both, the first image of

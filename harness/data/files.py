@@ -29,17 +29,18 @@ def decode(path: str | Path, size: int, channels: int = 3, crop: bool = True, fi
         fix: the advice ending the `DataError` raised for a file that cannot be decoded.
     """
     from PIL import Image, UnidentifiedImageError
+    im: Image.Image  # the opened file, then its converted and resized copies
     try:
         with Image.open(path) as im:
             im = im.convert("RGB" if channels == 3 else "L")
             if crop:
                 scale = size / min(im.size)
                 w, h = max(size, round(im.width * scale)), max(size, round(im.height * scale))
-                im = im.resize((w, h), Image.BILINEAR)
+                im = im.resize((w, h), Image.Resampling.BILINEAR)
                 left, top = (w - size) // 2, (h - size) // 2
                 im = im.crop((left, top, left + size, top + size))
             else:
-                im = im.resize((size, size), Image.BILINEAR)
+                im = im.resize((size, size), Image.Resampling.BILINEAR)
             arr = np.asarray(im, dtype=np.uint8).reshape(size, size, channels)
     except (OSError, UnidentifiedImageError, ValueError) as err:
         raise DataError(f"{path}: cannot decode image ({err})" + (f". Fix: {fix}" if fix else "")) from err

@@ -9,6 +9,7 @@ import gzip
 import os
 import struct
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -100,7 +101,7 @@ class FashionMNIST(CachedSplits):
         folder = self._locate()
         img_file, lbl_file = (_find(folder, s) for s in FMNIST_FILES[which])
         try:
-            images, labels = read_idx(img_file), read_idx(lbl_file)
+            images, labels = read_idx(cast(Path, img_file)), read_idx(cast(Path, lbl_file))  # _locate found them
         except DataError as err:
             raise DataError(f"{err}, or bind `data.FashionMNIST.root` to a folder holding intact IDX "
                             "files") from err

@@ -3,12 +3,12 @@ the precision-recall curve it is taken over, and the classification AP of one cl
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 
-def voc07_ap(recall: Sequence[float], precision: Sequence[float]) -> float:
+def voc07_ap(recall: ArrayLike, precision: ArrayLike) -> float:
     """The VOC2007 devkit's 11-point interpolated AP: the mean over t = 0, 0.1, ..., 1 of
     the highest precision at recall >= t (0 where recall never reaches t).
 
@@ -34,7 +34,7 @@ def pr_curve(scores: np.ndarray, tp: np.ndarray, fp: np.ndarray, positives: int)
     return tp / positives, tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
 
 
-def ranking_ap(scores: Sequence[float], labels: Sequence[int]) -> float:
+def ranking_ap(scores: ArrayLike, labels: ArrayLike) -> float:
     """VOC07 classification AP of one class: labels 1 (present), -1 (absent), 0 (difficult,
     ignored as in the devkit's ``VOCevalcls``). NaN when no image is positive."""
     s, y = np.asarray(scores, np.float64), np.asarray(labels)

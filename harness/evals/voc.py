@@ -23,7 +23,7 @@ import json
 import math
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence, cast
 
 import numpy as np
 import torch
@@ -45,6 +45,9 @@ from harness.evals.voc_data import (  # noqa: F401 - re-exported
     voc_classes,
     voc_dir,
 )
+
+if TYPE_CHECKING:
+    from harness.data.files import ImageFiles
 
 GOYAL_COSTS = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, *(0.5 ** k for k in range(4, 20)))
 
@@ -165,9 +168,10 @@ class VOC07SVM:
 
     def params(self) -> dict:
         """Settings that change the numbers (JSON-serialisable)."""
-        out = {"root": self.root, "image_size": self.image_size, "costs": self.costs, "folds": self.folds,
-               "positive_weight": self.positive_weight, "max_iter": self.max_iter, "normalize": self.normalize,
-               "mean": self.mean, "std": self.std, "ap": "voc07-11point"}
+        out: dict[str, Any] = {
+            "root": self.root, "image_size": self.image_size, "costs": self.costs, "folds": self.folds,
+            "positive_weight": self.positive_weight, "max_iter": self.max_iter, "normalize": self.normalize,
+            "mean": self.mean, "std": self.std, "ap": "voc07-11point"}
         if not self.root and self.generate_embedded:
             out["embedded"] = EmbeddedVOC().params()
         return out
@@ -186,7 +190,8 @@ class VOC07SVM:
         if (hit := store.load_cache(path)) is not None:
             return hit[0]["x"].numpy(), labels
         paths = [voc_dir(root) / "JPEGImages" / f"{i}.jpg" for i in ids]
-        data = ImageSet(images=ResizedImages(paths, self.image_size, channels), labels=torch.arange(len(ids)),
+        images = cast("ImageFiles", ResizedImages(paths, self.image_size, channels))  # `extract` only slices it
+        data = ImageSet(images=images, labels=torch.arange(len(ids)),
                         classes=list(classes), mean=mean, std=std)
         feats: Features = extract(encoder, data, self.image_size, self.batch_size, ctx.device, f"voc07/{split}",
                                   ctx.progress)
