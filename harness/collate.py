@@ -121,10 +121,28 @@ def load_runs(table_dir: Path) -> pd.DataFrame:
     df.attrs["outside_plan"] = len(outside)
     df.attrs["protocols"] = {}
     for run in (r for r in records if r.get("status") == Status.DONE.value):
+        cost = (run.get("timings") or {}).get("protocols") or {}
         for name, p in _protocols(run).items():
-            entry = df.attrs["protocols"].setdefault((name, p["id"]), {"params": p.get("params"), "metrics": set()})
+            entry = df.attrs["protocols"].setdefault((name, p["id"]), {"params": p.get("params"), "metrics": set(),
+                                                                       "budgets": set(), "cpu_s": []})
             entry["metrics"].update(p.get("metrics") or [])
+            if budget := _budget(p.get("selected")):
+                entry["budgets"].add(budget)
+            if isinstance(cost.get(name), dict) and cost[name].get("cpu_s") is not None:
+                entry["cpu_s"].append(float(cost[name]["cpu_s"]))
     return df
+
+
+def _budget(selected: object) -> str:
+    """What a training protocol's run took, from its record's ``selected``: ``steps x batch
+    (images seen)``, per part (``1%: ...; 10%: ...``) where it trains more than once; '' when
+    it records none (frozen-feature protocols)."""
+    if not isinstance(selected, dict):
+        return ""
+    parts = {"": selected["budget"]} if isinstance(selected.get("budget"), dict) else {
+        tag: v["budget"] for tag, v in selected.items() if isinstance(v, dict) and isinstance(v.get("budget"), dict)}
+    return "; ".join(f"{tag + ': ' if tag else ''}{b['steps']:,} steps x {b['batch']} ({b['images_seen']:,} images)"
+                     for tag, b in parts.items() if {"steps", "batch", "images_seen"} <= set(b))
 
 
 def _keys(df: pd.DataFrame) -> list[str]:
@@ -223,12 +241,24 @@ def _markdown_protocols(protocols: dict) -> list[str]:
     if not protocols:
         return []
     rows = [{"protocol": name, "id": pid, "metrics": ", ".join(sorted(p["metrics"])),
+             "training (per run)": " / ".join(sorted(p.get("budgets") or [])) or "-",
+             "CPU s (median, range)": _cpu_text(p.get("cpu_s") or []),
              "settings": json.dumps(p["params"], sort_keys=True, separators=(", ", ": "))}
             for (name, pid), p in sorted(protocols.items(), key=lambda item: (item[0][0], str(item[0][1])))]
     table = pd.DataFrame(rows).apply(lambda col: col.str.replace("|", r"\|"))
     return ["## Protocols", "", "Every number above was made by one of these protocols (id: a hash of the name and "
-            "settings; a column labelled `[<id>]` holds a metric that this table has under more than one id).", "",
+            "settings; a column labelled `[<id>]` holds a metric that this table has under more than one id). "
+            "Training: optimizer steps x batch and images seen, as the runs recorded them; CPU s: each run's "
+            "process time in the protocol, over the finished runs.", "",
             table.to_markdown(index=False, disable_numparse=True), ""]
+
+
+def _cpu_text(seconds: list[float]) -> str:
+    """``median (min-max)`` of the runs' CPU seconds, or '-' when none was recorded."""
+    if not seconds:
+        return "-"
+    lo, mid, hi = min(seconds), float(np.median(seconds)), max(seconds)
+    return f"{mid:.0f}" if len(seconds) == 1 else f"{mid:.0f} ({lo:.0f}-{hi:.0f})"
 
 
 def render_markdown(df: pd.DataFrame, board: pd.DataFrame, ref: pd.DataFrame, table: str) -> str:

@@ -162,8 +162,15 @@ def explain(key: str, files: Sequence[str], bindings: Sequence[str] = ()) -> str
 
 
 def reference(key: str) -> Any:
-    """The callable bound to `key` as ``@name`` (``@name()`` is called), e.g. ``job.run.method``."""
+    """The callable bound to `key` as ``@name`` (``@name()`` is called), e.g. ``job.run.method``;
+    a list of references (``job.run.evaluations``) gives the list of their values."""
     value = gin.query_parameter(key)
+    if isinstance(value, (list, tuple)):
+        return [_resolve(v) for v in value]
+    return _resolve(value)
+
+
+def _resolve(value: object) -> object:
     if isinstance(value, gin_config.ConfigurableReference):
         return value.scoped_configurable_fn() if value.evaluate else value.scoped_configurable_fn
     return value

@@ -136,6 +136,26 @@ def preflight(specs: Sequence[RunSpec]) -> None:
                 raise ValueError(f"run {spec.method} seed={spec.seed}: {err}") from err
 
 
+def _print_budgets(spec: RunSpec) -> None:
+    """Prints what each training protocol of `spec`'s run will cost (steps, batch, images seen),
+    computed from its settings and the run's training split; a note when the data is missing."""
+    from harness.evals import protocol as protocol_lib
+
+    ginutil.parse(spec.gin_files, spec.bindings)
+    evaluations = ginutil.reference("job.run.evaluations")
+    protocols = [e for e in (evaluations if isinstance(evaluations, list) else []) if hasattr(e, "budget")]
+    if not protocols:
+        return
+    try:
+        train = ginutil.reference("job.run.dataset").split("train")
+    except (DataError, OSError) as err:
+        print(f"protocol budgets: need the data ({str(err).splitlines()[0]})")
+        return
+    print(f"protocol budgets ({spec.method} seed={spec.seed}; the same for every run of these settings):")
+    for line in protocol_lib.budget_lines(protocols, train):
+        print(f"  {line}")
+
+
 def run_state(spec: RunSpec, queued: dict[str, str] | None) -> tuple[str, str]:
     """``(state, detail)`` of a run from the store and the queue.
 
@@ -216,6 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 except ginutil.GinError as err:
                     print(f"error: {err}", file=sys.stderr)
                     return 2
+        if args.dry_run and specs:
+            _print_budgets(specs[0])
         return 0
     try:  # what can be checked before any job starts: the data, batch sizes, the launcher
         preflight(todo)

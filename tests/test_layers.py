@@ -16,6 +16,10 @@ BEFORE = json.loads((REPO / "tests" / "data" / "run_ids_f353cef.json").read_text
 # pixels is the one method whose resolved config changed: gin/base.gin binds
 # views.Augment.size for every run, and pixels' own file did not (it draws no views).
 CHANGED = {"pixels"}
+# Tables whose protocols changed since (issue 13 gave table2 its embedded budgets and moved
+# fine-tuning and detection to their own tables): their pretraining ids must still match,
+# their run ids (which hash the protocols) may not.
+PROTOCOLS_CHANGED = {"table2.gin", "table2.gin gin/scale/smoke.gin"}
 
 
 @pytest.mark.parametrize("table", sorted(BEFORE))
@@ -25,6 +29,8 @@ def test_the_layers_keep_every_run_id_of_the_old_layout(table):
     now = {f"{s.method}/{s.seed}/{json.dumps(dict(s.swept), sort_keys=True)}": [s.pretrain_id, s.run_id]
            for s in specs}
     assert set(now) == set(BEFORE[table])
+    if table in PROTOCOLS_CHANGED:
+        now = {k: [v[0], BEFORE[table][k][1]] for k, v in now.items()}
     moved = {k for k in now if now[k] != BEFORE[table][k]}
     assert {k.split("/")[0] for k in moved} <= CHANGED
     assert len(moved) < len(now)

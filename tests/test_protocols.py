@@ -159,8 +159,12 @@ def test_paper_probe_constant_features_score_chance(norm):
 def test_semisup_perfect_features_score_100_constant_features_chance():
     semisup = SemiSupervised(image_size=16, percents=[10, 50], epochs=[20, 10], batch_size=16, lr=0.5)
     assert semisup.evaluate(context(Perfect())) == {"semisup/simclr/10%/top1": 100.0, "semisup/simclr/50%/top1": 100.0}
-    assert semisup.selected == {"10%": {"images": 16, "source": "class-balanced draw, seed 0"},
-                                "50%": {"images": 80, "source": "class-balanced draw, seed 0"}}
+    # 16 images at batch 16 for 20 epochs, 80 images (5 batches) for 10
+    assert semisup.selected == {
+        "10%": {"images": 16, "source": "class-balanced draw, seed 0",
+                "budget": {"batch": 16, "steps": 20, "images_seen": 320}},
+        "50%": {"images": 80, "source": "class-balanced draw, seed 0",
+                "budget": {"batch": 16, "steps": 50, "images_seen": 800}}}
     out = semisup.evaluate(context(Constant()))
     assert set(out.values()) == {100.0 / CLASSES}
 
@@ -321,7 +325,7 @@ def test_leaderboard_never_averages_two_protocol_ids(tmp_path):
     md = (table / "leaderboard.md").read_text()
     protocols = md.split("## Protocols")[1]
     for pid, epochs in (("aaaa1111", 7), ("bbbb2222", 28)):
-        row = rf"\| linear/goyal19 +\| {pid} +\| linear/goyal19/top1 +\| {{\"epochs\": {epochs}}}"
+        row = rf"\| linear/goyal19 +\| {pid} +\| linear/goyal19/top1 +\| - +\| - +\| {{\"epochs\": {epochs}}}"
         assert re.search(row, protocols)
     assert re.search(r"\| knn/npid +\| k0 +\| knn/top1@20 ", protocols)
 
@@ -392,29 +396,38 @@ SMOKE = ["linear.PaperProbe.max_steps = 2", "linear.PaperProbe.test_size = 200",
          "voc_detection.Detection.max_size = 64"]
 
 
+# (table, methods, protocols, methods whose detection is skipped: no ResNet)
+SMOKE_TABLES = [("table2", ["supervised", "random", "pixels", "simclr", "mae"], 6, set()),
+                ("table_finetune", ["supervised", "pixels"], 4, set()),
+                ("table_detection", ["supervised", "mae"], 3, {"mae"})]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not fmnist_available(), reason="Fashion-MNIST IDX files absent from "
                     "/usr/share/datasets/fashion-mnist (apt-get install dataset-fashion-mnist)")
-def test_table2_smoke_runs_every_protocol_end_to_end(tmp_path):
-    cmd = [sys.executable, "-m", "harness.sweep", "gin/table2.gin", "gin/scale/smoke.gin", "gin/launch/inprocess.gin",
-           "--only", "supervised,random,pixels,simclr,mae", "--bind", "data.FashionMNIST.download = False",
-           *(a for b in SMOKE for a in ("--bind", b)), "--results", str(tmp_path)]
+@pytest.mark.parametrize("table,methods,count,no_resnet", SMOKE_TABLES, ids=[t[0] for t in SMOKE_TABLES])
+def test_protocol_tables_smoke_run_every_protocol_end_to_end(tmp_path, table, methods, count, no_resnet):
+    cmd = [sys.executable, "-m", "harness.sweep", f"gin/{table}.gin", "gin/scale/smoke.gin", "gin/launch/inprocess.gin",
+           "--only", ",".join(methods), "--bind", "data.FashionMNIST.download = False", "--bind",
+           "table.Table.seeds = [0]", *(a for b in SMOKE for a in ("--bind", b)), "--results", str(tmp_path)]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    ginutil.parse(ginutil.run_files("supervised", "embedded", ["gin/table2.gin", "gin/scale/smoke.gin"]), SMOKE)
+    ginutil.parse(ginutil.run_files("supervised", "embedded", [f"gin/{table}.gin", "gin/scale/smoke.gin"]), SMOKE)
     protocols = [ref.scoped_configurable_fn() for ref in gin.query_parameter("job.run.evaluations")]
     expected = {p.name: protocol_lib.protocol_id(p) for p in protocols}
-    assert len(expected) == 8
-    runs = [json.loads(p.read_text()) for p in (tmp_path / "table2" / "runs").glob("*/run.json")]
-    assert sorted(r["method"] for r in runs) == ["mae", "pixels", "random", "simclr", "supervised"]
+    assert len(expected) == count
+    runs = [json.loads(p.read_text()) for p in (tmp_path / table / "runs").glob("*/run.json")]
+    assert sorted(r["method"] for r in runs) == sorted(methods)
     for run in runs:
         assert run["status"] == "done"
         assert {name: p["id"] for name, p in run["protocols"].items()} == expected
         skipped = {name for name, p in run["protocols"].items() if "skipped" in p}
-        assert skipped == ({"detection/voc07"} if run["method"] in ("mae", "pixels") else set())  # no ResNet
+        assert skipped == ({"detection/voc07"} if run["method"] in no_resnet else set())
         listed = [m for p in run["protocols"].values() for m in p["metrics"]]
         assert sorted(listed) == sorted(run["metrics"]) and all(0 <= v <= 100 for v in run["metrics"].values())
-    md = (tmp_path / "table2" / "leaderboard.md").read_text()
+        trained = {name for name, p in run["protocols"].items() if "steps" in json.dumps(p.get("selected", {}))}
+        assert trained == {p.name for p in protocols if hasattr(p, "budget")} - skipped  # each records its budget
+    md = (tmp_path / table / "leaderboard.md").read_text()
     assert all(f"| {name}" in md and pid in md for name, pid in expected.items())
 
 

@@ -25,6 +25,7 @@ import gin
 from harness.evals import Features, finetune
 
 if TYPE_CHECKING:
+    from harness.data import ImageSet
     from harness.evals import Context
 
 # Preconditioner's curvature per unit feature variance (Boehning's bound is 1/2; real fits sit
@@ -230,6 +231,11 @@ class PaperProbe:
         if self.norm == "none":
             return linear
         return nn.Sequential(nn.BatchNorm1d(dim, affine=self.norm == "bn"), linear)
+
+    def budget(self, train: ImageSet) -> dict[str, dict[str, int]]:
+        """Batch, steps and images seen of the classifier's training on `train` (as `evaluate` runs)."""
+        n = len(train) if self.train_size is None else min(self.train_size, len(train))
+        return {"": self.recipe.budget(n)}
 
     def evaluate(self, ctx: Context) -> dict[str, float]:
         """Trains the classifier on the training split, scores the test split.

@@ -59,3 +59,17 @@ def describe(protocol: Any, metrics: dict[str, float]) -> dict:
     if getattr(protocol, "selected", None):
         out["selected"] = protocol.selected
     return out
+
+
+def budget_lines(protocols: Sequence[Any], train: Any) -> list[str]:
+    """One line per protocol that trains (has ``budget(train)``): its optimizer steps, batch
+    and images seen on the training split `train`, computed from its settings as it will run."""
+    lines = []
+    for protocol in protocols:
+        if not hasattr(protocol, "budget"):
+            continue
+        parts = protocol.budget(train)
+        text = "; ".join(f"{tag + ': ' if tag else ''}{b['steps']:,} steps x {b['batch']} ({b['images_seen']:,} images)"
+                         for tag, b in parts.items())
+        lines.append(f"{protocol.name}: {text}")
+    return lines

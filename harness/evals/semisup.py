@@ -17,9 +17,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
+import torch
 from torch import nn
 
 import gin
+from harness.data import ImageSet
 from harness.evals import finetune
 from harness.evals.subsets import balanced_indices, per_class_for, read_subset_file
 
@@ -76,6 +78,18 @@ class SemiSupervised:
                 "subset_seed": self.subset_seed, **recipe, "image_size": self.image_size, "eval_crop": self.eval_crop,
                 "test_size": self.test_size}
 
+    def _subset(self, percent: float, file: str | None, train: ImageSet) -> tuple[torch.Tensor, str]:
+        """The labelled images of one percentage (indices into `train`) and where they came from."""
+        if file:
+            return read_subset_file(file, train), file
+        per_class = per_class_for(percent, train.labels)
+        return balanced_indices(train.labels, per_class, self.subset_seed), f"class-balanced draw, seed {self.subset_seed}"
+
+    def budget(self, train: ImageSet) -> dict[str, dict[str, int]]:
+        """Batch, steps and images seen of each percentage's fine-tuning on `train` (as `evaluate` runs)."""
+        return {f"{percent:g}%": recipe.budget(len(self._subset(percent, file, train)[0]))
+                for percent, recipe, file in zip(self.percents, self.recipes, self.subset_files)}
+
     def evaluate(self, ctx: Context) -> dict[str, float]:
         """Fine-tunes a fresh encoder copy per percentage and scores the test split.
 
@@ -86,11 +100,7 @@ class SemiSupervised:
         train, test = ctx.dataset.split("train"), ctx.dataset.split("test").subset(self.test_size)
         out, self.selected = {}, {}
         for percent, recipe, file in zip(self.percents, self.recipes, self.subset_files):
-            if file:
-                index, source = read_subset_file(file, train), file
-            else:
-                index = balanced_indices(train.labels, per_class_for(percent, train.labels), self.subset_seed)
-                source = f"class-balanced draw, seed {self.subset_seed}"
+            index, source = self._subset(percent, file, train)
             tag = f"{percent:g}%"
             self.selected[tag] = {"images": len(index), "source": source}
             encoder = ctx.encoder()

@@ -331,6 +331,11 @@ class Detection:
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
 
+    def budget(self, train: object = None) -> dict[str, dict[str, int]]:
+        """Batch, iterations and images seen of the detector's training (the VOC tree's, whatever `train`)."""
+        return {"": {"batch": self.batch_size, "steps": self.iterations,
+                     "images_seen": self.batch_size * self.iterations}}
+
     def evaluate(self, ctx: Context) -> dict[str, float]:
         """Fine-tunes a detector on the fresh encoder copy, then scores VOC07 test."""
         with torch.random.fork_rng(devices=[]):  # the seeding below leaves other protocols' draws alone
@@ -404,7 +409,7 @@ class Detection:
         ap = aps[scored]
         self.selected = {"AP50": {cls: (None if math.isnan(a) else round(100 * float(a), 2))
                                   for cls, a in zip(classes, aps[:, 0])},
-                         "test_images": len(picks)}
+                         "test_images": len(picks), "budget": self.budget()[""]}
         return {"detection/voc07/AP50": 100 * float(ap[:, 0].mean()),
                 "detection/voc07/AP75": 100 * float(ap[:, 5].mean()),
                 "detection/voc07/AP": 100 * float(ap.mean())}
