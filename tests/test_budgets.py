@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 import gin
-
 from harness import backbone as backbone_lib
 from harness import ginutil, sweep
 from harness.collate import collate

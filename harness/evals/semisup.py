@@ -83,7 +83,8 @@ class SemiSupervised:
         if file:
             return read_subset_file(file, train), file
         per_class = per_class_for(percent, train.labels)
-        return balanced_indices(train.labels, per_class, self.subset_seed), f"class-balanced draw, seed {self.subset_seed}"
+        source = f"class-balanced draw, seed {self.subset_seed}"
+        return balanced_indices(train.labels, per_class, self.subset_seed), source
 
     def budget(self, train: ImageSet) -> dict[str, dict[str, int]]:
         """Batch, steps and images seen of each percentage's fine-tuning on `train` (as `evaluate` runs)."""
