@@ -9,8 +9,11 @@
     OUT/vocgen.json                                        # the settings and counts
 
 Each canvas is a dark, noisy RGB background with 1 to M tinted Fashion-MNIST items at
-random positions and scales (a few cut by the border: ``truncated``); later items cover
-earlier ones. An item less than 60 % visible (occluded or cut) is ``difficult``, as VOC
+random positions (a few cut by the border: ``truncated``); later items cover earlier ones.
+An item's 28-px image is resized to a square of side 30-65 % of the canvas (38-83 px on
+the embedded 128-px canvases), and its box is the tight box of the item's visible pixels
+inside that square (Fashion-MNIST items rarely fill their frame, so boxes are often
+narrower than the square). An item less than 60 % visible (occluded or cut) is ``difficult``, as VOC
 marks objects that are hard to recognise. Half the canvases are test (VOC07: 4952 of
 9963), composed from Fashion-MNIST's test split; trainval ones from its train split.
 Class names are Fashion-MNIST's, lower-case alphanumerics only (``T-shirt/top`` ->
