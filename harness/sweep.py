@@ -217,7 +217,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for note in notes:
         print(note, file=sys.stderr)
     table_dir = Path(args.results) / table.name
-    queued = launch_lib.squeue_states()
+    # squeue only when a run was submitted to SLURM (its queued.json marker): no other state
+    # depends on it, and where SLURM is installed but its controller is down it waits ~9 s.
+    submitted = any(launch_lib.marker_path(s).exists() for s in specs)
+    queued = launch_lib.squeue_states() if submitted else None
     states = [(s, *run_state(s, queued)) for s in specs]
     todo = [s for s, state, _ in states if state in TO_RUN]
     if args.dry_run or args.status:

@@ -154,3 +154,18 @@ def slurm_cluster():
     yield
     if not was_up:
         subprocess.run([script, "down"], capture_output=True, timeout=120)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--full", action="store_true",
+                     help="also run the exhaustive end-to-end tests (marker 'full': every method of every table "
+                          "through the CLI, ~20 more minutes on 2 cores)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--full"):
+        return
+    skip = pytest.mark.skip(reason="exhaustive end-to-end test: run with `pytest --full`")
+    for item in items:
+        if "full" in item.keywords:
+            item.add_marker(skip)

@@ -59,10 +59,10 @@ def test_a_table_runs_as_a_job_array_and_resubmitting_runs_nothing(slurm_cluster
 
 
 def test_queued_runs_are_not_submitted_twice_and_status_shows_them(slurm_cluster, tmp_path, base):
-    # --begin keeps the job pending for a minute, so the second call finds it queued however
-    # slowly this machine plans (under load, a job of 60 steps finished before the second call).
+    # --begin keeps the job pending for 40 s, so the second call (~10 s of planning) finds it
+    # queued however slowly this machine plans (under load, a job of 60 steps finished first).
     args = [*base, "--only", "supervised", "--bind", "table.Table.seeds = [0]",
-            "--bind", "trainer.Trainer.max_steps = 60", "--bind", "launch.Slurm.additional = {'begin': 'now+60'}"]
+            "--bind", "launch.Slurm.additional = {'begin': 'now+40'}"]
     first = sweep(*args)
     assert first.returncode == 0 and "submitted 1 runs" in first.stderr, first.stderr[-3000:]
     second = sweep(*args)

@@ -165,3 +165,22 @@ def test_missing_dataset_folder_stops_the_sweep_before_any_job(capsys, tmp_path,
     assert rc == 2 and f"image folder not found: {missing}" in out and "data.ImageFolder.root" in out
     assert not (tmp_path / "results").exists()
     assert run(capsys, *args) == (rc, out)  # the same message on a re-run
+
+
+def test_squeue_is_asked_only_when_a_run_was_submitted_to_slurm(capsys, tmp_path, monkeypatch):
+    """Where SLURM is installed but its controller is down, squeue waits ~9 s before failing:
+    a sweep with no SLURM marker must not ask it (a recording squeue first on PATH)."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    (bin_dir / "squeue").write_text(f"#!/bin/sh\necho called >> {calls}\nexit 1\n")
+    (bin_dir / "squeue").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{__import__('os').environ['PATH']}")
+    results = tmp_path / "results"
+    rc, out = run(capsys, TABLE, "--status", "--only", "pixels", "--results", str(results))
+    assert rc == 0 and not calls.exists(), out
+    row = dry(capsys, "--only", "pixels")[0]
+    folder = results / "table1" / "runs" / row["run"]
+    folder.mkdir(parents=True)
+    (folder / "queued.json").write_text(json.dumps({"job_id": "987654321_0", "log": "x"}))
+    rc, out = run(capsys, TABLE, "--status", "--only", "pixels", "--results", str(results))
+    assert rc == 0 and calls.read_text().count("called") == 1, out
