@@ -159,7 +159,7 @@ def slurm_cluster():
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--full", action="store_true",
                      help="also run the exhaustive end-to-end tests (marker 'full': every method of every table "
-                          "through the CLI, ~20 more minutes on 2 cores)")
+                          "through the CLI, ~4 more minutes on 2 cores)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
