@@ -93,7 +93,7 @@ def methods(names: Sequence[str], table_files: Sequence[str] = ("gin/table1.gin"
         if trainer.total_steps(method, len(data)) == 0:
             continue
         method.train()
-        trainable = [p for p in method.parameters() if p.requires_grad] or [torch.zeros(1, requires_grad=True)]
+        trainable = [p for p in method.parameters() if p.requires_grad] or [torch.nn.Parameter(torch.zeros(1))]
         opt = torch.optim.SGD(trainable, lr=1e-3)
         state = {"step": 0}
 

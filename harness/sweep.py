@@ -169,6 +169,7 @@ def run_state(spec: RunSpec, queued: dict[str, str] | None) -> tuple[str, str]:
     folder = store.run_dir(spec.results, spec.table, spec.run_id)
     rec = store.read_json(folder / "run.json")
     status, reason = store.effective_status(folder, rec) if rec is not None else (None, "")
+    rec = rec or {}
     if status in (store.Status.DONE, store.Status.SKIPPED):
         return str(status), reason
     marker = store.read_json(folder / "queued.json") or {}

@@ -37,7 +37,8 @@ class Table:
         if len(set(seeds)) != len(seeds):
             raise ValueError(f"table.Table.seeds = {list(seeds)!r} repeats a seed; each seed is one run. Fix: list "
                              "each seed once")
-        self.methods, self.seeds, self.name, self.scale = list(methods), [int(s) for s in seeds], name, scale
+        self.methods, self.seeds, self.scale = list(methods), [int(s) for s in seeds], scale
+        self.name: str = name or ""  # "": the sweep names it after its first gin file
         self.sweep = {k: list(v) for k, v in (sweep or {}).items()}
         for k, v in self.sweep.items():
             if "." not in k or not v:

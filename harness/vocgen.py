@@ -40,7 +40,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from harness.data import FashionMNIST, ImageSet
+from harness.data import Dataset, FashionMNIST, ImageSet
 
 SPLITS = ("train", "val", "trainval", "test")
 MAX_OVERLAP = 0.3  # largest IoU of a new item's box with an earlier one (else it is placed again)
@@ -90,12 +90,16 @@ def compose(rng: np.random.Generator, size: int, source: ImageSet, classes: Sequ
             max_items: int) -> tuple[np.ndarray, list[Item]]:
     """One canvas: uint8 ``[S, S, 3]`` and its items (drawn first to last, last on top)."""
     canvas = _background(rng, size)
-    alphas, items, boxes, areas = [], [], [], []  # per item: alpha [S, S], Item, 0-based box, unclipped area
+    # per item: alpha [S, S], Item, 0-based box, unclipped area
+    alphas: list[np.ndarray] = []
+    items: list[Item] = []
+    boxes: list[tuple[int, ...]] = []
+    areas: list[int] = []
     for _ in range(int(rng.integers(1, max_items + 1))):
         idx = int(rng.integers(len(source)))
         side = int(round(rng.uniform(0.3, 0.65) * size))
-        gray = source.images[idx, 0].numpy()  # [28, 28]
-        patch = np.asarray(Image.fromarray(gray).resize((side, side), Image.BILINEAR), np.float32) / 255
+        gray = source.images[idx:idx + 1][0, 0].numpy()  # [28, 28] (a slice: tensors and ImageFiles alike)
+        patch = np.asarray(Image.fromarray(gray).resize((side, side), Image.Resampling.BILINEAR), np.float32) / 255
         cut = rng.random() < 0.15  # may cross the border by up to 35 % of its side
         lo, hi = (-int(0.35 * side), size - int(0.65 * side)) if cut else (0, size - side)
         tint = np.array(colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.3, 1), rng.uniform(0.7, 1))) * 255
@@ -184,7 +188,7 @@ def _write_lists(main: Path, canvases: Sequence[Canvas], classes: Sequence[str])
 
 
 def generate(out: str | Path, images: int = 1000, size: int = 128, seed: int = 0, max_items: int = 4,
-             dataset: object | None = None) -> list[Canvas]:
+             dataset: Dataset | None = None) -> list[Canvas]:
     """Writes the VOC2007-format tree under ``out`` (which must not exist, or be empty).
 
     Args:

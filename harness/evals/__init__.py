@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
+
+if TYPE_CHECKING:
+    from harness.data import Dataset
 
 
 @dataclasses.dataclass
@@ -55,7 +58,7 @@ class Context:
     """
 
     encoder: Callable[[], torch.nn.Module]
-    dataset: object
+    dataset: Dataset
     pretrain_dir: Path
     features: dict[str, Features]
     device: torch.device | str = "cpu"

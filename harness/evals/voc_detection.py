@@ -173,14 +173,15 @@ def c4_parts(encoder: nn.Module) -> tuple[nn.Module, nn.Module, int, int]:
     """Splits a timm ResNet at res4: (backbone to layer3 with ``out_channels``, layer4, C4, C5)."""
     require_resnet(encoder)
     body = nn.Sequential(*(getattr(encoder, n) for n in (*STEM, "layer1", "layer2", "layer3")))
+    layer4: nn.Module = getattr(encoder, "layer4")
     with torch.no_grad():
         was = encoder.training
         encoder.eval()
         c4 = body(torch.zeros(1, in_channels(encoder), 64, 64)).shape[1]
-        c5 = encoder.layer4(torch.zeros(1, c4, 4, 4)).shape[1]
+        c5 = layer4(torch.zeros(1, c4, 4, 4)).shape[1]
         encoder.train(was)
     body.out_channels = c4
-    return body, encoder.layer4, c4, c5
+    return body, layer4, c4, c5
 
 
 @gin.configurable(module="voc_detection")
@@ -381,8 +382,10 @@ class Detection:
         picks = list(range(len(test)))
         if self.test_images is not None and self.test_images < len(picks):
             picks = torch.randperm(len(picks), generator=torch.Generator().manual_seed(0))[: self.test_images].tolist()
-        dets = {c: ([], [], []) for c in range(1, len(classes) + 1)}  # class -> scores, image ids, boxes
-        gts = {c: {} for c in dets}
+        # class -> (scores, image ids, boxes [4]); class -> image id -> (boxes [G, 4], difficult [G])
+        dets: dict[int, tuple[list[float], list[int], list[np.ndarray]]] = {
+            c: ([], [], []) for c in range(1, len(classes) + 1)}
+        gts: dict[int, dict[int, tuple[np.ndarray, np.ndarray]]] = {c: {} for c in dets}
         for start in tqdm(range(0, len(picks), self.test_batch_size), desc="detection/voc07 test",
                           disable=not ctx.progress, dynamic_ncols=True, mininterval=1.0):
             items = [test[k] for k in picks[start:start + self.test_batch_size]]
