@@ -9,6 +9,7 @@ stride-1 stem without max-pool, and ViTs take ``img_size``/``patch_size`` kwargs
 an 8x8 grid of 4-px patches whose pooled output (the class token) is ``num_features`` wide;
 every kwarg (``depth`` too) is kept in the exported ``encoder.json``, so `load` rebuilds it.
 """
+
 from __future__ import annotations
 
 import json

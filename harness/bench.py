@@ -8,6 +8,7 @@
 Each writes ``benchmarks/<command>.json`` (machine, versions, numbers) and prints
 a markdown table; BENCHMARKS.md quotes them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,14 +26,25 @@ import torch
 from harness import backbone, ginutil, store
 
 OUT = ginutil.REPO_ROOT / "benchmarks"
-CANDIDATES = [("resnet18", 32, False), ("resnet18", 28, False), ("resnet10t", 32, False), ("resnet34", 32, False),
-              ("resnet18", 64, False), ("resnet18", 32, True)]
+CANDIDATES = [
+    ("resnet18", 32, False),
+    ("resnet18", 28, False),
+    ("resnet10t", 32, False),
+    ("resnet34", 32, False),
+    ("resnet18", 64, False),
+    ("resnet18", 32, True),
+]
 
 
 def machine() -> dict:
-    return {"cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
-            "git": store.git_revision(), "date": store.now()}
+    return {
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "git": store.git_revision(),
+        "date": store.now(),
+    }
 
 
 def _timed(fn, repeats: int) -> float:
@@ -60,10 +72,17 @@ def throughput(batch: int = 256, repeats: int = 3) -> list[dict]:
             with torch.no_grad():
                 net.eval()(x)
             net.train()
-        rows.append({"backbone": name, "size": size, "small_input": small, "params_m": round(
-            sum(p.numel() for p in net.parameters()) / 1e6, 1),
-            "train_img_s": round(len(x) / _timed(train_step, repeats)),
-            "infer_img_s": round(len(x) / _timed(infer, repeats))})
+
+        rows.append(
+            {
+                "backbone": name,
+                "size": size,
+                "small_input": small,
+                "params_m": round(sum(p.numel() for p in net.parameters()) / 1e6, 1),
+                "train_img_s": round(len(x) / _timed(train_step, repeats)),
+                "infer_img_s": round(len(x) / _timed(infer, repeats)),
+            }
+        )
         print(rows[-1], flush=True)
     return rows
 
@@ -75,6 +94,7 @@ def methods(names: Sequence[str], table_files: Sequence[str] = ("gin/table1.gin"
     from harness import job
     from harness.trainer import Trainer, batch_indices
     from methods.base import Batch, Unsupported
+
     ginutil.parse(list(table_files))
     table = ginutil.reference("table.Table")()
     names = names or table.methods
@@ -106,10 +126,19 @@ def methods(names: Sequence[str], table_files: Sequence[str] = ("gin/table1.gin"
                 loss.backward()
                 opt.step()
             method.after_step(state["step"] - 1, trainer.total_steps(method, len(data)))
+
         sec = _timed(step, steps)
         total = trainer.total_steps(method, len(data))
-        rows.append({"method": name, "batch": trainer.batch_size, "views": len(views.augmentations),
-                     "s_per_step": round(sec, 3), "steps": total, "est_pretrain_s": round(sec * total)})
+        rows.append(
+            {
+                "method": name,
+                "batch": trainer.batch_size,
+                "views": len(views.augmentations),
+                "s_per_step": round(sec, 3),
+                "steps": total,
+                "est_pretrain_s": round(sec * total),
+            }
+        )
         print(rows[-1], flush=True)
     return rows
 
@@ -118,8 +147,12 @@ def table(gin_files: Sequence[str]) -> list[dict]:
     """Wall time of a whole table run from scratch through the CLI, and its per-run costs."""
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "harness.sweep", *gin_files, "--results", tmp],
-                              cwd=ginutil.REPO_ROOT, capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "harness.sweep", *gin_files, "--results", tmp],
+            cwd=ginutil.REPO_ROOT,
+            capture_output=True,
+            text=True,
+        )
         wall = time.perf_counter() - t
         if proc.returncode != 0:
             raise SystemExit(f"table failed:\n{proc.stderr[-3000:]}")
@@ -136,6 +169,7 @@ def runs(table_dirs: Sequence[str]) -> list[dict]:
     with one torch thread per job (``launch.Local.parallel = 2``) they are the run's wall time
     on an idle core."""
     from harness import collate
+
     rows = []
     for table_dir in table_dirs:
         df = collate.load_runs(Path(table_dir))
@@ -147,12 +181,25 @@ def runs(table_dirs: Sequence[str]) -> list[dict]:
             def mean(key: str) -> float | None:
                 vals = [x[key] for x in t if isinstance(x.get(key), (int, float))]
                 return round(sum(vals) / len(vals), 1) if vals else None
+
             names = dict.fromkeys(n for x in t for n in x.get("protocols") or {})  # run.json since 66273d7
-            per_protocol = {n: round(sum(x["protocols"][n]["cpu_s"] for x in t if n in x.get("protocols", {}))
-                                     / sum(n in x.get("protocols", {}) for x in t), 1) for n in names}
-            rows.append({"table": Path(table_dir).name, "method": method, "runs": len(recs),
-                         **{k: mean(k) for k in ("pretrain_s", "pretrain_cpu_s", "eval_s", "eval_cpu_s")},
-                         **({"protocol_cpu_s": per_protocol} if per_protocol else {})})
+            per_protocol = {
+                n: round(
+                    sum(x["protocols"][n]["cpu_s"] for x in t if n in x.get("protocols", {}))
+                    / sum(n in x.get("protocols", {}) for x in t),
+                    1,
+                )
+                for n in names
+            }
+            rows.append(
+                {
+                    "table": Path(table_dir).name,
+                    "method": method,
+                    "runs": len(recs),
+                    **{k: mean(k) for k in ("pretrain_s", "pretrain_cpu_s", "eval_s", "eval_cpu_s")},
+                    **({"protocol_cpu_s": per_protocol} if per_protocol else {}),
+                }
+            )
             print(rows[-1], flush=True)
     return rows
 
@@ -160,8 +207,12 @@ def runs(table_dirs: Sequence[str]) -> list[dict]:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m harness.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("what", choices=["throughput", "methods", "table", "runs"])
-    ap.add_argument("args", nargs="*", help="methods: a table's gin files and/or method names (default: the "
-                    "methods of gin/table1.gin); table: gin files")
+    ap.add_argument(
+        "args",
+        nargs="*",
+        help="methods: a table's gin files and/or method names (default: the "
+        "methods of gin/table1.gin); table: gin files",
+    )
     args = ap.parse_args(argv)
     if args.what == "throughput":
         rows = throughput()
@@ -173,9 +224,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         rows = table(args.args or ["gin/table1.gin"])
     OUT.mkdir(exist_ok=True)
-    stem = {"methods": lambda: f"methods-{Path(tables[0]).stem}",
-            "runs": lambda: "runs-" + "-".join(Path(a).name for a in args.args or ["table1"]),
-            }.get(args.what, lambda: args.what)()
+    stem = {
+        "methods": lambda: f"methods-{Path(tables[0]).stem}",
+        "runs": lambda: "runs-" + "-".join(Path(a).name for a in args.args or ["table1"]),
+    }.get(args.what, lambda: args.what)()
     store.write_json(OUT / f"{stem}.json", {"machine": machine(), "rows": rows})
     print(f"wrote {OUT / (stem + '.json')}")
     return 0

@@ -9,6 +9,7 @@ protocol id; a metric made under two ids in one table becomes two columns, ``<me
 [<id>]``, and leaderboard.md lists every protocol's name, id and settings).
 Usage: ``python -m harness.collate results/table1 [--reference DIR]``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,20 @@ from matplotlib.figure import Figure
 from harness import store
 from harness.store import Status
 
-RUN_COLUMNS = ["run_id", "pretrain_id", "table", "method", "seed", "status", "metric", "value", "protocol",
-               "protocol_id", "pretrain_s", "eval_s"]
+RUN_COLUMNS = [
+    "run_id",
+    "pretrain_id",
+    "table",
+    "method",
+    "seed",
+    "status",
+    "metric",
+    "value",
+    "protocol",
+    "protocol_id",
+    "pretrain_s",
+    "eval_s",
+]
 REFERENCE_COLUMNS = ["table", "method", "metric", "value", "source"]
 SORT_METRIC = "linear/top1"
 PLOT_METRICS = ["linear/top1", "knn/top1@200"]
@@ -61,8 +74,16 @@ def _rows(run: dict) -> list[dict]:
     if not metrics:
         return [row | {"metric": np.nan, "value": np.nan}]
     owner = {m: (name, p.get("id")) for name, p in _protocols(run).items() for m in p.get("metrics") or []}
-    return [row | {"metric": metric, "value": value, "protocol": owner.get(metric, (None, None))[0],
-                   "protocol_id": owner.get(metric, (None, None))[1]} for metric, value in metrics.items()]
+    return [
+        row
+        | {
+            "metric": metric,
+            "value": value,
+            "protocol": owner.get(metric, (None, None))[0],
+            "protocol_id": owner.get(metric, (None, None))[1],
+        }
+        for metric, value in metrics.items()
+    ]
 
 
 def _protocols(run: dict) -> dict[str, dict]:
@@ -123,8 +144,9 @@ def load_runs(table_dir: Path) -> pd.DataFrame:
     for run in (r for r in records if r.get("status") == Status.DONE.value):
         cost = (run.get("timings") or {}).get("protocols") or {}
         for name, p in _protocols(run).items():
-            entry = df.attrs["protocols"].setdefault((name, p["id"]), {"params": p.get("params"), "metrics": set(),
-                                                                       "budgets": set(), "cpu_s": []})
+            entry = df.attrs["protocols"].setdefault(
+                (name, p["id"]), {"params": p.get("params"), "metrics": set(), "budgets": set(), "cpu_s": []}
+            )
             entry["metrics"].update(p.get("metrics") or [])
             if budget := _budget(p.get("selected")):
                 entry["budgets"].add(budget)
@@ -139,10 +161,18 @@ def _budget(selected: object) -> str:
     it records none (frozen-feature protocols)."""
     if not isinstance(selected, dict):
         return ""
-    parts = {"": selected["budget"]} if isinstance(selected.get("budget"), dict) else {
-        tag: v["budget"] for tag, v in selected.items() if isinstance(v, dict) and isinstance(v.get("budget"), dict)}
-    return "; ".join(f"{tag + ': ' if tag else ''}{b['steps']:,} steps x {b['batch']} ({b['images_seen']:,} images)"
-                     for tag, b in parts.items() if {"steps", "batch", "images_seen"} <= set(b))
+    parts = (
+        {"": selected["budget"]}
+        if isinstance(selected.get("budget"), dict)
+        else {
+            tag: v["budget"] for tag, v in selected.items() if isinstance(v, dict) and isinstance(v.get("budget"), dict)
+        }
+    )
+    return "; ".join(
+        f"{tag + ': ' if tag else ''}{b['steps']:,} steps x {b['batch']} ({b['images_seen']:,} images)"
+        for tag, b in parts.items()
+        if {"steps", "batch", "images_seen"} <= set(b)
+    )
 
 
 def _keys(df: pd.DataFrame) -> list[str]:
@@ -179,8 +209,10 @@ def leaderboard(df: pd.DataFrame) -> pd.DataFrame:
     by = [f"{m} mean" for m in ([SORT_METRIC] if SORT_METRIC in metrics else metrics[:1])]
     board = board.sort_values(by + ["method"], ascending=[False] * len(by) + [True], kind="stable")
     warned = runs.dropna(subset=["warning"]).groupby(keys, dropna=False)["warning"].first()
-    board["note"] = [("warning: " + warned[k]) if k in warned.index else ""
-                     for k in (board[keys[0]] if len(keys) == 1 else board[keys].itertuples(index=False, name=None))]
+    board["note"] = [
+        ("warning: " + warned[k]) if k in warned.index else ""
+        for k in (board[keys[0]] if len(keys) == 1 else board[keys].itertuples(index=False, name=None))
+    ]
     skipped = df[df["status"] == Status.SKIPPED.value].drop_duplicates(keys)  # methods that refused the data
     skipped = skipped[~skipped.set_index(keys).index.isin(board.set_index(keys).index)]
     if not skipped.empty:
@@ -240,17 +272,29 @@ def _markdown_protocols(protocols: dict) -> list[str]:
     """The protocols section: name, id, metrics and settings of every protocol in the table."""
     if not protocols:
         return []
-    rows = [{"protocol": name, "id": pid, "metrics": ", ".join(sorted(p["metrics"])),
-             "training (per run)": " / ".join(sorted(p.get("budgets") or [])) or "-",
-             "CPU s (median, range)": _cpu_text(p.get("cpu_s") or []),
-             "settings": json.dumps(p["params"], sort_keys=True, separators=(", ", ": "))}
-            for (name, pid), p in sorted(protocols.items(), key=lambda item: (item[0][0], str(item[0][1])))]
+    rows = [
+        {
+            "protocol": name,
+            "id": pid,
+            "metrics": ", ".join(sorted(p["metrics"])),
+            "training (per run)": " / ".join(sorted(p.get("budgets") or [])) or "-",
+            "CPU s (median, range)": _cpu_text(p.get("cpu_s") or []),
+            "settings": json.dumps(p["params"], sort_keys=True, separators=(", ", ": ")),
+        }
+        for (name, pid), p in sorted(protocols.items(), key=lambda item: (item[0][0], str(item[0][1])))
+    ]
     table = pd.DataFrame(rows).apply(lambda col: col.str.replace("|", r"\|"))
-    return ["## Protocols", "", "Every number above was made by one of these protocols (id: a hash of the name and "
-            "settings; a column labelled `[<id>]` holds a metric that this table has under more than one id). "
-            "Training: optimizer steps x batch and images seen, as the runs recorded them; CPU s: each run's "
-            "process time in the protocol, over the finished runs.", "",
-            table.to_markdown(index=False, disable_numparse=True), ""]
+    return [
+        "## Protocols",
+        "",
+        "Every number above was made by one of these protocols (id: a hash of the name and "
+        "settings; a column labelled `[<id>]` holds a metric that this table has under more than one id). "
+        "Training: optimizer steps x batch and images seen, as the runs recorded them; CPU s: each run's "
+        "process time in the protocol, over the finished runs.",
+        "",
+        table.to_markdown(index=False, disable_numparse=True),
+        "",
+    ]
 
 
 def _cpu_text(seconds: list[float]) -> str:
@@ -267,8 +311,12 @@ def render_markdown(df: pd.DataFrame, board: pd.DataFrame, ref: pd.DataFrame, ta
     if board.empty:
         lines += ["No finished runs yet, so there is nothing to average.", ""]
     else:
-        lines += ["Mean ± std over seeds (%); cost_s: mean wall time per run (pretrain + eval).", "",
-                  _markdown_board(board), ""]
+        lines += [
+            "Mean ± std over seeds (%); cost_s: mean wall time per run (pretrain + eval).",
+            "",
+            _markdown_board(board),
+            "",
+        ]
     if not ref.empty:
         sources = ref.groupby("method")["source"].agg(lambda s: "; ".join(pd.unique(s.astype(str))))
         lines += ["¹ Published numbers: " + "; ".join(f"{m}: {s}" for m, s in sources.items()) + ".", ""]
@@ -276,9 +324,15 @@ def render_markdown(df: pd.DataFrame, board: pd.DataFrame, ref: pd.DataFrame, ta
     failed = failed_runs(df).fillna("").astype(str)
     if not failed.empty:
         failed = failed.apply(lambda col: col.str.replace("|", r"\|").str.replace("\n", " "))
-        lines += ["## Failed runs", "", "Failed, interrupted, or finished with a record or file that failed its "
-                  "checks: not in the table; the sweep runs them again.", "",
-                  failed.to_markdown(index=False, disable_numparse=True), ""]
+        lines += [
+            "## Failed runs",
+            "",
+            "Failed, interrupted, or finished with a record or file that failed its "
+            "checks: not in the table; the sweep runs them again.",
+            "",
+            failed.to_markdown(index=False, disable_numparse=True),
+            "",
+        ]
     ended = [Status.DONE.value, Status.SKIPPED.value, *NOT_COUNTED]
     pending = df[~df["status"].isin(ended)].drop_duplicates("run_id")["status"].fillna("?")
     counts = {**pending.value_counts(), "without a readable run.json": df.attrs.get("skipped", 0)}
@@ -293,8 +347,10 @@ def render_markdown(df: pd.DataFrame, board: pd.DataFrame, ref: pd.DataFrame, ta
 def _labels(frame: pd.DataFrame) -> pd.Series:
     """Returns one x-axis label per row: the method, then swept values on a second line."""
     swept = _keys(frame)[1:]
-    return frame.apply(lambda r: "\n".join([str(r["method"])] + [
-        f"{c.rsplit('.', 1)[-1]}={r[c]}" for c in swept if pd.notna(r[c])]), axis=1)
+    return frame.apply(
+        lambda r: "\n".join([str(r["method"])] + [f"{c.rsplit('.', 1)[-1]}={r[c]}" for c in swept if pd.notna(r[c])]),
+        axis=1,
+    )
 
 
 def plot_leaderboard(df: pd.DataFrame, board: pd.DataFrame, path: Path, table: str) -> None:
@@ -311,13 +367,10 @@ def plot_leaderboard(df: pd.DataFrame, board: pd.DataFrame, path: Path, table: s
     else:
         data = done[done["metric"].isin(metrics)]
         data = data.assign(label=_labels(data))
-        style = dict(x="label", y="value", hue="metric", order=list(_labels(board)),
-                     hue_order=metrics, ax=ax)
-        sns.stripplot(data, **style, dodge=True, palette={m: "0.3" for m in metrics}, size=4,
-                      alpha=0.7, legend=False)
+        style = dict(x="label", y="value", hue="metric", order=list(_labels(board)), hue_order=metrics, ax=ax)
+        sns.stripplot(data, **style, dodge=True, palette={m: "0.3" for m in metrics}, size=4, alpha=0.7, legend=False)
         dodge = 0.4 if len(metrics) > 1 else False  # seaborn divides by (hue levels - 1)
-        sns.pointplot(data, **style, dodge=dodge, errorbar="sd", capsize=0.1, linestyle="none",
-                      markers="D")
+        sns.pointplot(data, **style, dodge=dodge, errorbar="sd", capsize=0.1, linestyle="none", markers="D")
         ax.set(xlabel="", ylabel="accuracy (%)")
         ax.grid(axis="y", alpha=0.3)
     ax.set_title(f"{table}: {', '.join(metrics) or 'top-1'} per method, mean ± std (grey dots: seeds)")
@@ -364,20 +417,29 @@ def collate(table_dir: Path, reference_dir: Path | None = None) -> pd.DataFrame:
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: collate one table folder and print its leaderboard.md."""
-    parser = argparse.ArgumentParser(prog="python -m harness.collate",
-                                     description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m harness.collate", description=__doc__.splitlines()[0])
     parser.add_argument("table_dir", type=Path, help="a table's results folder, e.g. results/table1")
-    parser.add_argument("--reference", type=Path, default=None,
-                        help="folder of published numbers (*.csv); default results/reference if present")
+    parser.add_argument(
+        "--reference",
+        type=Path,
+        default=None,
+        help="folder of published numbers (*.csv); default results/reference if present",
+    )
     args = parser.parse_args(argv)
     default = Path("results/reference")
     if not args.table_dir.is_dir():
-        print(f"error: {args.table_dir}: no such table folder. Fix: pass a table's results folder, e.g. "
-              "results/table1 (python -m harness.sweep writes one per table)", file=sys.stderr)
+        print(
+            f"error: {args.table_dir}: no such table folder. Fix: pass a table's results folder, e.g. "
+            "results/table1 (python -m harness.sweep writes one per table)",
+            file=sys.stderr,
+        )
         return 2
     if args.reference is not None and not args.reference.is_dir():
-        print(f"error: --reference {args.reference}: no such folder. Fix: pass a folder of published-number *.csv "
-              "files, or drop --reference", file=sys.stderr)
+        print(
+            f"error: --reference {args.reference}: no such folder. Fix: pass a folder of published-number *.csv "
+            "files, or drop --reference",
+            file=sys.stderr,
+        )
         return 2
     collate(args.table_dir, args.reference or (default if default.is_dir() else None))
     print((args.table_dir / "leaderboard.md").read_text(encoding="utf-8"))

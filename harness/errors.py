@@ -1,4 +1,5 @@
 """Exceptions shared by methods and evaluations (neither imports the other for them)."""
+
 from __future__ import annotations
 
 

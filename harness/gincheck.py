@@ -3,6 +3,7 @@ the key and the fix: include cycles and missing includes (gin recurses forever o
 OSError), unclosed brackets (a tokenizer error naming no file), and bound values whose type
 does not fit their parameter (which would otherwise fail inside every job).
 """
+
 from __future__ import annotations
 
 import ast
@@ -36,6 +37,7 @@ def _value(v: object) -> str:
 # ---------------------------------------------------------------------------------------------
 # Files: include cycles, missing includes, unclosed brackets.
 
+
 def _resolve_include(name: str) -> tuple[str | None, list[str]]:
     """Where gin finds an included file (its search paths, in order), and every place it looks."""
     prefixes = gin_config._LOCATION_PREFIXES if not os.path.isabs(name) else [""]  # noqa: SLF001
@@ -56,18 +58,24 @@ def _tokens(text: str, where: str) -> list[tokenize.TokenInfo]:
                 opened.pop()
             tokens.append(tok)
     except IndentationError as err:  # a block's bindings that do not line up
-        raise GinError(f"{where}, line {err.lineno}: {err.msg}: {(err.text or '').strip()}\n"
-                       "Fix: indent every binding of the block the same way.") from None
+        raise GinError(
+            f"{where}, line {err.lineno}: {err.msg}: {(err.text or '').strip()}\n"
+            "Fix: indent every binding of the block the same way."
+        ) from None
     except tokenize.TokenError as err:
         if opened:
             tok = opened[0]
             closer = {"(": ")", "[": "]", "{": "}"}[tok.string]
-            raise GinError(f"{where}, line {tok.start[0]}: {tok.string!r} is never closed: {tok.line.strip()}\n"
-                           f"Fix: close the bracket with {closer!r}.") from None
+            raise GinError(
+                f"{where}, line {tok.start[0]}: {tok.string!r} is never closed: {tok.line.strip()}\n"
+                f"Fix: close the bracket with {closer!r}."
+            ) from None
         what = "a triple-quoted string" if "string" in str(err.args[0]) else "a statement (a trailing backslash?)"
         line = err.args[1][0] if len(err.args) > 1 else "?"
-        raise GinError(f"{where}, line {line}: {what} is never closed before the end.\n"
-                       "Fix: close it (a value may span lines only inside brackets).") from None
+        raise GinError(
+            f"{where}, line {line}: {what} is never closed before the end.\n"
+            "Fix: close it (a value may span lines only inside brackets)."
+        ) from None
     return tokens
 
 
@@ -77,8 +85,14 @@ def _includes(tokens: list[tokenize.TokenInfo]) -> list[tuple[int, str]]:
     significant = [t for t in tokens if t.type not in skip]
     out, depth, at_start = [], 0, True
     for i, tok in enumerate(significant):
-        if (at_start and depth == 0 and tok.type == tokenize.NAME and tok.string == "include"
-                and i + 1 < len(significant) and significant[i + 1].type == tokenize.STRING):
+        if (
+            at_start
+            and depth == 0
+            and tok.type == tokenize.NAME
+            and tok.string == "include"
+            and i + 1 < len(significant)
+            and significant[i + 1].type == tokenize.STRING
+        ):
             try:
                 path = ast.literal_eval(significant[i + 1].string)
             except (ValueError, SyntaxError):
@@ -110,19 +124,25 @@ def check_files(files: Sequence[tuple[str, str]], bindings: Sequence[str] = ()) 
         for line, name in _includes(_tokens(text, shown)):
             found, tried = _resolve_include(name)
             if found is None:
-                raise GinError(f"{shown}, line {line}: include {name!r}: no such file (looked for "
-                               f"{', '.join(tried)}).\nFix: correct the path; a relative one is looked up from the "
-                               f"current folder and from {REPO_ROOT}.")
+                raise GinError(
+                    f"{shown}, line {line}: include {name!r}: no such file (looked for "
+                    f"{', '.join(tried)}).\nFix: correct the path; a relative one is looked up from the "
+                    f"current folder and from {REPO_ROOT}."
+                )
             target = os.path.realpath(found)
             if target in (r for _, r in chain):
                 start = next(i for i, (_, r) in enumerate(chain) if r == target)
                 cycle = " -> ".join([s for s, _ in chain[start:]] + [name])
                 if start == len(chain) - 1:
-                    raise GinError(f"{shown}, line {line}: include {name!r} includes the file itself ({cycle}; gin "
-                                   f"would include it forever).\nFix: remove the include on line {line} of {shown}.")
-                raise GinError(f"{shown}, line {line}: include {name!r} makes an include cycle: {cycle} (gin would "
-                               f"include them forever).\nFix: remove one include of the cycle, e.g. line {line} of "
-                               f"{shown}.")
+                    raise GinError(
+                        f"{shown}, line {line}: include {name!r} includes the file itself ({cycle}; gin "
+                        f"would include it forever).\nFix: remove the include on line {line} of {shown}."
+                    )
+                raise GinError(
+                    f"{shown}, line {line}: include {name!r} makes an include cycle: {cycle} (gin would "
+                    f"include them forever).\nFix: remove one include of the cycle, e.g. line {line} of "
+                    f"{shown}."
+                )
             visit(name, found, chain)
         done.add(real)
 
@@ -136,9 +156,11 @@ def check_files(files: Sequence[tuple[str, str]], bindings: Sequence[str] = ()) 
         for line, name in included:
             found, tried = _resolve_include(name)
             if found is None:
-                raise GinError(f"--bind {b!r}: include {name!r}: no such file (looked for {', '.join(tried)}).\n"
-                               f"Fix: correct the path; a relative one is looked up from the current folder and "
-                               f"from {REPO_ROOT}.")
+                raise GinError(
+                    f"--bind {b!r}: include {name!r}: no such file (looked for {', '.join(tried)}).\n"
+                    f"Fix: correct the path; a relative one is looked up from the current folder and "
+                    f"from {REPO_ROOT}."
+                )
             visit(name, found, [])
 
 
@@ -156,8 +178,15 @@ def unclosed_binding(bindings: Sequence[str], err: tokenize.TokenError) -> str:
 # Bound values against parameter types.
 
 # Kinds of simple values, in the order messages list them.
-_KIND_NAMES = {"bool": "bool", "int": "int", "float": "float", "str": "str", "list": "list or tuple",
-               "dict": "dict", "None": "None"}
+_KIND_NAMES = {
+    "bool": "bool",
+    "int": "int",
+    "float": "float",
+    "str": "str",
+    "list": "list or tuple",
+    "dict": "dict",
+    "None": "None",
+}
 _SEQUENCES = (collections.abc.Sequence, collections.abc.MutableSequence)
 _MAPPINGS = (dict, collections.abc.Mapping, collections.abc.MutableMapping)
 
@@ -166,8 +195,15 @@ def _kind(value: object) -> str | None:
     """The simple kind of a bound value, or None for anything else (references, objects)."""
     if value is None:
         return "None"
-    for t, name in ((bool, "bool"), (int, "int"), (float, "float"), (str, "str"), (list, "list"),
-                    (tuple, "list"), (dict, "dict")):
+    for t, name in (
+        (bool, "bool"),
+        (int, "int"),
+        (float, "float"),
+        (str, "str"),
+        (list, "list"),
+        (tuple, "list"),
+        (dict, "dict"),
+    ):
         if isinstance(value, t):
             return name
     return None
@@ -219,8 +255,15 @@ def _param_specs(fn: Callable[..., Any]) -> dict[str, tuple[frozenset[str], obje
             continue
         default = p.default
         if p.annotation is p.empty:
-            by_default = {bool: {"bool"}, int: {"int", "float"}, float: {"float"}, str: {"str"}, list: {"list"},
-                          tuple: {"list"}, dict: {"dict"}}
+            by_default = {
+                bool: {"bool"},
+                int: {"int", "float"},
+                float: {"float"},
+                str: {"str"},
+                list: {"list"},
+                tuple: {"list"},
+                dict: {"dict"},
+            }
             named = by_default.get(type(default))
             kinds = frozenset(named | {"None"}) if named else None
         else:
@@ -294,12 +337,16 @@ def check_types(files: Sequence[tuple[str, str]], bindings: Sequence[str]) -> No
             where = _binding_source(files, bindings, (scope, selector, param))
             what = _a(type(value).__name__)
             if macro:
-                raise GinError(f"{_binding_source(files, bindings, (macro, 'gin.macro', 'value'))}: {macro} = "
-                               f"{_value(value)} is {what}, but {where} uses it as {key} = {shown.split(' (')[0]}, "
-                               f"which takes {takes}.\nFix: give {macro} a value of type {takes.split(' (')[0]}.")
-            raise GinError(f"{where}: {key} = {shown} is {what}; it takes {takes}.\n"
-                           f"Fix: give {key} a value of type {takes.split(' (')[0]}, or remove the binding to keep "
-                           "the default.")
+                raise GinError(
+                    f"{_binding_source(files, bindings, (macro, 'gin.macro', 'value'))}: {macro} = "
+                    f"{_value(value)} is {what}, but {where} uses it as {key} = {shown.split(' (')[0]}, "
+                    f"which takes {takes}.\nFix: give {macro} a value of type {takes.split(' (')[0]}."
+                )
+            raise GinError(
+                f"{where}: {key} = {shown} is {what}; it takes {takes}.\n"
+                f"Fix: give {key} a value of type {takes.split(' (')[0]}, or remove the binding to keep "
+                "the default."
+            )
 
 
 def _binding_source(files: Sequence[tuple[str, str]], bindings: Sequence[str], key: tuple[str, str, str]) -> str:

@@ -3,6 +3,7 @@
 A run is identified by what its gin files *resolve to*, not by their paths: two
 tables that bind the same settings share ids, and editing a value changes them.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -48,7 +49,8 @@ def method_gin(name: str) -> Path:
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise GinError(
             f"unknown method {name!r}: no file {path}.{hint} Known methods: {', '.join(known)}. "
-            "Fix the table's `table.Table.methods` or `--only`, or add the method's gin file.")
+            "Fix the table's `table.Table.methods` or `--only`, or add the method's gin file."
+        )
     return path
 
 
@@ -61,8 +63,10 @@ def scale_gin(scale: str) -> Path:
     path = SCALE_ROOT / f"{scale}.gin"
     if not path.is_file():
         known = sorted(p.stem for p in SCALE_ROOT.glob("*.gin"))
-        raise GinError(f"table.Table.scale = {scale!r}: no file {path}. Fix: bind one of {', '.join(known)}, or add "
-                       f"gin/scale/{scale}.gin")
+        raise GinError(
+            f"table.Table.scale = {scale!r}: no file {path}. Fix: bind one of {', '.join(known)}, or add "
+            f"gin/scale/{scale}.gin"
+        )
     return path
 
 
@@ -76,6 +80,7 @@ def run_files(method: str, scale: str, files: Sequence[str] = ()) -> list[str]:
     strings come last. A scale file among `files` (an overlay such as ``gin/scale/smoke.gin``)
     is followed by its own ``<method>.gin`` too.
     """
+
     def with_shrink(scale_file: Path) -> list[str]:
         shrink = scale_file.with_suffix("") / f"{method}.gin"
         return [str(scale_file), *([str(shrink)] if shrink.is_file() else [])]
@@ -142,8 +147,10 @@ def explain(key: str, files: Sequence[str], bindings: Sequence[str] = ()) -> str
     """``KEY = value`` as the parsed run resolves it, and every file and line that binds it, the
     last one winning (``python -m harness.sweep ... --dry-run --explain KEY``); call after `parse`."""
     shown = [f if Path(f).is_file() else str(REPO_ROOT / f) for f in files]
-    rel = [(str(Path(f).resolve().relative_to(REPO_ROOT)) if Path(f).resolve().is_relative_to(REPO_ROOT) else f, f)
-           for f in shown]
+    rel = [
+        (str(Path(f).resolve().relative_to(REPO_ROOT)) if Path(f).resolve().is_relative_to(REPO_ROOT) else f, f)
+        for f in shown
+    ]
     if "." not in key.rsplit("/", 1)[-1]:  # a macro
         target, value = (key, "gin.macro", "value"), gin_config._CONFIG.get((key, "gin.macro"), {}).get("value")  # noqa: SLF001
     else:
@@ -249,6 +256,7 @@ def ids() -> tuple[str, str]:
     """
     s = settings()
     pre = digest(f"{k} = {v}" for k, v in s.items() if _affects_pretraining(k))
-    evals = [f"{k} = {v}" for k, v in s.items()
-             if not _affects_pretraining(k) and not k.startswith(("table.", "launch."))]
+    evals = [
+        f"{k} = {v}" for k, v in s.items() if not _affects_pretraining(k) and not k.startswith(("table.", "launch."))
+    ]
     return pre, digest([pre, *evals])

@@ -3,6 +3,7 @@
 ``job.run`` is the root configurable: a table binds it (evaluations, seed) and a
 method's gin file binds its method and views; everything else is a ``@reference``.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,13 +36,15 @@ from methods.base import DataInfo, Method, build_method
 def _log_path() -> str | None:
     try:
         import submitit
+
         return str(submitit.JobEnvironment().paths.stdout)
     except Exception:  # noqa: BLE001 - not inside a submitit job
         return None
 
 
-def build(method: Callable[..., Method], views: Callable[..., Views], data: ImageSet,
-          seed: int) -> tuple[Method, Views]:
+def build(
+    method: Callable[..., Method], views: Callable[..., Views], data: ImageSet, seed: int
+) -> tuple[Method, Views]:
     """The method on a freshly initialised backbone (initialisation depends on `seed` only),
     built with the facts of `data` (``method(backbone, data=DataInfo.of(data))``,
     `methods.base.build_method`), and the views normalised with the data's statistics."""
@@ -53,8 +56,15 @@ def build(method: Callable[..., Method], views: Callable[..., Views], data: Imag
 _NOT_ARTEFACTS = {"checkpoint.pt", "log.jsonl", "config.gin", "pretrain.json", ".lock", ".run.lock"}
 
 
-def pretrain(folder: Path, method: Callable[..., Method], dataset, views: Callable[..., Views],
-             trainer: Trainer, seed: int, stop_after: int | None = None) -> dict:
+def pretrain(
+    folder: Path,
+    method: Callable[..., Method],
+    dataset,
+    views: Callable[..., Views],
+    trainer: Trainer,
+    seed: int,
+    stop_after: int | None = None,
+) -> dict:
     """Pretrains into `folder` (resuming a checkpoint there), exports the encoder, writes
     pretrain.json with the exported files' sizes and SHA-256 (`store.file_meta`)."""
     t0, cpu0 = time.time(), time.process_time()
@@ -71,13 +81,23 @@ def pretrain(folder: Path, method: Callable[..., Method], dataset, views: Callab
         backbone_lib.export(m.backbone, folder)
     if hasattr(m, "export"):  # parts some protocol needs besides the encoder (CLIP's text tower)
         cast(Any, m).export(folder)
-    artefacts = {f.name: store.file_meta(f) for f in sorted(folder.iterdir())
-                 if f.is_file() and f.name not in _NOT_ARTEFACTS and not f.name.startswith(".")}
+    artefacts = {
+        f.name: store.file_meta(f)
+        for f in sorted(folder.iterdir())
+        if f.is_file() and f.name not in _NOT_ARTEFACTS and not f.name.startswith(".")
+    }
     # cpu_seconds: CPU time of all this process's threads; unlike wall time it barely moves
     # when other jobs share the cores (BENCHMARKS.md).
-    record = {"status": store.Status.DONE.value, "seconds": time.time() - t0, "cpu_seconds": time.process_time() - cpu0,
-              **fit, "encoder": "exported" if exported else "built", "artefacts": artefacts,
-              "git": store.git_revision(), "finished": store.now()}
+    record = {
+        "status": store.Status.DONE.value,
+        "seconds": time.time() - t0,
+        "cpu_seconds": time.process_time() - cpu0,
+        **fit,
+        "encoder": "exported" if exported else "built",
+        "artefacts": artefacts,
+        "git": store.git_revision(),
+        "finished": store.now(),
+    }
     store.write_text(folder / "config.gin", gin.operative_config_str())
     store.write_json(folder / "pretrain.json", record)
     return record
@@ -92,13 +112,22 @@ def encoder_for_eval(folder: Path, method: Callable[..., Method], data: ImageSet
         return build(method, no_views, data, seed=0)[0].encoder()
     for name in ("encoder.pt", "encoder.json"):
         if problem := store.file_problem(folder / name, pre["artefacts"].get(name), full=True):
-            raise store.StoreError(f"{problem}. Fix: delete {folder / 'pretrain.json'} and run the sweep again "
-                                   "(it exports the encoder again from the final checkpoint, or pretrains again)")
+            raise store.StoreError(
+                f"{problem}. Fix: delete {folder / 'pretrain.json'} and run the sweep again "
+                "(it exports the encoder again from the final checkpoint, or pretrains again)"
+            )
     return backbone_lib.load(folder)
 
 
-def _pretrained(pre_dir: Path, method: Callable[..., Method], dataset, views: Callable[..., Views],
-                trainer: Trainer, seed: int, pretrain_id: str) -> dict:
+def _pretrained(
+    pre_dir: Path,
+    method: Callable[..., Method],
+    dataset,
+    views: Callable[..., Views],
+    trainer: Trainer,
+    seed: int,
+    pretrain_id: str,
+) -> dict:
     """The pretraining record of `pre_dir` once every file it lists matches its checksum;
     pretrains (resuming the checkpoint, so a lost export is rebuilt in seconds) otherwise."""
     with store.locked(pre_dir):
@@ -113,9 +142,16 @@ def _pretrained(pre_dir: Path, method: Callable[..., Method], dataset, views: Ca
 
 
 @gin.configurable(module="job", denylist=["spec"])
-def run(spec: RunSpec, method: Callable[..., Method] = gin.REQUIRED, dataset=gin.REQUIRED,
-        views: Callable[..., Views] = gin.REQUIRED, trainer: Trainer | None = None,
-        features: FrozenFeatures | None = None, evaluations: Sequence = (), seed: int = 0) -> dict:
+def run(
+    spec: RunSpec,
+    method: Callable[..., Method] = gin.REQUIRED,
+    dataset=gin.REQUIRED,
+    views: Callable[..., Views] = gin.REQUIRED,
+    trainer: Trainer | None = None,
+    features: FrozenFeatures | None = None,
+    evaluations: Sequence = (),
+    seed: int = 0,
+) -> dict:
     """Pretrains (unless already done for this pretraining id) and evaluates one run.
 
     Args:
@@ -147,21 +183,44 @@ def run(spec: RunSpec, method: Callable[..., Method] = gin.REQUIRED, dataset=gin
             record = _run(spec, out_dir, pre_dir, method, dataset, views, trainer, features, evaluations, seed)
             return cast(dict, record)  # a RunRecord is a dict
     except store.Busy:
-        print(f"run {spec.run_id} is being run by another process (its lock is held): not running it twice",
-              flush=True)
+        print(f"run {spec.run_id} is being run by another process (its lock is held): not running it twice", flush=True)
         return {}
 
 
-def _run(spec: RunSpec, out_dir: Path, pre_dir: Path, method: Callable[..., Method], dataset,
-         views: Callable[..., Views], trainer: Trainer, features: FrozenFeatures, evaluations: Sequence,
-         seed: int) -> store.RunRecord:
+def _run(
+    spec: RunSpec,
+    out_dir: Path,
+    pre_dir: Path,
+    method: Callable[..., Method],
+    dataset,
+    views: Callable[..., Views],
+    trainer: Trainer,
+    features: FrozenFeatures,
+    evaluations: Sequence,
+    seed: int,
+) -> store.RunRecord:
     root = Path(spec.results)
     record: store.RunRecord = {
-              "run_id": spec.run_id, "pretrain_id": spec.pretrain_id, "table": spec.table, "method": spec.method,
-              "seed": seed, "swept": dict(spec.swept), "status": store.Status.RUNNING.value, "metrics": {},
-              "protocols": {}, "timings": {}, "artefacts": {}, "warnings": [], "git": store.git_revision(),
-              "error": None, "log": _log_path(), "host": socket.gethostname(), "pid": os.getpid(),
-              "started": store.now(), "finished": None}
+        "run_id": spec.run_id,
+        "pretrain_id": spec.pretrain_id,
+        "table": spec.table,
+        "method": spec.method,
+        "seed": seed,
+        "swept": dict(spec.swept),
+        "status": store.Status.RUNNING.value,
+        "metrics": {},
+        "protocols": {},
+        "timings": {},
+        "artefacts": {},
+        "warnings": [],
+        "git": store.git_revision(),
+        "error": None,
+        "log": _log_path(),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": store.now(),
+        "finished": None,
+    }
     store.write_json(out_dir / "run.json", record)
     try:
         pre = _pretrained(pre_dir, method, dataset, views, trainer, seed, spec.pretrain_id)
@@ -171,37 +230,53 @@ def _run(spec: RunSpec, out_dir: Path, pre_dir: Path, method: Callable[..., Meth
         record["warnings"] = data_lib.warnings_for(dataset.split("train"))
         for w in record["warnings"]:
             print(f"warning: {w}", flush=True)
-        ctx = Context(encoder=lambda: encoder_for_eval(pre_dir, method, dataset.split("test"), pre), dataset=dataset,
-                      pretrain_dir=pre_dir, features=feats, device=trainer.device, seed=seed,
-                      progress=trainer.progress)
+        ctx = Context(
+            encoder=lambda: encoder_for_eval(pre_dir, method, dataset.split("test"), pre),
+            dataset=dataset,
+            pretrain_dir=pre_dir,
+            features=feats,
+            device=trainer.device,
+            seed=seed,
+            progress=trainer.progress,
+        )
         protocol_lib.check_names(evaluations)
         for protocol in evaluations:  # each number is stored with its protocol's name, id and settings
             p0, pcpu0 = time.time(), time.process_time()
             try:
                 metrics = protocol_lib.evaluate(protocol, ctx)
             except Unsupported as err:  # this protocol cannot read this encoder (detection on a ViT): the rest can
-                record["protocols"][protocol.name] = {**protocol_lib.describe(protocol, {}),
-                                                      "skipped": str(err).splitlines()[0]}
+                record["protocols"][protocol.name] = {
+                    **protocol_lib.describe(protocol, {}),
+                    "skipped": str(err).splitlines()[0],
+                }
                 print(f"protocol {protocol.name} skipped: {err}", flush=True)
                 continue
             record["metrics"].update(metrics)
             record["protocols"][protocol.name] = protocol_lib.describe(protocol, metrics)
             record["timings"].setdefault("protocols", {})[protocol.name] = {  # where the evaluation time goes
-                "s": round(time.time() - p0, 2), "cpu_s": round(time.process_time() - pcpu0, 2)}
-        record["timings"] |= {"pretrain_s": round(pre["seconds"], 2), "eval_s": round(time.time() - t0, 2),
-                              "pretrain_cpu_s": round(pre["cpu_seconds"], 2) if "cpu_seconds" in pre else None,
-                              "eval_cpu_s": round(time.process_time() - cpu0, 2)}
+                "s": round(time.time() - p0, 2),
+                "cpu_s": round(time.process_time() - pcpu0, 2),
+            }
+        record["timings"] |= {
+            "pretrain_s": round(pre["seconds"], 2),
+            "eval_s": round(time.time() - t0, 2),
+            "pretrain_cpu_s": round(pre["cpu_seconds"], 2) if "cpu_seconds" in pre else None,
+            "eval_cpu_s": round(time.process_time() - cpu0, 2),
+        }
         # What the numbers depend on, relative to the results root: checked before the run counts as done.
         rel = pre_dir.relative_to(root)
-        record["artefacts"] = {**{f"{rel}/{name}": meta for name, meta in pre["artefacts"].items()},
-                               **{str(p.relative_to(root)): meta for p, meta in getattr(features, "used", {}).items()}}
+        record["artefacts"] = {
+            **{f"{rel}/{name}": meta for name, meta in pre["artefacts"].items()},
+            **{str(p.relative_to(root)): meta for p, meta in getattr(features, "used", {}).items()},
+        }
         record.update({"status": store.Status.DONE.value, "finished": store.now()})
         store.write_text(out_dir / "config.gin", gin.operative_config_str())
         store.write_json(out_dir / "run.json", record)
         return record
     except Unsupported as err:  # e.g. a colour-only method on grayscale data: a reason, not a failure
-        record.update({"status": store.Status.SKIPPED.value, "error": str(err).splitlines()[0],
-                       "finished": store.now()})
+        record.update(
+            {"status": store.Status.SKIPPED.value, "error": str(err).splitlines()[0], "finished": store.now()}
+        )
         store.write_json(out_dir / "run.json", record)
         print(f"skipped {spec.method}: {err}", flush=True)
         return record
@@ -210,13 +285,24 @@ def _run(spec: RunSpec, out_dir: Path, pre_dir: Path, method: Callable[..., Meth
         store.write_json(out_dir / "run.json", record)
         raise
     except KeyboardInterrupt:  # SIGINT (the sweep stopped, submitit cancelled the job, Ctrl-C) or SIGTERM
-        record.update({"status": store.Status.INTERRUPTED.value,
-                       "error": "interrupted: the process was stopped by a signal", "finished": store.now()})
+        record.update(
+            {
+                "status": store.Status.INTERRUPTED.value,
+                "error": "interrupted: the process was stopped by a signal",
+                "finished": store.now(),
+            }
+        )
         store.write_json(out_dir / "run.json", record)
         raise
     except BaseException as err:
-        record.update({"status": store.Status.FAILED.value, "error": f"{type(err).__name__}: {err}",
-                       "finished": store.now(), "traceback": traceback.format_exc()})
+        record.update(
+            {
+                "status": store.Status.FAILED.value,
+                "error": f"{type(err).__name__}: {err}",
+                "finished": store.now(),
+                "traceback": traceback.format_exc(),
+            }
+        )
         store.write_json(out_dir / "run.json", record)
         raise
 
@@ -224,6 +310,7 @@ def _run(spec: RunSpec, out_dir: Path, pre_dir: Path, method: Callable[..., Meth
 def init_distributed() -> None:
     """Joins the job's tasks into one process group when submitit started several."""
     import submitit
+
     try:
         env = submitit.JobEnvironment()
     except RuntimeError:  # not a submitit job
@@ -241,7 +328,9 @@ def execute(spec: RunSpec) -> dict:
     ginutil.parse(spec.gin_files, spec.bindings)
     ids = ginutil.ids()
     if ids != (spec.pretrain_id, spec.run_id):
-        raise RuntimeError(f"run {spec.run_id}: its settings resolve to ids {ids} now, not the ids planned by the "
-                           "sweep (a gin file or the code changed since); run the sweep again")
+        raise RuntimeError(
+            f"run {spec.run_id}: its settings resolve to ids {ids} now, not the ids planned by the "
+            "sweep (a gin file or the code changed since); run the sweep again"
+        )
     init_distributed()
     return run(spec)

@@ -11,6 +11,7 @@ trainer saves a checkpoint at the next step boundary, submitit requeues the job,
 the new attempt resumes from that checkpoint. The store, not the scheduler, says what
 is done: ``run.json`` files, plus ``squeue`` for what is queued.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -75,8 +76,12 @@ class InProcess:
         """Runs every spec; returns each with the exception it raised, or None."""
         results: list[tuple[RunSpec, Exception | None]] = []
         for i, spec in enumerate(specs, 1):
-            print(f"\n=== [{i}/{len(specs)}] {spec.method} seed={spec.seed} {dict(spec.swept) or ''} "
-                  f"run {spec.run_id} (in process)", file=sys.stderr, flush=True)
+            print(
+                f"\n=== [{i}/{len(specs)}] {spec.method} seed={spec.seed} {dict(spec.swept) or ''} "
+                f"run {spec.run_id} (in process)",
+                file=sys.stderr,
+                flush=True,
+            )
             try:
                 job.execute(spec)
                 results.append((spec, None))
@@ -115,8 +120,12 @@ class Local:
             while pending or running:
                 while pending and len(running) < self.parallel:
                     spec = pending.pop(0)
-                    print(f"\n=== [{len(specs) - len(pending)}/{len(specs)}] {spec.method} seed={spec.seed} "
-                          f"{dict(spec.swept) or ''} run {spec.run_id}", file=sys.stderr, flush=True)
+                    print(
+                        f"\n=== [{len(specs) - len(pending)}/{len(specs)}] {spec.method} seed={spec.seed} "
+                        f"{dict(spec.swept) or ''} run {spec.run_id}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     running.append((spec, cast(LocalJob, executor.submit(Job(), spec.to_json()))))  # a local executor's
                 time.sleep(0.5)
                 for spec, j in list(running):
@@ -251,29 +260,52 @@ class Slurm:
         poll_s: seconds between checks when waiting.
     """
 
-    def __init__(self, partition: str | None = None, time_min: int = 24 * 60, gpus_per_node: int = 0,
-                 cpus_per_task: int = 8, mem_gb: float | None = None, tasks_per_node: int = 1,
-                 array_parallelism: int = 64, account: str | None = None, qos: str | None = None,
-                 constraint: str | None = None, additional: dict | None = None, max_num_timeout: int = 10,
-                 wait: bool = False, poll_s: float = 5.0):
+    def __init__(
+        self,
+        partition: str | None = None,
+        time_min: int = 24 * 60,
+        gpus_per_node: int = 0,
+        cpus_per_task: int = 8,
+        mem_gb: float | None = None,
+        tasks_per_node: int = 1,
+        array_parallelism: int = 64,
+        account: str | None = None,
+        qos: str | None = None,
+        constraint: str | None = None,
+        additional: dict | None = None,
+        max_num_timeout: int = 10,
+        wait: bool = False,
+        poll_s: float = 5.0,
+    ):
         self.wait, self.poll_s, self.max_num_timeout = wait, poll_s, max_num_timeout
-        self.params = {"timeout_min": time_min, "gpus_per_node": gpus_per_node, "cpus_per_task": cpus_per_task,
-                       "tasks_per_node": tasks_per_node, "mem_gb": mem_gb,
-                       "slurm_array_parallelism": array_parallelism, "slurm_partition": partition,
-                       "slurm_account": account, "slurm_qos": qos, "slurm_constraint": constraint,
-                       "slurm_additional_parameters": additional}
+        self.params = {
+            "timeout_min": time_min,
+            "gpus_per_node": gpus_per_node,
+            "cpus_per_task": cpus_per_task,
+            "tasks_per_node": tasks_per_node,
+            "mem_gb": mem_gb,
+            "slurm_array_parallelism": array_parallelism,
+            "slurm_partition": partition,
+            "slurm_account": account,
+            "slurm_qos": qos,
+            "slurm_constraint": constraint,
+            "slurm_additional_parameters": additional,
+        }
 
     def check(self) -> None:
         if shutil.which("sbatch") is None:
-            raise LaunchError("sbatch not found on PATH: gin/launch/slurm.gin submits to a SLURM cluster. Run the "
-                              "sweep on a cluster's login node, or use local processes (drop gin/launch/slurm.gin, "
-                              "or give gin/launch/local.gin after it)")
+            raise LaunchError(
+                "sbatch not found on PATH: gin/launch/slurm.gin submits to a SLURM cluster. Run the "
+                "sweep on a cluster's login node, or use local processes (drop gin/launch/slurm.gin, "
+                "or give gin/launch/local.gin after it)"
+            )
 
     def launch(self, specs: Sequence[RunSpec], folder: Path) -> list[tuple[RunSpec, Exception | None]]:
         """Submits every spec as one job array; returns outcomes only when `wait` is set."""
         self.check()
-        executor = submitit.AutoExecutor(folder=str(folder), cluster="slurm",
-                                         slurm_max_num_timeout=self.max_num_timeout)
+        executor = submitit.AutoExecutor(
+            folder=str(folder), cluster="slurm", slurm_max_num_timeout=self.max_num_timeout
+        )
         executor.update_parameters(**{k: v for k, v in self.params.items() if v is not None})
         folder.mkdir(parents=True, exist_ok=True)
         before = set(folder.rglob("*"))
@@ -283,12 +315,16 @@ class Slurm:
             for leftover in sorted(set(folder.rglob("*")) - before, reverse=True):  # this submission's files
                 leftover.rmdir() if leftover.is_dir() else leftover.unlink(missing_ok=True)
             said = [ln.strip() for ln in str(err).splitlines() if "sbatch: error" in ln or "error:" in ln.lower()]
-            raise LaunchError(f"sbatch refused the job array: {(said or [str(err).strip()])[-1][:300]}. Nothing was "
-                              "submitted. Fix: the resources in gin/launch/slurm.gin or --bind 'launch.Slurm.<key> = "
-                              "...' (partition, account, qos, time_min, gpus_per_node; see `sinfo`)") from err
+            raise LaunchError(
+                f"sbatch refused the job array: {(said or [str(err).strip()])[-1][:300]}. Nothing was "
+                "submitted. Fix: the resources in gin/launch/slurm.gin or --bind 'launch.Slurm.<key> = "
+                "...' (partition, account, qos, time_min, gpus_per_node; see `sinfo`)"
+            ) from err
         for spec, j in zip(specs, jobs):
-            store.write_json(marker_path(spec), {"job_id": j.job_id, "launcher": "slurm", "submitted": store.now(),
-                                                 "log": str(j.paths.stdout)})
+            store.write_json(
+                marker_path(spec),
+                {"job_id": j.job_id, "launcher": "slurm", "submitted": store.now(), "log": str(j.paths.stdout)},
+            )
         print(f"submitted {len(jobs)} runs as SLURM job array {jobs[0].job_id.split('_')[0]}", file=sys.stderr)
         return wait_for(specs, self.poll_s) if self.wait else []
 

@@ -2,6 +2,7 @@
 order, weight-decay split, linear lr scaling, the one schedule and `Kernel`'s step; and the optimizers and schedules
 registered for gin as ``optim.<Name>`` (LARS, You et al. 2017, is written here; SGD, Adam and AdamW are torch's).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,7 +30,7 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor
     per_epoch = n // batch_size
     epoch, j = divmod(step, per_epoch)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    return perm[j * batch_size:(j + 1) * batch_size]
+    return perm[j * batch_size : (j + 1) * batch_size]
 
 
 def param_groups(model: nn.Module, weight_decay: float, norms_only: bool = False) -> list[dict]:
@@ -42,8 +43,7 @@ def param_groups(model: nn.Module, weight_decay: float, norms_only: bool = False
         if p.requires_grad:
             exempt = id(p) in norm if norms_only else p.ndim <= 1
             (no_decay if exempt else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0, "lars": False}]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0, "lars": False}]
 
 
 def scaled_lr(base_lr: float, batch_size: int, scale: bool = True, key: str = "lr") -> tuple[float, str]:
@@ -53,8 +53,15 @@ def scaled_lr(base_lr: float, batch_size: int, scale: bool = True, key: str = "l
     return base_lr, f"{key} = {base_lr}, scale_lr = False"
 
 
-def lr_factor(step: int, total: int, warmup: float = 0.0, decay: str = "cosine", final: float = 0.0,
-              milestones: Sequence[float] = (), warmup_from: float | None = None) -> float:
+def lr_factor(
+    step: int,
+    total: int,
+    warmup: float = 0.0,
+    decay: str = "cosine",
+    final: float = 0.0,
+    milestones: Sequence[float] = (),
+    warmup_from: float | None = None,
+) -> float:
     """Multiplier of the lr at `step` of `total`: a linear warm-up over `warmup` steps (fractions allowed), then
     `decay`: ``cosine`` to `final` after the warm-up (Loshchilov & Hutter 2017), ``step`` (x0.1 at each of
     `milestones`, in steps) or ``constant``. With `warmup_from` None the ramp ``(step + 1) / warmup`` replaces the
@@ -112,8 +119,13 @@ class Kernel:
         """The context of forward passes: nothing in fp32; the hook for bf16 autocast."""
         return contextlib.nullcontext()
 
-    def step(self, loss: torch.Tensor, step: int, check: torch.Tensor | None = None,
-             terms: Mapping[str, torch.Tensor] | None = None) -> float:
+    def step(
+        self,
+        loss: torch.Tensor,
+        step: int,
+        check: torch.Tensor | None = None,
+        terms: Mapping[str, torch.Tensor] | None = None,
+    ) -> float:
         """Checks `check` (default `loss`; e.g. its mean across ranks), raising `NonFiniteLoss` that names the step,
         the lr, its source and the `terms` of the loss; sets the lr on every group, back-propagates, steps.
         Returns the lr."""
@@ -122,8 +134,10 @@ class Kernel:
         if not torch.isfinite(checked):
             parts = "; " + ", ".join(f"{k} {v.item():.4g}" for k, v in terms.items()) if terms else ""
             where = f"{self.name}: " if self.name else ""
-            raise NonFiniteLoss(f"{where}loss is {checked.item()} at step {step} of {self.total} (lr {lr:.4g}, from "
-                                f"{self.source}, times the schedule{parts}); {self.fix}")
+            raise NonFiniteLoss(
+                f"{where}loss is {checked.item()} at step {step} of {self.total} (lr {lr:.4g}, from "
+                f"{self.source}, times the schedule{parts}); {self.fix}"
+            )
         if self.optimizer is not None:
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
@@ -139,8 +153,9 @@ class LARS(torch.optim.Optimizer):
     and BYOL. Parameter groups with ``lars=False`` (biases, norms) skip the trust ratio.
     """
 
-    def __init__(self, params: Iterable, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
-                 eta: float = 0.001):
+    def __init__(
+        self, params: Iterable, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.001
+    ):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars=True))
 
     @torch.no_grad()

@@ -2,6 +2,7 @@
 
 A job parses gin itself from these strings (gin state does not cross processes).
 """
+
 from __future__ import annotations
 
 import dataclasses

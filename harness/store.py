@@ -18,6 +18,7 @@ rebuilds what is missing (re-exports the encoder from the final checkpoint, or
 re-pretrains; re-extracts features). A file whose SHA-256 differs when it is loaded
 stops the run with its path and the fix. Nothing is ever evaluated on a substitute.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -99,10 +100,16 @@ def now() -> str:
 def git_revision() -> str:
     """Short git revision of the harness, with ``+dirty`` when it has local edits."""
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                             text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return (rev + ("+dirty" if dirty else "")) or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -178,6 +185,7 @@ def read_json(path: Path) -> dict | None:
 
 # --- checked files ---------------------------------------------------------------------------
 
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -216,6 +224,7 @@ def artefact_problems(folder: Path, artefacts: Any, full: bool = False) -> list[
 def save_torch(path: Path, obj: Any) -> dict:
     """Writes `obj` atomically; returns the file's `file_meta`."""
     import torch  # lazily: the store is read by processes that never need torch (collate, tests)
+
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
         meta = file_meta(tmp)
@@ -232,15 +241,18 @@ def load_torch(path: Path, meta: dict | None = None, fix: str | None = None) -> 
     import pickle
 
     import torch
+
     fix = fix or f"delete {path} and run again to rebuild it"
     if meta is not None and (problem := file_problem(path, meta, full=True)):
         raise StoreError(f"{problem}. Fix: {fix}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise StoreError(f"{path}: holds pickled objects other than tensors and plain containers, which this "
-                         f"harness never unpickles (they could run code); it was not written by sslbench. "
-                         f"Fix: {fix}") from err
+        raise StoreError(
+            f"{path}: holds pickled objects other than tensors and plain containers, which this "
+            f"harness never unpickles (they could run code); it was not written by sslbench. "
+            f"Fix: {fix}"
+        ) from err
     except FileNotFoundError:
         raise
     except (RuntimeError, OSError, EOFError, ValueError) as err:
@@ -274,8 +286,18 @@ def load_cache(path: Path) -> tuple[Any, dict] | None:
 # --- records -----------------------------------------------------------------------------------
 
 _PRETRAIN_FIELDS = {"status": str, "steps": int, "seconds": (int, float), "artefacts": dict, "encoder": str}
-_RUN_FIELDS = {"run_id": str, "pretrain_id": str, "table": str, "method": str, "seed": int, "status": str,
-               "metrics": dict, "protocols": dict, "timings": dict, "artefacts": dict}  # RunRecord's (checked)
+_RUN_FIELDS = {
+    "run_id": str,
+    "pretrain_id": str,
+    "table": str,
+    "method": str,
+    "seed": int,
+    "status": str,
+    "metrics": dict,
+    "protocols": dict,
+    "timings": dict,
+    "artefacts": dict,
+}  # RunRecord's (checked)
 
 
 def _field_problems(rec: dict, fields: dict) -> list[str]:
@@ -336,6 +358,7 @@ def effective_status(folder: Path, rec: dict | None = None) -> tuple[str, str]:
 
 
 # --- locks -------------------------------------------------------------------------------------
+
 
 @contextlib.contextmanager
 def locked(folder: Path) -> Iterator[None]:

@@ -5,6 +5,7 @@ Expands the table's grid (methods x seeds x swept values) into RunSpecs, parses
 each one's gin up front (so a typo fails before anything trains), skips runs whose
 ``run.json`` says done, launches the rest, and collates the leaderboard.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,13 @@ def _ignored_sweeps(table: Table, point_ids: dict[str, dict[tuple, str]]) -> dic
     return out
 
 
-def plan(gin_files: Sequence[str], bindings: Sequence[str], only: Sequence[str] | None,
-         results: str, notes: list[str] | None = None) -> tuple[Table, list[RunSpec]]:
+def plan(
+    gin_files: Sequence[str],
+    bindings: Sequence[str],
+    only: Sequence[str] | None,
+    results: str,
+    notes: list[str] | None = None,
+) -> tuple[Table, list[RunSpec]]:
     """The table and its RunSpecs, each parsed once to validate it and compute its ids.
 
     Raises:
@@ -49,21 +55,25 @@ def plan(gin_files: Sequence[str], bindings: Sequence[str], only: Sequence[str] 
     except ValueError as err:
         raise ginutil.GinError(f"{' '.join(gin_files)}: {err}") from err
     except RuntimeError as err:  # gin: a required binding (table.Table.methods) is missing
-        raise ginutil.GinError(f"{' '.join(gin_files)}: not a table: no file binds table.Table.methods. Fix: start "
-                               "with a table file (e.g. gin/table1.gin), or bind table.Table.methods = ['simclr']"
-                               ) from err
+        raise ginutil.GinError(
+            f"{' '.join(gin_files)}: not a table: no file binds table.Table.methods. Fix: start "
+            "with a table file (e.g. gin/table1.gin), or bind table.Table.methods = ['simclr']"
+        ) from err
     table.name = table.name or Path(gin_files[0]).stem
     methods = table.methods
     if only is not None:
         if not only:
-            raise ginutil.GinError(f"--only names no method. Fix: give method names, e.g. --only "
-                                   f"{methods[0]}, or drop --only to run the whole table")
+            raise ginutil.GinError(
+                f"--only names no method. Fix: give method names, e.g. --only "
+                f"{methods[0]}, or drop --only to run the whole table"
+            )
         unknown = [m for m in only if m not in methods]
         for m in unknown:
             ginutil.method_gin(m)  # unknown anywhere: suggests names
         if unknown:
-            raise ginutil.GinError(f"--only {','.join(unknown)}: not in table {table.name} "
-                                   f"(its methods: {', '.join(methods)})")
+            raise ginutil.GinError(
+                f"--only {','.join(unknown)}: not in table {table.name} (its methods: {', '.join(methods)})"
+            )
         methods = [m for m in methods if m in only]
     specs, seen = [], set()
     files = [str(Path(f).resolve()) if Path(f).is_file() else f for f in gin_files]
@@ -80,19 +90,32 @@ def plan(gin_files: Sequence[str], bindings: Sequence[str], only: Sequence[str] 
                 if run in seen:
                     continue
                 seen.add(run)
-                specs.append(RunSpec(table=table.name, method=method, seed=seed, gin_files=run_files,
-                                     bindings=binds, results=str(Path(results).resolve()), swept=point,
-                                     run_id=run, pretrain_id=pre))
+                specs.append(
+                    RunSpec(
+                        table=table.name,
+                        method=method,
+                        seed=seed,
+                        gin_files=run_files,
+                        bindings=binds,
+                        results=str(Path(results).resolve()),
+                        swept=point,
+                        run_id=run,
+                        pretrain_id=pre,
+                    )
+                )
                 _facts[run] = _run_facts()
     for key, ignored in _ignored_sweeps(table, point_ids).items():
         if len(ignored) == len(methods):
             raise ginutil.GinError(
                 f"table.Table.sweep: {key!r} changes no run of table {table.name} (methods {', '.join(methods)}): "
                 "no method reads it, so its values would collapse into one run. Fix: check the key's spelling and "
-                "that the table's methods use that configurable, or drop it from the sweep")
+                "that the table's methods use that configurable, or drop it from the sweep"
+            )
         if notes is not None:
-            notes.append(f"note: swept key {key!r} does not change the runs of {', '.join(ignored)}: "
-                         f"one run each instead of {len(table.sweep[key])}")
+            notes.append(
+                f"note: swept key {key!r} does not change the runs of {', '.join(ignored)}: "
+                f"one run each instead of {len(table.sweep[key])}"
+            )
     return table, specs
 
 
@@ -202,9 +225,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="list the runs and whether they are done; train nothing")
     ap.add_argument("--status", action="store_true", help="print each run's state (store and squeue); run nothing")
     ap.add_argument("--results", default="results", help="results root; the table lands in <root>/<table>/")
-    ap.add_argument("--explain", action="append", default=[], metavar="KEY",
-                    help="with --dry-run: for each run, the value of KEY (e.g. trainer.Trainer.batch_size) and "
-                         "the file and line that set it")
+    ap.add_argument(
+        "--explain",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="with --dry-run: for each run, the value of KEY (e.g. trainer.Trainer.batch_size) and "
+        "the file and line that set it",
+    )
     args = ap.parse_args(argv)
     only = [m.strip() for m in args.only.split(",") if m.strip()] if args.only is not None else None
     notes: list[str] = []
@@ -225,10 +253,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     states = [(s, *run_state(s, queued)) for s in specs]
     todo = [s for s, state, _ in states if state in TO_RUN]
     if args.dry_run or args.status:
-        print(f"table {table.name}: {len(specs)} runs, {sum(st == 'done' for _, st, _ in states)} done, "
-              f"{len(todo)} to run, results in {table_dir}/")
-        print(f"{'method':<14} {'seed':>4}  {'run id':<12}  {'pretrain id':<12}  {'status':<11} "
-              f"{'swept' if args.dry_run else 'detail'}")
+        print(
+            f"table {table.name}: {len(specs)} runs, {sum(st == 'done' for _, st, _ in states)} done, "
+            f"{len(todo)} to run, results in {table_dir}/"
+        )
+        print(
+            f"{'method':<14} {'seed':>4}  {'run id':<12}  {'pretrain id':<12}  {'status':<11} "
+            f"{'swept' if args.dry_run else 'detail'}"
+        )
         for s, state, detail in states:
             extra = (dict(s.swept) or "") if args.dry_run else detail
             print(f"{s.method:<14} {s.seed:>4}  {s.run_id:<12}  {s.pretrain_id:<12}  {state:<11} {extra}")
@@ -259,14 +291,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as err:
         print(f"error: results folder {table_dir} is not writable ({err}); pass --results DIR", file=sys.stderr)
         return 2
-    print(f"table {table.name}: {len(specs)} runs, {sum(st == 'done' for _, st, _ in states)} already done, "
-          f"{len(specs) - len(todo) - sum(st == 'done' for _, st, _ in states)} queued or running, "
-          f"{len(todo)} to run", file=sys.stderr)
+    print(
+        f"table {table.name}: {len(specs)} runs, {sum(st == 'done' for _, st, _ in states)} already done, "
+        f"{len(specs) - len(todo) - sum(st == 'done' for _, st, _ in states)} queued or running, "
+        f"{len(todo)} to run",
+        file=sys.stderr,
+    )
     # The table's current plan (every method, not only --only's): the leaderboard averages these
     # runs alone, never runs left in runs/ by other settings of the table.
     full = specs if not only else plan(args.gin, args.bind, None, args.results)[1]
-    store.write_json(table_dir / "plan.json", {"run_ids": sorted({s.run_id for s in full}), "gin": list(args.gin),
-                                               "bind": list(args.bind or [])})
+    store.write_json(
+        table_dir / "plan.json",
+        {"run_ids": sorted({s.run_id for s in full}), "gin": list(args.gin), "bind": list(args.bind or [])},
+    )
     previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)  # SIGTERM stops local jobs as Ctrl-C does
     try:
         outcomes = launch.launch(todo, table_dir / "jobs") if todo else []
@@ -276,8 +313,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             shutil.rmtree(created[-1], ignore_errors=True)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: the sweep's running jobs were stopped and recorded as interrupted; run the same "
-              "command again to resume them", file=sys.stderr)
+        print(
+            "interrupted: the sweep's running jobs were stopped and recorded as interrupted; run the same "
+            "command again to resume them",
+            file=sys.stderr,
+        )
         collate.collate(table_dir)
         return 130
     finally:
@@ -287,8 +327,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed = [(s, e) for s, e in outcomes if e is not None]
     for s, e in failed:
         rec = store.read_json(store.run_dir(s.results, s.table, s.run_id) / "run.json") or {}
-        print(f"FAILED {s.method} seed={s.seed} run {s.run_id}: {rec.get('error') or str(e).splitlines()[-1]}",
-              file=sys.stderr)
+        print(
+            f"FAILED {s.method} seed={s.seed} run {s.run_id}: {rec.get('error') or str(e).splitlines()[-1]}",
+            file=sys.stderr,
+        )
     collate.collate(table_dir)
     print((table_dir / "leaderboard.md").read_text())
     print(f"wrote {table_dir}/leaderboard.csv, leaderboard.md, leaderboard.png", file=sys.stderr)

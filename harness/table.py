@@ -3,6 +3,7 @@
 A table gin file binds ``table.Table`` (the grid) and ``job.run`` (what every run
 evaluates); `harness.sweep` expands the grid into RunSpecs.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -26,24 +27,33 @@ class Table:
             settings and before the table's files (`harness.ginutil.run_files`).
     """
 
-    def __init__(self, methods: Sequence[str] = gin.REQUIRED, seeds: Sequence[int] = (0, 1),
-                 sweep: Mapping[str, Sequence[Any]] | None = None, name: str | None = None,
-                 scale: str = "embedded"):
+    def __init__(
+        self,
+        methods: Sequence[str] = gin.REQUIRED,
+        seeds: Sequence[int] = (0, 1),
+        sweep: Mapping[str, Sequence[Any]] | None = None,
+        name: str | None = None,
+        scale: str = "embedded",
+    ):
         if isinstance(methods, str) or not methods:
             raise ValueError("table.Table.methods must be a non-empty list of method names, e.g. ['simclr']")
         if isinstance(seeds, (str, int)) or not seeds:
-            raise ValueError(f"table.Table.seeds = {seeds!r}: a table needs at least one seed. Fix: bind "
-                             "table.Table.seeds = [0, 1] (or [0])")
+            raise ValueError(
+                f"table.Table.seeds = {seeds!r}: a table needs at least one seed. Fix: bind "
+                "table.Table.seeds = [0, 1] (or [0])"
+            )
         if len(set(seeds)) != len(seeds):
-            raise ValueError(f"table.Table.seeds = {list(seeds)!r} repeats a seed; each seed is one run. Fix: list "
-                             "each seed once")
+            raise ValueError(
+                f"table.Table.seeds = {list(seeds)!r} repeats a seed; each seed is one run. Fix: list each seed once"
+            )
         self.methods, self.seeds, self.scale = list(methods), [int(s) for s in seeds], scale
         self.name: str = name or ""  # "": the sweep names it after its first gin file
         self.sweep = {k: list(v) for k, v in (sweep or {}).items()}
         for k, v in self.sweep.items():
             if "." not in k or not v:
-                raise ValueError(f"table.Table.sweep: {k!r} needs a 'configurable.param' key and a non-empty "
-                                 "list of values")
+                raise ValueError(
+                    f"table.Table.sweep: {k!r} needs a 'configurable.param' key and a non-empty list of values"
+                )
 
     def points(self) -> Iterator[tuple[tuple[str, str], ...]]:
         """Every combination of swept values, as ``((key, gin literal), ...)``."""

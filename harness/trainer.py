@@ -12,6 +12,7 @@ batch on every rank, so a run on N processes follows a one-process run's traject
 (tests/test_ddp.py, gloo on CPU). On GPUs BatchNorm becomes SyncBatchNorm; on CPU
 (no SyncBatchNorm there) each rank normalises its own shard.
 """
+
 from __future__ import annotations
 
 import functools
@@ -43,12 +44,14 @@ _pending: Callable[[], None] | None = None
 def defer_while_training(handler: Callable[[int, object], None]) -> Callable[[int, object], None]:
     """Wraps a signal handler: while a trainer is inside a step, it runs after the step's
     checkpoint is saved; otherwise at once."""
+
     def wrapped(signum: int, frame: object) -> None:
         global _pending
         if _training:
             _pending = functools.partial(handler, signum, frame)
         else:
             handler(signum, frame)
+
     return wrapped
 
 
@@ -64,8 +67,12 @@ def seed_everything(seed: int) -> None:
 
 def rng_state() -> dict:
     np_state = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())  # the legacy tuple
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
-             "numpy_pos": torch.tensor(np_state[2]), "python": torch.tensor(random.getstate()[1])}
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": torch.tensor(np_state[2]),
+        "python": torch.tensor(random.getstate()[1]),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -95,9 +102,11 @@ def _mean_across_ranks(v: torch.Tensor) -> torch.Tensor:
 def check_batch(batch_size: int, n: int) -> None:
     """Raises ValueError (key and fix) when a batch cannot be drawn from `n` images."""
     if batch_size < 1 or n < batch_size:
-        raise ValueError(f"trainer.Trainer.batch_size = {batch_size} exceeds the {n} pretraining images (every "
-                         "step draws a full batch). Fix: lower trainer.Trainer.batch_size, or use more images "
-                         "(e.g. the dataset's pretrain_size)")
+        raise ValueError(
+            f"trainer.Trainer.batch_size = {batch_size} exceeds the {n} pretraining images (every "
+            "step draws a full batch). Fix: lower trainer.Trainer.batch_size, or use more images "
+            "(e.g. the dataset's pretrain_size)"
+        )
 
 
 @gin.configurable(module="trainer")
@@ -119,10 +128,21 @@ class Trainer:
         progress: show a progress bar.
     """
 
-    def __init__(self, epochs: float = 1.0, batch_size: int = 256, optimizer: Callable = torch.optim.SGD,
-                 base_lr: float = 0.1, scale_lr: bool = True, weight_decay: float = 0.0,
-                 schedule: Callable[[int, int], float] | None = None, max_steps: int | None = None,
-                 checkpoint_every: int = 100, log_every: int = 1, device: str = "auto", progress: bool = True):
+    def __init__(
+        self,
+        epochs: float = 1.0,
+        batch_size: int = 256,
+        optimizer: Callable = torch.optim.SGD,
+        base_lr: float = 0.1,
+        scale_lr: bool = True,
+        weight_decay: float = 0.0,
+        schedule: Callable[[int, int], float] | None = None,
+        max_steps: int | None = None,
+        checkpoint_every: int = 100,
+        log_every: int = 1,
+        device: str = "auto",
+        progress: bool = True,
+    ):
         self.epochs, self.batch_size, self.optimizer = epochs, batch_size, optimizer
         self.lr, self.lr_source = scaled_lr(base_lr, batch_size, scale_lr, key="trainer.Trainer.base_lr")
         self.weight_decay, self.max_steps = weight_decay, max_steps
@@ -138,8 +158,9 @@ class Trainer:
             return self.max_steps
         return max(1, math.ceil(self.epochs * n / self.batch_size))
 
-    def fit(self, method: Method, data: ImageSet, views: Views, folder: Path, seed: int,
-            stop_after: int | None = None) -> dict:
+    def fit(
+        self, method: Method, data: ImageSet, views: Views, folder: Path, seed: int, stop_after: int | None = None
+    ) -> dict:
         """Trains `method` in place, checkpointing to ``folder/checkpoint.pt``; resumes from it.
 
         Returns:
@@ -150,12 +171,20 @@ class Trainer:
         """
         total = self.total_steps(method, len(data))
         if self.batch_size % distributed()[1]:
-            raise ValueError(f"trainer.Trainer.batch_size = {self.batch_size} must divide evenly among "
-                             f"{distributed()[1]} processes")
+            raise ValueError(
+                f"trainer.Trainer.batch_size = {self.batch_size} must divide evenly among {distributed()[1]} processes"
+            )
         trainable = [p for p in method.parameters() if p.requires_grad]
         opt = self.optimizer(param_groups(method, self.weight_decay), lr=self.lr) if trainable else None
-        kernel = Kernel(opt, self.lr, lambda step: self.schedule(step, total), total, self.lr_source,
-                        "lower trainer.Trainer.base_lr or check the method", device=self.device)
+        kernel = Kernel(
+            opt,
+            self.lr,
+            lambda step: self.schedule(step, total),
+            total,
+            self.lr_source,
+            "lower trainer.Trainer.base_lr or check the method",
+            device=self.device,
+        )
         kernel.prepare(method).train()
         folder.mkdir(parents=True, exist_ok=True)
         ckpt_path, log_path = folder / "checkpoint.pt", folder / "log.jsonl"
@@ -165,9 +194,11 @@ class Trainer:
         if ckpt_path.exists():
             ckpt = store.load_torch(ckpt_path, fix=f"delete {ckpt_path} to pretrain this run again from step 0")
             if not isinstance(ckpt, dict) or not {"step", "method", "optimizer", "rng"} <= set(ckpt):
-                raise store.StoreError(f"{ckpt_path}: not a checkpoint of this harness (keys: "
-                                       f"{sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__}). "
-                                       f"Fix: delete {ckpt_path} to pretrain this run again from step 0")
+                raise store.StoreError(
+                    f"{ckpt_path}: not a checkpoint of this harness (keys: "
+                    f"{sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__}). "
+                    f"Fix: delete {ckpt_path} to pretrain this run again from step 0"
+                )
             self.last_loss = float(ckpt.get("loss", float("nan")))
             method.load_state_dict(ckpt["method"])
             if opt is not None:
@@ -176,9 +207,15 @@ class Trainer:
             start = resumed = int(ckpt["step"])
             print(f"resuming from step {start} of {total} ({ckpt_path})", flush=True)
         _truncate_log(log_path, start)
-        bar = tqdm(range(start, total), initial=start, total=total,
-                   disable=not self.progress or total == 0 or distributed()[0] > 0,
-                   desc="pretrain", dynamic_ncols=True, mininterval=1.0)
+        bar = tqdm(
+            range(start, total),
+            initial=start,
+            total=total,
+            disable=not self.progress or total == 0 or distributed()[0] > 0,
+            desc="pretrain",
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
         global _training, _pending
         _training = True
         try:
@@ -188,8 +225,20 @@ class Trainer:
         bar.close()
         return {"steps": total, "resumed_from": resumed, "final_loss": self.last_loss}
 
-    def _loop(self, method: Method, kernel: Kernel, data: ImageSet, views: Views, bar: tqdm, total: int, start: int,
-              seed: int, ckpt_path: Path, log_path: Path, stop_after: int | None) -> None:
+    def _loop(
+        self,
+        method: Method,
+        kernel: Kernel,
+        data: ImageSet,
+        views: Views,
+        bar: tqdm,
+        total: int,
+        start: int,
+        seed: int,
+        ckpt_path: Path,
+        log_path: Path,
+        stop_after: int | None,
+    ) -> None:
         global _pending
         rank, world = distributed()
         opt = kernel.optimizer
@@ -198,7 +247,8 @@ class Trainer:
             if self.device.type == "cuda":
                 model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
             model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[torch.cuda.current_device()] if self.device.type == "cuda" else None)
+                model, device_ids=[torch.cuda.current_device()] if self.device.type == "cuda" else None
+            )
         shard = slice(rank * self.batch_size // world, (rank + 1) * self.batch_size // world)
         with open(log_path, "a") if rank == 0 else open(os.devnull, "w") as log:
             for step in bar:
@@ -206,8 +256,11 @@ class Trainer:
                 # Views of the whole global batch on every rank, then this rank's shard: the
                 # augmentations (and the RNG) stay identical to a one-process run.
                 all_views = views(data.images[idx].to(self.device))
-                batch = Batch(views=[v[shard] for v in all_views], labels=data.labels[idx][shard].to(self.device),
-                              index=idx[shard].to(self.device))
+                batch = Batch(
+                    views=[v[shard] for v in all_views],
+                    labels=data.labels[idx][shard].to(self.device),
+                    index=idx[shard].to(self.device),
+                )
                 with kernel.autocast():
                     out = model(batch)
                 loss = out["loss"]
@@ -233,8 +286,16 @@ class Trainer:
 
     @staticmethod
     def _checkpoint(path: Path, step: int, method: Method, opt: torch.optim.Optimizer | None, loss: float) -> None:
-        store.save_torch(path, {"step": step, "method": method.state_dict(), "loss": loss,
-                                "optimizer": opt.state_dict() if opt is not None else {}, "rng": rng_state()})
+        store.save_torch(
+            path,
+            {
+                "step": step,
+                "method": method.state_dict(),
+                "loss": loss,
+                "optimizer": opt.state_dict() if opt is not None else {},
+                "rng": rng_state(),
+            },
+        )
 
 
 def _truncate_log(path: Path, start: int) -> None:

@@ -9,6 +9,7 @@ loader's resized copy) with one ``grid_sample`` per batch, flips folded into the
 same affine map. Colour jitter applies brightness, contrast, saturation and hue in
 a fixed order (torchvision shuffles the order per image).
 """
+
 from __future__ import annotations
 
 import math
@@ -35,8 +36,9 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
     return (x * w).sum(1, keepdim=True)  # [B, 1, H, W]
 
 
-def resized_crop(x: torch.Tensor, size: int, scale: Sequence[float], ratio: Sequence[float],
-                 flip: float) -> torch.Tensor:
+def resized_crop(
+    x: torch.Tensor, size: int, scale: Sequence[float], ratio: Sequence[float], flip: float
+) -> torch.Tensor:
     """Random resized crop (Szegedy 2015) and horizontal flip, per sample. x: float [B, C, H, W]."""
     b, dev = x.shape[0], x.device
     area = _uniform(b, scale[0], scale[1], dev)
@@ -52,8 +54,9 @@ def resized_crop(x: torch.Tensor, size: int, scale: Sequence[float], ratio: Sequ
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
-def color_jitter(x: torch.Tensor, p: float, brightness: float, contrast: float, saturation: float,
-                 hue: float) -> torch.Tensor:
+def color_jitter(
+    x: torch.Tensor, p: float, brightness: float, contrast: float, saturation: float, hue: float
+) -> torch.Tensor:
     """Colour jitter applied to each sample with probability `p`. x: float [B, C, H, W] in [0, 1]."""
     b, dev = x.shape[0], x.device
     on = _coin(b, p, dev).view(b, 1, 1, 1)
@@ -80,7 +83,7 @@ def gaussian_blur(x: torch.Tensor, p: float, sigma: Sequence[float], kernel_frac
     k = max(3, int(kernel_frac * hgt) // 2 * 2 + 1)
     s = _uniform(b, sigma[0], sigma[1], x.device).view(b, 1)
     t = torch.arange(k, device=x.device, dtype=x.dtype) - k // 2
-    ker = torch.exp(-t.view(1, -1) ** 2 / (2 * s ** 2))
+    ker = torch.exp(-(t.view(1, -1) ** 2) / (2 * s**2))
     ker = (ker / ker.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [B*C, k]
     y = x.reshape(1, b * c, hgt, wid)
     y = F.conv2d(F.pad(y, (k // 2, k // 2, 0, 0), mode="reflect"), ker.view(b * c, 1, 1, k), groups=b * c)
@@ -104,10 +107,19 @@ class Augment:
         solarize: probability of solarization (BYOL).
     """
 
-    def __init__(self, size: int = gin.REQUIRED, scale: Sequence[float] = (0.08, 1.0),
-                 ratio: Sequence[float] = (3 / 4, 4 / 3), flip: float = 0.5, jitter: float = 0.8,
-                 strength: float = 1.0, grayscale: float = 0.2, blur: float = 0.0,
-                 blur_sigma: Sequence[float] = (0.1, 2.0), solarize: float = 0.0):
+    def __init__(
+        self,
+        size: int = gin.REQUIRED,
+        scale: Sequence[float] = (0.08, 1.0),
+        ratio: Sequence[float] = (3 / 4, 4 / 3),
+        flip: float = 0.5,
+        jitter: float = 0.8,
+        strength: float = 1.0,
+        grayscale: float = 0.2,
+        blur: float = 0.0,
+        blur_sigma: Sequence[float] = (0.1, 2.0),
+        solarize: float = 0.0,
+    ):
         self.size, self.scale, self.ratio, self.flip = size, tuple(scale), tuple(ratio), flip
         self.jitter, self.strength, self.grayscale = jitter, strength, grayscale
         self.blur, self.blur_sigma, self.solarize = blur, tuple(blur_sigma), solarize
@@ -137,8 +149,12 @@ class Views:
         std: per-channel std.
     """
 
-    def __init__(self, augmentations: Sequence[Augment] = gin.REQUIRED, mean: Sequence[float] = (0.5,),
-                 std: Sequence[float] = (0.5,)):
+    def __init__(
+        self,
+        augmentations: Sequence[Augment] = gin.REQUIRED,
+        mean: Sequence[float] = (0.5,),
+        std: Sequence[float] = (0.5,),
+    ):
         self.augmentations = list(augmentations)
         self.mean, self.std = tuple(mean), tuple(std)
 

@@ -23,6 +23,7 @@ Class names are Fashion-MNIST's, lower-case alphanumerics only (``T-shirt/top`` 
 Deterministic from the seed; written into a temporary sibling folder and renamed onto
 OUT at the end, so a failure leaves no partial tree.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -86,8 +87,9 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return img.clip(0, 255)
 
 
-def compose(rng: np.random.Generator, size: int, source: ImageSet, classes: Sequence[str],
-            max_items: int) -> tuple[np.ndarray, list[Item]]:
+def compose(
+    rng: np.random.Generator, size: int, source: ImageSet, classes: Sequence[str], max_items: int
+) -> tuple[np.ndarray, list[Item]]:
     """One canvas: uint8 ``[S, S, 3]`` and its items (drawn first to last, last on top)."""
     canvas = _background(rng, size)
     # per item: alpha [S, S], Item, 0-based box, unclipped area
@@ -98,7 +100,7 @@ def compose(rng: np.random.Generator, size: int, source: ImageSet, classes: Sequ
     for _ in range(int(rng.integers(1, max_items + 1))):
         idx = int(rng.integers(len(source)))
         side = int(round(rng.uniform(0.3, 0.65) * size))
-        gray = source.images[idx:idx + 1][0, 0].numpy()  # [28, 28] (a slice: tensors and ImageFiles alike)
+        gray = source.images[idx : idx + 1][0, 0].numpy()  # [28, 28] (a slice: tensors and ImageFiles alike)
         patch = np.asarray(Image.fromarray(gray).resize((side, side), Image.Resampling.BILINEAR), np.float32) / 255
         cut = rng.random() < 0.15  # may cross the border by up to 35 % of its side
         lo, hi = (-int(0.35 * side), size - int(0.65 * side)) if cut else (0, size - side)
@@ -107,7 +109,7 @@ def compose(rng: np.random.Generator, size: int, source: ImageSet, classes: Sequ
             x0, y0 = int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
             alpha = np.zeros((size, size), np.float32)
             sy, sx = slice(max(y0, 0), min(y0 + side, size)), slice(max(x0, 0), min(x0 + side, size))
-            alpha[sy, sx] = np.clip(1.5 * patch[sy.start - y0:sy.stop - y0, sx.start - x0:sx.stop - x0], 0, 1)
+            alpha[sy, sx] = np.clip(1.5 * patch[sy.start - y0 : sy.stop - y0, sx.start - x0 : sx.stop - x0], 0, 1)
             ys, xs = np.nonzero(alpha > 0.2)
             full = np.nonzero(patch > 0.2 / 1.5)  # the item's extent had the canvas been unbounded
             if len(ys) == 0 or len(ys) < 0.4 * len(full[0]):
@@ -119,10 +121,14 @@ def compose(rng: np.random.Generator, size: int, source: ImageSet, classes: Sequ
             continue  # no free place: fewer items on this canvas
         shade = 0.4 + 0.6 * patch  # keeps the item's texture under the tint
         colour = np.zeros((size, size, 3), np.float32)
-        colour[sy, sx] = tint * shade[sy.start - y0:sy.stop - y0, sx.start - x0:sx.stop - x0, None]
+        colour[sy, sx] = tint * shade[sy.start - y0 : sy.stop - y0, sx.start - x0 : sx.stop - x0, None]
         canvas = canvas * (1 - alpha[..., None]) + colour * alpha[..., None]
-        inside = (full[1].min() + x0 >= 0 and full[0].min() + y0 >= 0 and full[1].max() + x0 < size
-                  and full[0].max() + y0 < size)
+        inside = (
+            full[1].min() + x0 >= 0
+            and full[0].min() + y0 >= 0
+            and full[1].max() + x0 < size
+            and full[0].max() + y0 < size
+        )
         label = classes[int(source.labels[idx])]
         items.append(Item(label, int(box[0]) + 1, int(box[1]) + 1, int(box[2]), int(box[3]), int(not inside), 0))
         alphas.append(alpha)
@@ -187,8 +193,14 @@ def _write_lists(main: Path, canvases: Sequence[Canvas], classes: Sequence[str])
             (main / f"{cls}_{split}.txt").write_text("".join(lines))
 
 
-def generate(out: str | Path, images: int = 1000, size: int = 128, seed: int = 0, max_items: int = 4,
-             dataset: Dataset | None = None) -> list[Canvas]:
+def generate(
+    out: str | Path,
+    images: int = 1000,
+    size: int = 128,
+    seed: int = 0,
+    max_items: int = 4,
+    dataset: Dataset | None = None,
+) -> list[Canvas]:
     """Writes the VOC2007-format tree under ``out`` (which must not exist, or be empty).
 
     Args:
@@ -230,10 +242,19 @@ def generate(out: str | Path, images: int = 1000, size: int = 128, seed: int = 0
             canvases.append(canvas)
         _write_lists(voc / "ImageSets" / "Main", canvases, classes)
         objects = [it for c in canvases for it in c.items]
-        info = {"generator": "harness.vocgen", "images": images, "size": size, "seed": seed, "max_items": max_items,
-                "classes": classes, "objects": len(objects), "difficult": sum(it.difficult for it in objects),
-                "truncated": sum(it.truncated for it in objects),
-                "trainval": sum(c.split == "trainval" for c in canvases), "test": len(test)}
+        info = {
+            "generator": "harness.vocgen",
+            "images": images,
+            "size": size,
+            "seed": seed,
+            "max_items": max_items,
+            "classes": classes,
+            "objects": len(objects),
+            "difficult": sum(it.difficult for it in objects),
+            "truncated": sum(it.truncated for it in objects),
+            "trainval": sum(c.split == "trainval" for c in canvases),
+            "test": len(test),
+        }
         (tmp / "vocgen.json").write_text(json.dumps(info, indent=1) + "\n")
         for path in [tmp, *tmp.rglob("*")]:  # mkdtemp makes 0700; the tree is meant to be shared
             os.chmod(path, 0o755 if path.is_dir() else 0o644)
@@ -253,11 +274,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--max-items", type=int, default=4, help="most items per canvas (default 4)")
     ap.add_argument("--fmnist-root", default=None, help="folder with the Fashion-MNIST IDX files (default: found)")
     args = ap.parse_args(argv)
-    canvases = generate(args.out, args.images, args.size, args.seed, args.max_items,
-                        FashionMNIST(root=args.fmnist_root))
+    canvases = generate(
+        args.out, args.images, args.size, args.seed, args.max_items, FashionMNIST(root=args.fmnist_root)
+    )
     info = json.loads((args.out / "vocgen.json").read_text())
-    print(f"{args.out}/VOCdevkit/VOC2007: {len(canvases)} images ({info['trainval']} trainval, {info['test']} test), "
-          f"{info['objects']} objects ({info['difficult']} difficult, {info['truncated']} truncated)")
+    print(
+        f"{args.out}/VOCdevkit/VOC2007: {len(canvases)} images ({info['trainval']} trainval, {info['test']} test), "
+        f"{info['objects']} objects ({info['difficult']} difficult, {info['truncated']} truncated)"
+    )
     return 0
 
 

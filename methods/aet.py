@@ -27,6 +27,7 @@ the backbone's pooled features (the representation's mean, for AVT). The papers'
 are NIN / AlexNet trunks with part of the trunk in the decoder; here the whole shared
 backbone encodes and the decoder is an MLP (linear by default, as the AET CIFAR code).
 """
+
 from __future__ import annotations
 
 import math
@@ -44,9 +45,14 @@ def _uniform(b: int, lo: float, hi: float, device: torch.device) -> torch.Tensor
     return torch.rand(b, device=device) * (hi - lo) + lo
 
 
-def affine_matrices(b: int, rotation: float = 180.0, translation: float = 0.2,
-                    scale: tuple[float, float] = (0.7, 1.3), shear: float = 30.0,
-                    device: torch.device | str = "cpu") -> torch.Tensor:
+def affine_matrices(
+    b: int,
+    rotation: float = 180.0,
+    translation: float = 0.2,
+    scale: tuple[float, float] = (0.7, 1.3),
+    shear: float = 30.0,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
     """Random affine maps (AET's CIFAR ranges): ``[B, 3, 3]``, translate @ rotate @ scale @ shear.
 
     Args:
@@ -80,8 +86,9 @@ def homography_from_points(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor
     return torch.cat([h, torch.ones_like(h[:, :1])], 1).view(-1, 3, 3)
 
 
-def projective_matrices(b: int, shift: float = 0.125, scale: tuple[float, float] = (0.8, 1.2),
-                        device: torch.device | str = "cpu") -> torch.Tensor:
+def projective_matrices(
+    b: int, shift: float = 0.125, scale: tuple[float, float] = (0.8, 1.2), device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """Random homographies (AET's CIFAR setting): the image corners are scaled, rotated by a
     multiple of 90 degrees, and each moved by up to +-`shift` of the side. ``[B, 3, 3]``."""
     device = torch.device(device)
@@ -193,18 +200,31 @@ class AET(Method):
 
     identity: torch.Tensor
 
-    def __init__(self, backbone: nn.Module, data: DataInfo, *, transformation: str = "projective",
-                 objective: str = "mse", hidden_dim: int = 0, stretch_weight: float = 1.0, rotation: float = 180.0,
-                 translation: float = 0.2, affine_scale: tuple[float, float] = (0.7, 1.3), shear: float = 30.0,
-                 shift: float = 0.125, projective_scale: tuple[float, float] = (0.8, 1.2)):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        data: DataInfo,
+        *,
+        transformation: str = "projective",
+        objective: str = "mse",
+        hidden_dim: int = 0,
+        stretch_weight: float = 1.0,
+        rotation: float = 180.0,
+        translation: float = 0.2,
+        affine_scale: tuple[float, float] = (0.7, 1.3),
+        shear: float = 30.0,
+        shift: float = 0.125,
+        projective_scale: tuple[float, float] = (0.8, 1.2),
+    ):
         super().__init__(backbone)
         if transformation not in ("affine", "projective"):
             raise ValueError(f"aet.AET.transformation = {transformation!r}; use 'affine' or 'projective'")
         if objective not in ("mse", "geodesic", "variational"):
             raise ValueError(f"aet.AET.objective = {objective!r}; use 'mse', 'geodesic' or 'variational'")
         self.projective, self.objective, self.stretch_weight = transformation == "projective", objective, stretch_weight
-        self.affine_args: dict[str, Any] = dict(rotation=rotation, translation=translation, scale=tuple(affine_scale),
-                                                shear=shear)
+        self.affine_args: dict[str, Any] = dict(
+            rotation=rotation, translation=translation, scale=tuple(affine_scale), shear=shear
+        )
         self.projective_args: dict[str, Any] = dict(shift=shift, scale=tuple(projective_scale))
         d, k = cast(Encoder, backbone).num_features, 8 if self.projective else 6
         out = 2 * k if objective == "variational" else k  # AVT: mean and log-variance of t
@@ -230,13 +250,13 @@ class AET(Method):
             zt = zt + torch.exp(0.5 * log_var) * torch.randn_like(zt)
         out = self.decoder(torch.cat([z, zt], 1))  # [B, K] or [B, 2K]
         target = entries(m, self.projective)  # [B, K]
-        pred = self.identity + out[:, :len(self.identity)]  # offsets from the identity map
+        pred = self.identity + out[:, : len(self.identity)]  # offsets from the identity map
         if self.objective == "mse":
             loss = aet_mse(pred, target)
         elif self.objective == "geodesic":
             loss = geodesic_loss(matrices(pred), matrices(target), self.stretch_weight)
         else:
-            loss = gaussian_nll(target, pred, out[:, len(self.identity):].clamp(-LOG_VAR_BOUND, LOG_VAR_BOUND))
+            loss = gaussian_nll(target, pred, out[:, len(self.identity) :].clamp(-LOG_VAR_BOUND, LOG_VAR_BOUND))
         with torch.no_grad():
             mse = F.mse_loss(pred, target)
         return {"loss": loss, "mse": mse}

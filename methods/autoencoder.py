@@ -26,6 +26,7 @@ Corruptions act on the normalised view the network sees:
     white or black (a fair coin each); needs the normalisation's `mean` and `std` to
     know which values those are.
 """
+
 from __future__ import annotations
 
 from typing import Callable, cast
@@ -48,8 +49,9 @@ def random_pixels(b: int, h: int, w: int, fraction: float, device: torch.device 
     return torch.zeros(b, h * w, dtype=torch.bool, device=device).scatter_(1, idx, True).view(b, 1, h, w)
 
 
-def corrupt(x: torch.Tensor, noise: str, level: float, black: torch.Tensor | None = None,
-            white: torch.Tensor | None = None) -> torch.Tensor:
+def corrupt(
+    x: torch.Tensor, noise: str, level: float, black: torch.Tensor | None = None, white: torch.Tensor | None = None
+) -> torch.Tensor:
     """A corrupted copy of ``x`` ``[B, C, H, W]`` (normalised).
 
     Args:
@@ -66,8 +68,11 @@ def corrupt(x: torch.Tensor, noise: str, level: float, black: torch.Tensor | Non
         return x.masked_fill(hit, 0.0)
     if noise == "salt_and_pepper":
         salt = torch.rand(b, 1, h, w, device=x.device) < 0.5
-        value = torch.where(salt, cast(torch.Tensor, white).view(1, c, 1, 1),  # this noise needs black and white
-                            cast(torch.Tensor, black).view(1, c, 1, 1))  # [B, C, H, W]
+        value = torch.where(
+            salt,
+            cast(torch.Tensor, white).view(1, c, 1, 1),  # this noise needs black and white
+            cast(torch.Tensor, black).view(1, c, 1, 1),
+        )  # [B, C, H, W]
         return torch.where(hit, value, x)
     raise ValueError(f"unknown noise {noise!r}; autoencoder.AutoEncoder.noise is one of {', '.join(NOISES)} or None")
 
@@ -89,8 +94,16 @@ class AutoEncoder(Method):
     black: torch.Tensor | None  # buffers with noise='salt_and_pepper'
     white: torch.Tensor | None
 
-    def __init__(self, backbone: nn.Module, data: DataInfo, *, image_size: int = gin.REQUIRED,
-                 decoder: Callable[..., nn.Module] = Decoder, noise: str | None = None, noise_level: float = 0.25):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        data: DataInfo,
+        *,
+        image_size: int = gin.REQUIRED,
+        decoder: Callable[..., nn.Module] = Decoder,
+        noise: str | None = None,
+        noise_level: float = 0.25,
+    ):
         super().__init__(backbone)
         if noise is not None and noise not in NOISES:
             raise ValueError(f"autoencoder.AutoEncoder.noise = {noise!r}: use one of {', '.join(NOISES)} or None")

@@ -20,6 +20,7 @@ the lower lr exactly; with adaptive optimizers (Adam) it has no such meaning.
 Embedded scale: the 8192-wide projector (two 8192 x 8192 layers) dominates the cost on
 CPU; the paper width stays the default, and a scale file may bind ``proj_dim`` lower.
 """
+
 from __future__ import annotations
 
 from typing import cast
@@ -43,6 +44,7 @@ def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float, eps: flo
         lambd: weight of the redundancy-reduction (off-diagonal) term (paper: 5e-3).
         eps: added to the variance before the square root (BatchNorm's default).
     """
+
     def standardise(z: torch.Tensor) -> torch.Tensor:
         return (z - z.mean(0)) / torch.sqrt(z.var(0, unbiased=False) + eps)  # [N, D]
 
@@ -65,8 +67,15 @@ class BarlowTwins(Method):
             (paper: 0.0048 / 0.2); 1 leaves them at the weights' lr.
     """
 
-    def __init__(self, backbone: nn.Module, data: DataInfo, *, proj_dim: int = 8192, lambd: float = 5e-3,
-                 bias_lr_ratio: float = 0.0048 / 0.2):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        data: DataInfo,
+        *,
+        proj_dim: int = 8192,
+        lambd: float = 5e-3,
+        bias_lr_ratio: float = 0.0048 / 0.2,
+    ):
         super().__init__(backbone)
         dims = [cast(Encoder, backbone).num_features, proj_dim, proj_dim]
         layers: list[nn.Module] = []

@@ -11,6 +11,7 @@ banks). Everything else belongs to the trainer (`harness.trainer`): the device a
 parallelism, the optimizer and its learning-rate schedule (`harness.optim`), checkpoints
 and resume. Training runs in float32: there is no mixed precision to choose.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -53,9 +54,14 @@ class DataInfo:
     @classmethod
     def of(cls, data: ImageSet) -> DataInfo:
         """The facts of a dataset split (an `harness.data.ImageSet`)."""
-        return cls(channels=data.channels, num_classes=len(data.classes), num_images=len(data),
-                   mean=tuple(data.mean), std=tuple(data.std),
-                   captions=None if data.captions is None else tuple(data.captions))
+        return cls(
+            channels=data.channels,
+            num_classes=len(data.classes),
+            num_images=len(data),
+            mean=tuple(data.mean),
+            std=tuple(data.std),
+            captions=None if data.captions is None else tuple(data.captions),
+        )
 
 
 @dataclasses.dataclass
@@ -135,9 +141,11 @@ def build_method(method: Callable[..., Method], backbone: nn.Module, data: DataI
         if "unexpected keyword argument 'data'" not in str(err):
             raise
         name = getattr(method, "__qualname__", None) or getattr(getattr(method, "func", None), "__qualname__", method)
-        raise TypeError(f"{name} does not take `data`: every method's constructor is "
-                        "__init__(self, backbone, data: methods.base.DataInfo, *, <settings>) "
-                        "(methods/base.py)") from err
+        raise TypeError(
+            f"{name} does not take `data`: every method's constructor is "
+            "__init__(self, backbone, data: methods.base.DataInfo, *, <settings>) "
+            "(methods/base.py)"
+        ) from err
 
 
 def mlp(dims: Sequence[int], batch_norm: bool = True, last_bn: bool = False) -> nn.Sequential:

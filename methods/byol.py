@@ -20,6 +20,7 @@ Both views go through each network separately, so BatchNorm statistics are per v
 the paper. Embedded scale: with few steps (a few hundred rather than the paper's ~300k)
 the target moves little at ``base_momentum = 0.996``; that is the paper's value and is kept.
 """
+
 from __future__ import annotations
 
 import copy
@@ -46,6 +47,7 @@ def byol_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Te
         z1: target projections of view 1, ``[N, D]`` (no gradient flows into them).
         z2: target projections of view 2, ``[N, D]``.
     """
+
     def regress(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         cos = (F.normalize(p, dim=1) * F.normalize(z.detach(), dim=1)).sum(1)  # [N]
         return (2 - 2 * cos).mean()
@@ -70,8 +72,15 @@ class BYOL(Method):
         base_momentum: tau_base of the target EMA (paper: 0.996).
     """
 
-    def __init__(self, backbone: nn.Module, data: DataInfo, *, hidden_dim: int = 4096, out_dim: int = 256,
-                 base_momentum: float = 0.996):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        data: DataInfo,
+        *,
+        hidden_dim: int = 4096,
+        out_dim: int = 256,
+        base_momentum: float = 0.996,
+    ):
         super().__init__(backbone)
         self.projector = mlp([cast(Encoder, backbone).num_features, hidden_dim, out_dim])  # Linear-BN-ReLU-Linear
         self.predictor = mlp([out_dim, hidden_dim, out_dim])

@@ -17,6 +17,7 @@ method's loss here makes no distributed calls). Captions come from the data (`da
 class-name prompts by `data.Captioned`); the text tower, both projections, the temperature
 and the vocabulary are exported next to the encoder for `harness.evals.zeroshot`.
 """
+
 from __future__ import annotations
 
 import json
@@ -74,8 +75,8 @@ class Tokenizer:
         """int64 ``[N, context]``: sot, word ids (unknown words: unk; cut to fit), eot, padding."""
         out = torch.full((len(texts), context), PAD, dtype=torch.long)
         for i, t in enumerate(texts):
-            ids = [SOT, *(self.ids.get(w, UNK) for w in words(t))][:context - 1] + [EOT]
-            out[i, :len(ids)] = torch.tensor(ids)
+            ids = [SOT, *(self.ids.get(w, UNK) for w in words(t))][: context - 1] + [EOT]
+            out[i, : len(ids)] = torch.tensor(ids)
         return out
 
     def decode(self, ids: torch.Tensor) -> str:
@@ -170,17 +171,36 @@ class CLIP(Method):
         max_scale: the logit scale is clipped to this (paper: 100).
     """
 
-    def __init__(self, backbone: nn.Module, data: DataInfo, *, embed_dim: int = 1024, context: int = 77,
-                 text_width: int = 512, text_layers: int = 12, text_heads: int = 8, max_words: int = 49152,
-                 init_temperature: float = 0.07, max_scale: float = 100.0):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        data: DataInfo,
+        *,
+        embed_dim: int = 1024,
+        context: int = 77,
+        text_width: int = 512,
+        text_layers: int = 12,
+        text_heads: int = 8,
+        max_words: int = 49152,
+        init_temperature: float = 0.07,
+        max_scale: float = 100.0,
+    ):
         super().__init__(backbone)
         if data.captions is None:
-            raise Unsupported("clip needs captions: wrap the dataset in data.Captioned "
-                              "(`job.run.dataset = @data.Captioned()`) or use data.ImageCaptions")
+            raise Unsupported(
+                "clip needs captions: wrap the dataset in data.Captioned "
+                "(`job.run.dataset = @data.Captioned()`) or use data.ImageCaptions"
+            )
         self.captions = list(data.captions)
         self.tokenizer = Tokenizer.build(self.captions, max_words)
-        self.text_config = {"vocab_size": len(self.tokenizer), "context": context, "width": text_width,
-                            "layers": text_layers, "heads": text_heads, "embed_dim": embed_dim}
+        self.text_config = {
+            "vocab_size": len(self.tokenizer),
+            "context": context,
+            "width": text_width,
+            "layers": text_layers,
+            "heads": text_heads,
+            "embed_dim": embed_dim,
+        }
         self.text = TextTower(**self.text_config)
         self.image_proj = nn.Linear(cast(Encoder, backbone).num_features, embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / init_temperature)))
@@ -212,11 +232,21 @@ class CLIP(Method):
 
     def export(self, folder: Path) -> None:
         """``text.pt`` (text tower, image projection, logit scale) and ``text.json`` (its sizes and vocabulary)."""
-        state = {k: v.detach().cpu().clone() for k, v in self.state_dict().items()
-                 if k.startswith(("text.", "image_proj.", "logit_scale"))}
+        state = {
+            k: v.detach().cpu().clone()
+            for k, v in self.state_dict().items()
+            if k.startswith(("text.", "image_proj.", "logit_scale"))
+        }
         store.save_torch(folder / "text.pt", state)
-        store.write_json(folder / "text.json", {**self.text_config, "image_features": self.image_proj.in_features,
-                                                "max_scale": self.max_scale, "vocab": self.tokenizer.vocab})
+        store.write_json(
+            folder / "text.json",
+            {
+                **self.text_config,
+                "image_features": self.image_proj.in_features,
+                "max_scale": self.max_scale,
+                "vocab": self.tokenizer.vocab,
+            },
+        )
 
 
 class TextSide(nn.Module):
@@ -227,8 +257,9 @@ class TextSide(nn.Module):
         super().__init__()
         self.tokenizer = Tokenizer(config["vocab"])
         self.context = config["context"]
-        self.text = TextTower(**{k: config[k] for k in ("vocab_size", "context", "width", "layers", "heads",
-                                                        "embed_dim")})
+        self.text = TextTower(
+            **{k: config[k] for k in ("vocab_size", "context", "width", "layers", "heads", "embed_dim")}
+        )
         self.image_proj = nn.Linear(config["image_features"], config["embed_dim"], bias=False)
         self.logit_scale = nn.Parameter(torch.zeros(()))
 

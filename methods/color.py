@@ -14,6 +14,7 @@
   same lightness; L = 50: an isoluminant colour image), normalised like any view.
 - `dense_head`: a small decoder from the backbone's spatial map to per-location logits.
 """
+
 from __future__ import annotations
 
 import functools
@@ -26,9 +27,10 @@ from harness.errors import Unsupported
 from methods.base import DataInfo
 
 # sRGB primaries -> CIE XYZ (D65), and the D65 white point.
-RGB_TO_XYZ = torch.tensor([[0.4124564, 0.3575761, 0.1804375],
-                           [0.2126729, 0.7151522, 0.0721750],
-                           [0.0193339, 0.1191920, 0.9503041]], dtype=torch.float64)
+RGB_TO_XYZ = torch.tensor(
+    [[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750], [0.0193339, 0.1191920, 0.9503041]],
+    dtype=torch.float64,
+)
 WHITE = (0.95047, 1.0, 1.08883)
 _EPS = (6 / 29) ** 3
 
@@ -51,7 +53,7 @@ def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
     """Lab ``[B, 3, H, W]`` -> sRGB ``[B, 3, H, W]``, clipped to [0, 1] (out-of-gamut colours)."""
     fy = (lab[:, 0] + 16) / 116
     f = torch.stack([fy + lab[:, 1] / 500, fy, fy - lab[:, 2] / 200], 1)
-    xyz = torch.where(f > 6 / 29, f ** 3, 3 * (6 / 29) ** 2 * (f - 4 / 29))
+    xyz = torch.where(f > 6 / 29, f**3, 3 * (6 / 29) ** 2 * (f - 4 / 29))
     xyz = xyz * torch.tensor(WHITE, dtype=lab.dtype, device=lab.device).view(1, 3, 1, 1)
     lin = _mix(torch.linalg.inv(RGB_TO_XYZ), xyz).clamp(0, 1)
     return torch.where(lin <= 0.0031308, 12.92 * lin, 1.055 * lin.clamp(min=0.0031308) ** (1 / 2.4) - 0.055)
@@ -74,8 +76,9 @@ def ab_bins(grid: float = 10.0, levels: int = 64) -> torch.Tensor:
     return _ab_bins(float(grid), levels).clone()
 
 
-def soft_encode(ab: torch.Tensor, bins: torch.Tensor, k: int = 5,
-                sigma: float = 5.0) -> tuple[torch.Tensor, torch.Tensor]:
+def soft_encode(
+    ab: torch.Tensor, bins: torch.Tensor, k: int = 5, sigma: float = 5.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each ab value as a distribution over its `k` nearest bins, Gaussian-weighted by distance.
 
     Args:
@@ -86,7 +89,7 @@ def soft_encode(ab: torch.Tensor, bins: torch.Tensor, k: int = 5,
     """
     d2 = torch.cdist(ab.float(), bins.float()) ** 2  # [N, Q]
     near, index = d2.topk(k, dim=1, largest=False)  # sorted ascending
-    w = torch.softmax(-near / (2 * sigma ** 2), dim=1)  # exp(-d^2 / 2 sigma^2), normalised
+    w = torch.softmax(-near / (2 * sigma**2), dim=1)  # exp(-d^2 / 2 sigma^2), normalised
     return index, w
 
 
@@ -119,11 +122,17 @@ def dense_head(in_dim: int, hidden_dim: int, out_dim: int, upsamples: int) -> nn
 
     ``[B, in_dim, h, w]`` -> ``[B, out_dim, h * 2^upsamples, w * 2^upsamples]``.
     """
-    layers: list[nn.Module] = [nn.Conv2d(in_dim, hidden_dim, 1, bias=False), nn.BatchNorm2d(hidden_dim),
-                               nn.ReLU(inplace=True)]
+    layers: list[nn.Module] = [
+        nn.Conv2d(in_dim, hidden_dim, 1, bias=False),
+        nn.BatchNorm2d(hidden_dim),
+        nn.ReLU(inplace=True),
+    ]
     for _ in range(upsamples):
-        layers += [nn.ConvTranspose2d(hidden_dim, hidden_dim, 4, stride=2, padding=1, bias=False),
-                   nn.BatchNorm2d(hidden_dim), nn.ReLU(inplace=True)]
+        layers += [
+            nn.ConvTranspose2d(hidden_dim, hidden_dim, 4, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(hidden_dim),
+            nn.ReLU(inplace=True),
+        ]
     layers.append(nn.Conv2d(hidden_dim, out_dim, 1))
     return nn.Sequential(*layers)
 
@@ -154,6 +163,8 @@ def colour_views(name: str, data: DataInfo) -> tuple[tuple[float, ...], tuple[fl
     """The views' (mean, std) of a colour-only method (to recover RGB), after checking the
     data suits it: `Unsupported` on non-RGB data (the run is skipped with this reason)."""
     if data.channels != 3:
-        raise Unsupported(f"{name.split('.')[0]} needs colour (3-channel) images; this dataset has {data.channels} "
-                          "channel" + ("s" if data.channels != 1 else ""))
+        raise Unsupported(
+            f"{name.split('.')[0]} needs colour (3-channel) images; this dataset has {data.channels} "
+            "channel" + ("s" if data.channels != 1 else "")
+        )
     return tuple(data.mean), tuple(data.std)

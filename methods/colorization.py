@@ -27,6 +27,7 @@ Choices, stated:
 
 Raises `harness.errors.Unsupported` on grayscale data: there is no colour to predict.
 """
+
 from __future__ import annotations
 
 from typing import cast
@@ -65,15 +66,16 @@ def rebalance_weights(counts: torch.Tensor, bins: torch.Tensor, sigma: float = 5
     q = len(counts)
     counts = counts.double()
     p = counts / counts.sum() if counts.sum() > 0 else torch.full_like(counts, 1 / q)
-    kernel = torch.exp(-torch.cdist(bins.double(), bins.double()) ** 2 / (2 * sigma ** 2))  # [Q, Q]
+    kernel = torch.exp(-(torch.cdist(bins.double(), bins.double()) ** 2) / (2 * sigma**2))  # [Q, Q]
     smooth = kernel @ p
     smooth = smooth / smooth.sum()
     w = 1 / ((1 - lam) * smooth + lam / q)
     return w / (smooth * w).sum()
 
 
-def colorization_loss(logits: torch.Tensor, index: torch.Tensor, soft: torch.Tensor,
-                      weights: torch.Tensor) -> torch.Tensor:
+def colorization_loss(
+    logits: torch.Tensor, index: torch.Tensor, soft: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
     """Rebalanced multinomial cross-entropy (eq. 2), averaged over locations.
 
     Args:
@@ -105,9 +107,19 @@ class Colorization(Method):
     bins: torch.Tensor
     counts: torch.Tensor
 
-    def __init__(self, backbone: nn.Module, data: DataInfo, *, grid: float = 10.0, neighbours: int = 5,
-                 sigma: float = 5.0, smoothing: float = 5.0, rebalance: float = 0.5, hidden_dim: int = 256,
-                 upsamples: int = 3):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        data: DataInfo,
+        *,
+        grid: float = 10.0,
+        neighbours: int = 5,
+        sigma: float = 5.0,
+        smoothing: float = 5.0,
+        rebalance: float = 0.5,
+        hidden_dim: int = 256,
+        upsamples: int = 3,
+    ):
         super().__init__(backbone)
         self.mean, self.std = colour_views("colorization.Colorization", data)
         self.neighbours, self.sigma, self.smoothing, self.rebalance = neighbours, sigma, smoothing, rebalance
@@ -120,14 +132,17 @@ class Colorization(Method):
         lab = rgb_to_lab(to_unit_rgb(batch.views[0], self.mean, self.std))  # [B, 3, S, S]
         x = from_unit_rgb(gray_input(lab), self.mean, self.std)  # [B, 3, S, S]
         logits = self.decoder(cast(Encoder, self.backbone).forward_features(x))  # [B, Q, h, w]
-        index, soft = soft_encode(flat_targets(lab[:, 1:], logits.shape[-2:]), self.bins, self.neighbours,
-                                  self.sigma)  # [N, k] each, N = B h w
+        index, soft = soft_encode(
+            flat_targets(lab[:, 1:], logits.shape[-2:]), self.bins, self.neighbours, self.sigma
+        )  # [N, k] each, N = B h w
         seen = torch.bincount(index[:, 0], minlength=len(self.bins)).to(self.counts.dtype)  # [Q]
         weights = rebalance_weights(self.counts + seen, self.bins, self.smoothing, self.rebalance)
         flat = flat_logits(logits)  # [N, Q]
         self._pending = seen
-        return {"loss": colorization_loss(flat, index, soft, weights),
-                "acc": (flat.argmax(1) == index[:, 0]).float().mean()}
+        return {
+            "loss": colorization_loss(flat, index, soft, weights),
+            "acc": (flat.argmax(1) == index[:, 0]).float().mean(),
+        }
 
     @torch.no_grad()
     def after_step(self, step: int, total: int) -> None:

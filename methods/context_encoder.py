@@ -34,6 +34,7 @@ learning rate; here both share the trainer's. Off by default.
 The evaluated representation is the backbone's pooled features. No ImageNet linear-probe
 number in the paper.
 """
+
 from __future__ import annotations
 
 import math
@@ -56,7 +57,7 @@ def center_mask(b: int, size: int, area: float, device: torch.device | None = No
     side = round(math.sqrt(area) * size)
     lo = (size - side) // 2
     m = torch.zeros(b, 1, size, size, dtype=torch.bool, device=device)
-    m[:, :, lo:lo + side, lo:lo + side] = True
+    m[:, :, lo : lo + side, lo : lo + side] = True
     return m
 
 
@@ -73,8 +74,9 @@ def block_mask(b: int, size: int, area: float, blocks: int, device: torch.device
 def region_mask(b: int, size: int, area: float, grain: int = 4, device: torch.device | None = None) -> torch.Tensor:
     """Random blobs of exactly ``round(area size²)`` pixels: the highest pixels of `grain` x
     `grain` uniform noise upsampled to the image. bool ``[B, 1, S, S]``."""
-    noise = F.interpolate(torch.rand(b, 1, grain, grain, device=device), size=(size, size), mode="bilinear",
-                          align_corners=False).view(b, -1)
+    noise = F.interpolate(
+        torch.rand(b, 1, grain, grain, device=device), size=(size, size), mode="bilinear", align_corners=False
+    ).view(b, -1)
     idx = noise.topk(round(area * size * size), dim=1).indices  # [B, k]
     return torch.zeros_like(noise, dtype=torch.bool).scatter_(1, idx, True).view(b, 1, size, size)
 
@@ -87,8 +89,14 @@ def ring(mask: torch.Tensor, width: int) -> torch.Tensor:
     return grown & ~mask
 
 
-def inpainting_loss(recon: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, border: torch.Tensor,
-                    border_weight: float, outside_weight: float) -> torch.Tensor:
+def inpainting_loss(
+    recon: torch.Tensor,
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    border: torch.Tensor,
+    border_weight: float,
+    outside_weight: float,
+) -> torch.Tensor:
     """Weighted mean squared error: weight 1 in `mask`, `border_weight` on `border`,
     `outside_weight` elsewhere, normalised by the weights' sum (times channels).
 
@@ -142,10 +150,22 @@ class ContextEncoder(Method):
         disc_width: the discriminator's first width (paper's code: 64).
     """
 
-    def __init__(self, backbone: nn.Module, data: DataInfo, *, image_size: int = gin.REQUIRED,
-                 decoder: Callable[..., nn.Module] = Decoder, mask: str = "center", area: float = 0.25, blocks: int = 4,
-                 overlap: float = 4 / 128, overlap_weight: float = 10.0, outside_weight: float = 0.0,
-                 adversarial: float = 0.0, disc_width: int = 64):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        data: DataInfo,
+        *,
+        image_size: int = gin.REQUIRED,
+        decoder: Callable[..., nn.Module] = Decoder,
+        mask: str = "center",
+        area: float = 0.25,
+        blocks: int = 4,
+        overlap: float = 4 / 128,
+        overlap_weight: float = 10.0,
+        outside_weight: float = 0.0,
+        adversarial: float = 0.0,
+        disc_width: int = 64,
+    ):
         super().__init__(backbone)
         if mask not in MASKS:
             raise ValueError(f"context_encoder.ContextEncoder.mask = {mask!r}: use one of {', '.join(MASKS)}")
@@ -173,10 +193,12 @@ class ContextEncoder(Method):
             return {"loss": rec}
         fake, real = recon * m, x * m  # the region only
         d = self.discriminator
-        adv_d = (F.binary_cross_entropy_with_logits(d(real), torch.ones(len(x), device=x.device))
-                 + F.binary_cross_entropy_with_logits(d(fake.detach()), torch.zeros(len(x), device=x.device)))
+        adv_d = F.binary_cross_entropy_with_logits(
+            d(real), torch.ones(len(x), device=x.device)
+        ) + F.binary_cross_entropy_with_logits(d(fake.detach()), torch.zeros(len(x), device=x.device))
         frozen = {n: p.detach() for n, p in d.named_parameters()}
-        adv_g = F.binary_cross_entropy_with_logits(functional_call(d, frozen, (fake,)),
-                                                   torch.ones(len(x), device=x.device))
+        adv_g = F.binary_cross_entropy_with_logits(
+            functional_call(d, frozen, (fake,)), torch.ones(len(x), device=x.device)
+        )
         loss = (1 - self.adversarial) * rec + self.adversarial * adv_g + adv_d
         return {"loss": loss, "rec": rec.detach(), "adv_g": adv_g, "adv_d": adv_d}

@@ -21,6 +21,7 @@ share its statistics). Adaptations: a `patch_size` larger than the image becomes
 paper's geometry (``2 S / (grid + 1)`` px, half-overlapping); K is clipped to
 ``grid - 1``. The context network's size (`context_blocks`, `context_hidden`) is ours.
 """
+
 from __future__ import annotations
 
 from typing import cast
@@ -102,9 +103,19 @@ class CPC(Method):
         patch_augment: per-patch augmentation (CPC v2).
     """
 
-    def __init__(self, backbone: nn.Module, data: DataInfo, *, grid: int = 7, patch_size: int = 64,
-                 steps: int = 5, directions: int = 4, context_blocks: int = 3, context_hidden: int | None = None,
-                 patch_augment: bool = True):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        data: DataInfo,
+        *,
+        grid: int = 7,
+        patch_size: int = 64,
+        steps: int = 5,
+        directions: int = 4,
+        context_blocks: int = 3,
+        context_hidden: int | None = None,
+        patch_augment: bool = True,
+    ):
         super().__init__(backbone)
         if directions not in (1, 2, 4):
             raise ValueError(f"cpc.CPC.directions = {directions}: use 1 (top-down), 2 (and bottom-up) or 4")
@@ -114,9 +125,11 @@ class CPC(Method):
         self.steps = max(1, min(steps, grid - 1))
         self.context = nn.ModuleList(
             nn.Sequential(*[_CausalResidual(d, context_hidden) for _ in range(context_blocks)])
-            for _ in range(directions))
+            for _ in range(directions)
+        )
         self.predict = nn.ModuleList(
-            nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(self.steps)) for _ in range(directions))
+            nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(self.steps)) for _ in range(directions)
+        )
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """Patch codes of a batch: ``[B, C, S, S]`` -> ``[B, D, G, G]``."""
@@ -139,9 +152,13 @@ class CPC(Method):
             c = context(zr)  # [B, D, G, G]; row i sees rows <= i
             cand = zr.permute(0, 2, 3, 1).reshape(-1, d)  # [B*G*G, D], row b*G*G + i*G + j
             for k, w in enumerate(cast(nn.ModuleList, maps), start=1):
-                pred = w(c[:, :, :g - k].permute(0, 2, 3, 1).reshape(-1, d))  # [B*(G-k)*G, D] from rows i < G-k
-                bi, ii, jj = torch.meshgrid(torch.arange(b, device=dev), torch.arange(g - k, device=dev),
-                                            torch.arange(g, device=dev), indexing="ij")
+                pred = w(c[:, :, : g - k].permute(0, 2, 3, 1).reshape(-1, d))  # [B*(G-k)*G, D] from rows i < G-k
+                bi, ii, jj = torch.meshgrid(
+                    torch.arange(b, device=dev),
+                    torch.arange(g - k, device=dev),
+                    torch.arange(g, device=dev),
+                    indexing="ij",
+                )
                 target = (bi * g * g + (ii + k) * g + jj).reshape(-1)  # [B*(G-k)*G] the code at row i + k
                 loss, acc = info_nce(pred, cand, target)
                 losses.append(loss)

@@ -17,6 +17,7 @@ multiply-adds per image, a fifth of the backbone's 35 M forward. With
 ``[B, 2048, 7, 7]`` map takes five stages (403 M against 4.1 G).
 (Multiply-adds of the convolution and linear layers counted from their shapes, not timed.)
 """
+
 from __future__ import annotations
 
 import math
@@ -46,8 +47,10 @@ def feature_map_shape(backbone: nn.Module, channels: int, image_size: int) -> tu
         f = cast(Encoder, backbone).forward_features(torch.zeros(1, channels, image_size, image_size, device=device))
     backbone.train(was_training)
     if f.ndim != 4 or f.shape[2] != f.shape[3]:
-        raise ValueError(f"the decoder needs a convolutional backbone whose forward_features gives a square "
-                         f"[B, C, h, h] map; got {tuple(f.shape)} (set backbone.create.name to a ResNet)")
+        raise ValueError(
+            f"the decoder needs a convolutional backbone whose forward_features gives a square "
+            f"[B, C, h, h] map; got {tuple(f.shape)} (set backbone.create.name to a ResNet)"
+        )
     return int(f.shape[1]), int(f.shape[2])
 
 
@@ -64,16 +67,20 @@ class Decoder(nn.Module):
         min_width: the halving stops here.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, in_size: int, out_size: int, width: int = 256,
-                 min_width: int = 32):
+    def __init__(
+        self, in_channels: int, out_channels: int, in_size: int, out_size: int, width: int = 256, min_width: int = 32
+    ):
         super().__init__()
         stages = max(0, math.ceil(math.log2(out_size / in_size) - 1e-9))
         layers: list[nn.Module] = [nn.Conv2d(in_channels, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(True)]
         w = width
         for _ in range(stages):
             w_next = max(min_width, w // 2)
-            layers += [nn.ConvTranspose2d(w, w_next, 4, stride=2, padding=1, bias=False), nn.BatchNorm2d(w_next),
-                       nn.ReLU(True)]
+            layers += [
+                nn.ConvTranspose2d(w, w_next, 4, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(w_next),
+                nn.ReLU(True),
+            ]
             w = w_next
         layers.append(nn.Conv2d(w, out_channels, 3, padding=1))
         self.net = nn.Sequential(*layers)

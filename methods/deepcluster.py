@@ -32,6 +32,7 @@ How the seam (batches only, no data set) is bridged, stated plainly:
     (the exported encoder must take raw images) and AlexNet's fc layers before the classifier.
   * K is clipped to ``num_images // 128`` (the paper's 1.28M images / 10k clusters).
 """
+
 from __future__ import annotations
 
 from typing import cast
@@ -123,8 +124,16 @@ class DeepCluster(Method):
     pca_proj: torch.Tensor
     clusterings: torch.Tensor
 
-    def __init__(self, backbone: nn.Module, data: DataInfo, *, num_clusters: int = 10000, pca_dim: int = 256,
-                 min_clusterings: int = 8, kmeans_iterations: int = 20):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        data: DataInfo,
+        *,
+        num_clusters: int = 10000,
+        pca_dim: int = 256,
+        min_clusterings: int = 8,
+        kmeans_iterations: int = 20,
+    ):
         super().__init__(backbone)
         num_images = data.num_images
         d, k = cast(Encoder, backbone).num_features, max(2, min(num_clusters, num_images // 128))

@@ -20,6 +20,7 @@ gradient, here a seed is a whole image; the transformations are the shared
 transformations of a seed (the paper's batches mix random members of the N x K
 surrogate set), so every visit trains on a pair.
 """
+
 from __future__ import annotations
 
 from typing import cast
@@ -76,5 +77,4 @@ class Exemplar(Method):
         x = torch.cat(batch.views)[keep]  # [K, C, S, S]
         logits = self.classifier(self.backbone(x))  # [K, N]
         loss = F.cross_entropy(logits, y)
-        return {"loss": loss, "acc": (logits.argmax(1) == y).float().mean(),
-                "seeds": torch.tensor(float(y.numel()))}
+        return {"loss": loss, "acc": (logits.argmax(1) == y).float().mean(), "seeds": torch.tensor(float(y.numel()))}

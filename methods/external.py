@@ -15,6 +15,7 @@ stripped; the classifier's weights (timm's ``pretrained_cfg["classifier"]``, abs
 with timm's ``adapt_input_conv`` (Fashion-MNIST has one channel). Anything else that does
 not fit stops the run with the missing, unexpected and mis-shaped keys.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,8 +34,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a saved state dict: unwrapped from ``state_dict``/``model``, without a ``module.`` prefix."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"external.External.path = '{path}': no such file. Fix: bind it to a saved timm "
-                                "state dict (torch.save(model.state_dict(), path))")
+        raise FileNotFoundError(
+            f"external.External.path = '{path}': no such file. Fix: bind it to a saved timm "
+            "state dict (torch.save(model.state_dict(), path))"
+        )
     state = store.load_torch(path)
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -56,13 +59,21 @@ def fit_state_dict(state: dict[str, torch.Tensor], model: nn.Module, where: str)
     for head in [classifier] if isinstance(classifier, str) else list(classifier or []):
         state = {k: v for k, v in state.items() if k in own or not k.startswith(head + ".")}
     stem = f"{cfg.get('first_conv')}.weight"
-    if stem in state and stem in own and state[stem].ndim == 4 and state[stem].shape[1] != own[stem].shape[1] \
-            and state[stem].shape[0] == own[stem].shape[0]:
+    if (
+        stem in state
+        and stem in own
+        and state[stem].ndim == 4
+        and state[stem].shape[1] != own[stem].shape[1]
+        and state[stem].shape[0] == own[stem].shape[0]
+    ):
         state = {**state, stem: adapt_input_conv(own[stem].shape[1], state[stem])}
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-              if k in state and state[k].shape != own[k].shape]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
     if missing or unexpected or shapes:
         spec = getattr(model, "sslbench_spec", {})
         show = lambda keys: ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")  # noqa: E731
@@ -71,7 +82,8 @@ def fit_state_dict(state: dict[str, torch.Tensor], model: nn.Module, where: str)
             f"(in_chans={spec.get('in_chans')}, small_input={spec.get('small_input')}): "
             f"missing {show(missing) or 'none'}; unexpected {show(unexpected) or 'none'}; "
             f"shape mismatches {show(shapes) or 'none'}. Fix: bind `external.External.model` to the timm model the "
-            "state dict was saved from (and `backbone.create.small_input` as it was)")
+            "state dict was saved from (and `backbone.create.small_input` as it was)"
+        )
     return state
 
 
@@ -94,8 +106,10 @@ class External(Method):
             backbone = backbone_lib.create(name=model, in_chans=data.channels)
         super().__init__(backbone)
         if not path:
-            raise ValueError("external.External.path is not bound. Fix: --bind \"external.External.path = "
-                             "'/path/state_dict.pt'\" (a timm model's saved state_dict())")
+            raise ValueError(
+                'external.External.path is not bound. Fix: --bind "external.External.path = '
+                "'/path/state_dict.pt'\" (a timm model's saved state_dict())"
+            )
         self.backbone.load_state_dict(fit_state_dict(read_state_dict(path), self.backbone, path), strict=True)
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:

@@ -20,6 +20,7 @@ the dataset's mean and std, which the generator does not read (`DataInfo` has th
 per-channel affine map (initialised to the identity) follows the tanh. The discriminator is the shared ResNet/ViT,
 not DCGAN's all-convolutional LeakyReLU network.
 """
+
 from __future__ import annotations
 
 from typing import cast
@@ -39,7 +40,7 @@ def upsampling_plan(size: int) -> tuple[int, int]:
     n = 0
     while size % 2 ** (n + 1) == 0 and size // 2 ** (n + 1) >= 4:
         n += 1
-    return size // 2 ** n, n
+    return size // 2**n, n
 
 
 class Generator(nn.Module):
@@ -57,9 +58,12 @@ class Generator(nn.Module):
         start, n = upsampling_plan(size)
         widths = [width * 2 ** (n - 1 - i) for i in range(n)] if n else [width]
         self.start, self.z_dim = start, z_dim
-        self.project = nn.Sequential(nn.Linear(z_dim, widths[0] * start * start, bias=False),
-                                     nn.Unflatten(1, (widths[0], start, start)), nn.BatchNorm2d(widths[0]),
-                                     nn.ReLU(True))
+        self.project = nn.Sequential(
+            nn.Linear(z_dim, widths[0] * start * start, bias=False),
+            nn.Unflatten(1, (widths[0], start, start)),
+            nn.BatchNorm2d(widths[0]),
+            nn.ReLU(True),
+        )
         layers: list[nn.Module] = []
         for a, b in zip(widths[:-1], widths[1:]):
             layers += [nn.ConvTranspose2d(a, b, 4, 2, 1, bias=False), nn.BatchNorm2d(b), nn.ReLU(True)]
@@ -105,8 +109,9 @@ class GAN(Method):
         width: generator width (DCGAN: 64 at 64 px).
     """
 
-    def __init__(self, backbone: nn.Module, data: DataInfo, *, image_size: int = gin.REQUIRED, z_dim: int = 100,
-                 width: int = 64):
+    def __init__(
+        self, backbone: nn.Module, data: DataInfo, *, image_size: int = gin.REQUIRED, z_dim: int = 100, width: int = 64
+    ):
         super().__init__(backbone)
         self.head = nn.Linear(cast(Encoder, backbone).num_features, 1)
         self.generator = Generator(z_dim, data.channels, image_size, width)

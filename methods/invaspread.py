@@ -15,6 +15,7 @@ each inner product (the "weights" side); here the gradient flows through both, a
 eq. 7 is written. The paper's first view is the image "without" augmentation; its
 code (and this file) augments both views with the same random transform family.
 """
+
 from __future__ import annotations
 
 from typing import cast

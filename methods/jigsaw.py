@@ -21,6 +21,7 @@ Adaptations, stated: the tile grid is cut from the augmented view (the paper cro
 no-op at paper scale); the per-tile standardisation is over all pixels and channels of
 the tile; the heads use BatchNorm (`methods.base.mlp`).
 """
+
 from __future__ import annotations
 
 import functools
@@ -105,9 +106,19 @@ class Jigsaw(Method):
 
     permutations: torch.Tensor
 
-    def __init__(self, backbone: nn.Module, data: DataInfo, *, num_permutations: int = 1000, grid: int = 3,
-                 tile_frac: float = 64 / 75, tile_dim: int = 512, hidden_dim: int = 4096, min_tile: int = 0,
-                 permutation_seed: int = 0):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        data: DataInfo,
+        *,
+        num_permutations: int = 1000,
+        grid: int = 3,
+        tile_frac: float = 64 / 75,
+        tile_dim: int = 512,
+        hidden_dim: int = 4096,
+        min_tile: int = 0,
+        permutation_seed: int = 0,
+    ):
         super().__init__(backbone)
         n = grid * grid
         self.grid, self.tile_frac, self.min_tile = grid, tile_frac, min_tile

@@ -14,6 +14,7 @@ instead of the shared ResNet the job passes. The encoder's position embeddings a
 2-D sine-cosine (as the paper's); the evaluated features are timm's pooled output (the
 class token, the paper's linear-probe feature).
 """
+
 from __future__ import annotations
 
 from typing import Callable, cast
@@ -33,8 +34,9 @@ def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
     return x.reshape(b, (h // p) * (w // p), p * p * c)
 
 
-def random_masking(b: int, n: int, ratio: float, device: torch.device | str = "cpu"
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def random_masking(
+    b: int, n: int, ratio: float, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keeps ``int(n * (1 - ratio))`` random patches per image.
 
     Returns:
@@ -56,8 +58,9 @@ def sincos_pos_embed(dim: int, grid: tuple[int, int]) -> torch.Tensor:
     if dim % 4:
         raise ValueError(f"sine-cosine position embeddings need a width divisible by 4, not {dim}")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # [dim/4]
-    ys, xs = torch.meshgrid(torch.arange(grid[0], dtype=torch.float64), torch.arange(grid[1], dtype=torch.float64),
-                            indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(grid[0], dtype=torch.float64), torch.arange(grid[1], dtype=torch.float64), indexing="ij"
+    )
 
     def embed(pos: torch.Tensor) -> torch.Tensor:
         a = pos.reshape(-1, 1) * omega  # [hw, dim/4]
@@ -66,8 +69,9 @@ def sincos_pos_embed(dim: int, grid: tuple[int, int]) -> torch.Tensor:
     return torch.cat([embed(ys), embed(xs)], 1).float()
 
 
-def masked_patch_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
-                      norm_pix: bool = True, eps: float = 1e-6) -> torch.Tensor:
+def masked_patch_loss(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool = True, eps: float = 1e-6
+) -> torch.Tensor:
     """Mean squared error over masked patches; each target patch normalised by its own mean
     and (unbiased) variance when `norm_pix`. pred, target ``[B, N, P]``; mask ``[B, N]``."""
     if norm_pix:
@@ -94,15 +98,32 @@ class MAE(Method):
 
     decoder_pos: torch.Tensor
 
-    def __init__(self, backbone: nn.Module, data: DataInfo, *, encoder: Callable[..., nn.Module] | None = None,
-                 mask_ratio: float = 0.75, decoder_dim: int = 512, decoder_depth: int = 8, decoder_heads: int = 16,
-                 norm_pix: bool = True):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        data: DataInfo,
+        *,
+        encoder: Callable[..., nn.Module] | None = None,
+        mask_ratio: float = 0.75,
+        decoder_dim: int = 512,
+        decoder_depth: int = 8,
+        decoder_heads: int = 16,
+        norm_pix: bool = True,
+    ):
         vit = encoder(in_chans=data.channels, small_input=False) if encoder is not None else backbone
-        if not isinstance(vit, VisionTransformer) or vit.cls_token is None or vit.pos_embed is None \
-                or vit.reg_token is not None or vit.no_embed_class or getattr(vit, "dynamic_img_size", False):
-            raise ValueError(f"mae.MAE needs a plain timm ViT (class token, position-embedding table, no "
-                             f"register tokens), not {type(vit).__name__}; bind mae.MAE.encoder = "
-                             "@vit/backbone.create and vit/backbone.create.name = 'vit_base_patch16_224'")
+        if (
+            not isinstance(vit, VisionTransformer)
+            or vit.cls_token is None
+            or vit.pos_embed is None
+            or vit.reg_token is not None
+            or vit.no_embed_class
+            or getattr(vit, "dynamic_img_size", False)
+        ):
+            raise ValueError(
+                f"mae.MAE needs a plain timm ViT (class token, position-embedding table, no "
+                f"register tokens), not {type(vit).__name__}; bind mae.MAE.encoder = "
+                "@vit/backbone.create and vit/backbone.create.name = 'vit_base_patch16_224'"
+            )
         super().__init__(vit)
         self.mask_ratio, self.norm_pix = mask_ratio, norm_pix
         self.patch = vit.patch_embed.patch_size[0]
@@ -114,8 +135,9 @@ class MAE(Method):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         pos = torch.cat([torch.zeros(1, decoder_dim), sincos_pos_embed(decoder_dim, grid)]).unsqueeze(0)
         self.register_buffer("decoder_pos", pos, persistent=False)  # [1, 1 + N, decoder_dim]
-        self.decoder_blocks = nn.Sequential(*[Block(decoder_dim, decoder_heads, mlp_ratio=4.0, qkv_bias=True)
-                                              for _ in range(decoder_depth)])
+        self.decoder_blocks = nn.Sequential(
+            *[Block(decoder_dim, decoder_heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(decoder_depth)]
+        )
         self.decoder_norm = nn.LayerNorm(decoder_dim)
         self.decoder_pred = nn.Linear(decoder_dim, self.patch * self.patch * data.channels)
         nn.init.normal_(self.mask_token, std=0.02)

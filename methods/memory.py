@@ -11,6 +11,7 @@ Two helpers shared by the instance-discrimination methods:
 Both start as random points on the unit sphere, as the papers' code does, and change
 only through `update` / `push`, which the methods call from `after_step`.
 """
+
 from __future__ import annotations
 
 import torch

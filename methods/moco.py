@@ -34,6 +34,7 @@ statistics (MoCo never runs it in eval mode), so computing keys in `loss` change
 state; the query backbone's running statistics move towards the mean of the
 sub-batches' statistics once per step (with DDP they follow GPU 0's sub-batch).
 """
+
 from __future__ import annotations
 
 import copy
@@ -134,8 +135,18 @@ class MoCo(Method):
         bn_splits: sub-batches for shuffled BN (paper: 8 GPUs); 1 turns shuffling off.
     """
 
-    def __init__(self, backbone: nn.Module, data: DataInfo, *, out_dim: int = 128, hidden_dim: int = 2048,
-                 temperature: float = 0.2, queue_size: int = 65536, momentum: float = 0.999, bn_splits: int = 8):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        data: DataInfo,
+        *,
+        out_dim: int = 128,
+        hidden_dim: int = 2048,
+        temperature: float = 0.2,
+        queue_size: int = 65536,
+        momentum: float = 0.999,
+        bn_splits: int = 8,
+    ):
         super().__init__(backbone)
         width = cast(Encoder, backbone).num_features
         dims = [width, hidden_dim, out_dim] if hidden_dim else [width, out_dim]

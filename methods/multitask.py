@@ -16,6 +16,7 @@ every task sees the whole batch. Logged entries carry the task's name (``rotnet/
 A task that cannot run on the data (a colour-only task on grayscale images) raises
 `harness.errors.Unsupported`, and the whole run is skipped with its reason.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Sequence, cast
@@ -47,15 +48,24 @@ class MultiTask(Method):
         split_batch: each task trains on its own disjoint slice of the batch.
     """
 
-    def __init__(self, backbone: nn.Module, data: DataInfo, *, tasks: Sequence[Callable[..., Method]] = gin.REQUIRED,
-                 weights: Sequence[float] | None = None, inputs: Sequence[Sequence[int]] | None = None,
-                 split_batch: bool = True):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        data: DataInfo,
+        *,
+        tasks: Sequence[Callable[..., Method]] = gin.REQUIRED,
+        weights: Sequence[float] | None = None,
+        inputs: Sequence[Sequence[int]] | None = None,
+        split_batch: bool = True,
+    ):
         super().__init__(backbone)
         weights = [1.0] * len(tasks) if weights is None else [float(w) for w in weights]
         if not tasks or len(weights) != len(tasks) or (inputs is not None and len(inputs) != len(tasks)):
-            raise ValueError(f"multitask.MultiTask: {len(tasks)} tasks need as many weights (got {len(weights)}) "
-                             f"and inputs (got {'None' if inputs is None else len(inputs)}); fix the gin bindings "
-                             "multitask.MultiTask.weights / .inputs")
+            raise ValueError(
+                f"multitask.MultiTask: {len(tasks)} tasks need as many weights (got {len(weights)}) "
+                f"and inputs (got {'None' if inputs is None else len(inputs)}); fix the gin bindings "
+                "multitask.MultiTask.weights / .inputs"
+            )
         built = []
         for task in tasks:
             try:

@@ -18,6 +18,7 @@ Embedded scale: the bank has one row per pretraining image; `m` is clipped to th
 size. Half an epoch visits no image twice, so the positive is still the random initial
 bank entry of every image: NPID needs several epochs to mean what the paper means.
 """
+
 from __future__ import annotations
 
 import math
@@ -72,8 +73,18 @@ class NPID(Method):
 
     log_z: torch.Tensor
 
-    def __init__(self, backbone: nn.Module, data: DataInfo, *, out_dim: int = 128, temperature: float = 0.07,
-                 num_negatives: int = 4096, exact: bool = False, bank_momentum: float = 0.5, prox_weight: float = 30.0):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        data: DataInfo,
+        *,
+        out_dim: int = 128,
+        temperature: float = 0.07,
+        num_negatives: int = 4096,
+        exact: bool = False,
+        bank_momentum: float = 0.5,
+        prox_weight: float = 30.0,
+    ):
         super().__init__(backbone)
         self.head = nn.Linear(cast(Encoder, backbone).num_features, out_dim)
         self.memory = MemoryBank(data.num_images, out_dim, bank_momentum)
@@ -103,8 +114,13 @@ class NPID(Method):
             out["log_z"] = log_z
         prox = (f - v).pow(2).sum(1).mean()  # |v_i^(t) - v_i^(t-1)|^2
         self._seen = (batch.index, f.detach(), log_z)
-        return {"loss": inst + self.prox_weight * prox, "instance": inst.detach(), "prox": prox.detach(),
-                "acc": acc, **out}
+        return {
+            "loss": inst + self.prox_weight * prox,
+            "instance": inst.detach(),
+            "prox": prox.detach(),
+            "acc": acc,
+            **out,
+        }
 
     @torch.no_grad()
     def after_step(self, step: int, total: int) -> None:

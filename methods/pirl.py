@@ -18,6 +18,7 @@ they are 8 px) are resized up to it so the ResNet stem has something to see; no
 per-tile colour jitter. The bank (`methods.memory.MemoryBank`, shared with NPID) is
 updated in `after_step` from the step's f(v_I).
 """
+
 from __future__ import annotations
 
 from typing import cast
@@ -70,9 +71,20 @@ class PIRL(Method):
         min_tile: tiles smaller than this are resized up to it (no-op at paper scale).
     """
 
-    def __init__(self, backbone: nn.Module, data: DataInfo, *, out_dim: int = 128, temperature: float = 0.07,
-                 num_negatives: int = 32000, bank_momentum: float = 0.5, mix: float = 0.5, grid: int = 3,
-                 tile_frac: float = 64 / 85, min_tile: int = 16):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        data: DataInfo,
+        *,
+        out_dim: int = 128,
+        temperature: float = 0.07,
+        num_negatives: int = 32000,
+        bank_momentum: float = 0.5,
+        mix: float = 0.5,
+        grid: int = 3,
+        tile_frac: float = 64 / 85,
+        min_tile: int = 16,
+    ):
         super().__init__(backbone)
         d = cast(Encoder, backbone).num_features
         self.image_head = nn.Linear(d, out_dim)  # f: image -> 128
@@ -107,8 +119,11 @@ class PIRL(Method):
         loss_jig = pirl_nce(g, m_pos, m_neg, self.temperature)
         loss_img = pirl_nce(f, m_pos, m_neg, self.temperature)
         self._pending = (batch.index, f.detach())
-        return {"loss": self.mix * loss_jig + (1 - self.mix) * loss_img, "loss_jigsaw": loss_jig.detach(),
-                "loss_image": loss_img.detach()}
+        return {
+            "loss": self.mix * loss_jig + (1 - self.mix) * loss_img,
+            "loss_jigsaw": loss_jig.detach(),
+            "loss_image": loss_img.detach(),
+        }
 
     @torch.no_grad()
     def after_step(self, step: int, total: int) -> None:

@@ -2,6 +2,7 @@
 evaluation view flattened (``[N, C*S*S]``), the floor any learned feature should beat
 on a linear probe (e.g. Coates & Ng 2011 report raw-pixel baselines on CIFAR).
 """
+
 from __future__ import annotations
 
 import torch

@@ -25,6 +25,7 @@ cell (``S // 3`` px) so one setting serves every image size; patches smaller tha
 `min_patch` px are resized up to it (a no-op at paper scale); the heads use BatchNorm
 (`methods.base.mlp`).
 """
+
 from __future__ import annotations
 
 import math
@@ -92,13 +93,24 @@ class RelativeLocation(Method):
         min_patch: patches smaller than this are resized up to it (0: never).
     """
 
-    def __init__(self, backbone: nn.Module, data: DataInfo, *, patch_frac: float = 96 / 144,
-                 jitter_frac: float = 7 / 144, aberration: str = "drop", noise: float = 0.01, patch_dim: int = 4096,
-                 hidden_dim: int = 4096, min_patch: int = 0):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        data: DataInfo,
+        *,
+        patch_frac: float = 96 / 144,
+        jitter_frac: float = 7 / 144,
+        aberration: str = "drop",
+        noise: float = 0.01,
+        patch_dim: int = 4096,
+        hidden_dim: int = 4096,
+        min_patch: int = 0,
+    ):
         super().__init__(backbone)
         if aberration not in ("drop", "gray", "none"):
-            raise ValueError(f"relative_location.RelativeLocation.aberration = {aberration!r}: "
-                             "use 'drop', 'gray' or 'none'")
+            raise ValueError(
+                f"relative_location.RelativeLocation.aberration = {aberration!r}: use 'drop', 'gray' or 'none'"
+            )
         d = cast(Encoder, backbone).num_features
         self.patch_frac, self.jitter_frac, self.min_patch = patch_frac, jitter_frac, min_patch
         self.aberration, self.noise = aberration, noise

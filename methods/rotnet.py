@@ -6,6 +6,7 @@ Each image is shown at 0, 90, 180 and 270 degrees in the same batch (the paper f
 all four rotations per image better than one random rotation), and a classifier on
 the backbone's pooled features predicts which.
 """
+
 from __future__ import annotations
 
 from typing import cast

@@ -25,6 +25,7 @@ How the seam (batches only, no data set) is bridged, stated plainly:
   * K is clipped to ``num_images // 128``; the Sinkhorn tolerance test runs every 10
     iterations, like the paper's.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,8 +45,9 @@ def heads_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
 
 
-def self_label(logits: torch.Tensor, lam: float, tolerance: float = 0.1,
-               max_iterations: int = 10_000) -> tuple[torch.Tensor, torch.Tensor]:
+def self_label(
+    logits: torch.Tensor, lam: float, tolerance: float = 0.1, max_iterations: int = 10_000
+) -> tuple[torch.Tensor, torch.Tensor]:
     """SeLa's label optimisation for one head: equipartitioned hard labels.
 
     Args:
@@ -83,8 +85,17 @@ class SeLa(Method):
     log_col: torch.Tensor
     updates: torch.Tensor
 
-    def __init__(self, backbone: nn.Module, data: DataInfo, *, num_heads: int = 10, num_clusters: int = 3000,
-                 lam: float = 25.0, num_label_updates: int = 100, tolerance: float = 0.1):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        data: DataInfo,
+        *,
+        num_heads: int = 10,
+        num_clusters: int = 3000,
+        lam: float = 25.0,
+        num_label_updates: int = 100,
+        tolerance: float = 0.1,
+    ):
         super().__init__(backbone)
         num_images = data.num_images
         d, k = cast(Encoder, backbone).num_features, max(2, min(num_clusters, num_images // 128))

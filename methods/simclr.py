@@ -5,6 +5,7 @@ Learning of Visual Representations" (ICML). Headline: ResNet-50, 1000 epochs, ba
 Two augmented views per image, an MLP projection head, and the NT-Xent loss: each view
 must pick its partner among the other 2N-1 views of the batch.
 """
+
 from __future__ import annotations
 
 from typing import cast
@@ -45,8 +46,15 @@ class SimCLR(Method):
         temperature: NT-Xent tau (paper: 0.1 at batch 4096, Table 5 / B.7).
     """
 
-    def __init__(self, backbone: nn.Module, data: DataInfo, *, hidden_dim: int = 2048, out_dim: int = 128,
-                 temperature: float = 0.1):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        data: DataInfo,
+        *,
+        hidden_dim: int = 2048,
+        out_dim: int = 128,
+        temperature: float = 0.1,
+    ):
         super().__init__(backbone)
         self.head = mlp([cast(Encoder, backbone).num_features, hidden_dim, out_dim])
         self.temperature = temperature

@@ -15,6 +15,7 @@ momentum and weight decay no gradient rescaling inside the method is equivalent 
 separate lr, so here the predictor's lr decays with the rest. Likewise the paper decays
 every parameter, while the trainer exempts biases and norm parameters from weight decay.
 """
+
 from __future__ import annotations
 
 import math
@@ -48,9 +49,15 @@ def projection_mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
     """SimSiam's 3-layer projector: BN on every Linear, the output one included (without
     affine parameters), no ReLU at the output. No biases: each Linear is followed by BN."""
     return nn.Sequential(
-        nn.Linear(in_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
-        nn.Linear(hidden_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
-        nn.Linear(hidden_dim, out_dim, bias=False), nn.BatchNorm1d(out_dim, affine=False))
+        nn.Linear(in_dim, hidden_dim, bias=False),
+        nn.BatchNorm1d(hidden_dim),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden_dim, hidden_dim, bias=False),
+        nn.BatchNorm1d(hidden_dim),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden_dim, out_dim, bias=False),
+        nn.BatchNorm1d(out_dim, affine=False),
+    )
 
 
 @gin.configurable(module="simsiam")

@@ -10,13 +10,15 @@ and columns (clusters) to ``1/K``, by alternately rescaling columns and rows.
 
 This is not a method (no gin file); it holds no state.
 """
+
 from __future__ import annotations
 
 import torch
 
 
-def sinkhorn_scalings(logits: torch.Tensor, iterations: int, tolerance: float = 0.0,
-                      check_every: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def sinkhorn_scalings(
+    logits: torch.Tensor, iterations: int, tolerance: float = 0.0, check_every: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Log row and column scalings of ``exp(logits)`` towards uniform marginals.
 
     Each iteration first rescales the columns to sum to ``1/K``, then the rows to ``1/N``

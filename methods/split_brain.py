@@ -25,6 +25,7 @@ targets area-averaged to its resolution) are ours.
 
 Raises `harness.errors.Unsupported` on grayscale data: there is no ab to split off.
 """
+
 from __future__ import annotations
 
 from typing import cast
@@ -56,8 +57,13 @@ def l_bin(lightness: torch.Tensor, bins: int) -> torch.Tensor:
     return (lightness / 100 * bins).floor().clamp(0, bins - 1).long()
 
 
-def split_brain_loss(ab_logits: torch.Tensor, ab_index: torch.Tensor, ab_soft: torch.Tensor,
-                     l_logits: torch.Tensor, l_target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def split_brain_loss(
+    ab_logits: torch.Tensor,
+    ab_index: torch.Tensor,
+    ab_soft: torch.Tensor,
+    l_logits: torch.Tensor,
+    l_target: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The two cross-channel losses, each averaged over its locations.
 
     Args:
@@ -87,8 +93,18 @@ class SplitBrain(Method):
 
     bins: torch.Tensor
 
-    def __init__(self, backbone: nn.Module, data: DataInfo, *, grid: float = 10.0, neighbours: int = 5,
-                 sigma: float = 5.0, l_bins: int = 50, hidden_dim: int = 256, upsamples: int = 3):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        data: DataInfo,
+        *,
+        grid: float = 10.0,
+        neighbours: int = 5,
+        sigma: float = 5.0,
+        l_bins: int = 50,
+        hidden_dim: int = 256,
+        upsamples: int = 3,
+    ):
         super().__init__(backbone)
         self.mean, self.std = colour_views("split_brain.SplitBrain", data)
         self.neighbours, self.sigma, self.l_bins = neighbours, sigma, l_bins
@@ -103,8 +119,9 @@ class SplitBrain(Method):
         x = from_unit_rgb(torch.cat([gray_input(lab[:h]), colour_input(lab[h:])]), self.mean, self.std)
         feats = cast(Encoder, self.backbone).forward_features(x)  # [B, D, h', w']
         ab_logits, l_logits = self.ab_head(feats[:h]), self.l_head(feats[h:])  # [h, Q, ...], [B-h, L, ...]
-        ab_index, ab_soft = soft_encode(flat_targets(lab[:h, 1:], ab_logits.shape[-2:]), self.bins,
-                                        self.neighbours, self.sigma)
+        ab_index, ab_soft = soft_encode(
+            flat_targets(lab[:h, 1:], ab_logits.shape[-2:]), self.bins, self.neighbours, self.sigma
+        )
         l_target = l_bin(flat_targets(lab[h:, :1], l_logits.shape[-2:])[:, 0], self.l_bins)
         loss_ab, loss_l = split_brain_loss(flat_logits(ab_logits), ab_index, ab_soft, flat_logits(l_logits), l_target)
         return {"loss": loss_ab + loss_l, "loss_l_to_ab": loss_ab.detach(), "loss_ab_to_l": loss_l.detach()}

@@ -2,6 +2,7 @@
 table (He et al. 2016 for ResNet; 76.5 % top-1 for ResNet-50 on ImageNet as trained
 in Goyal et al. 2019's benchmark).
 """
+
 from __future__ import annotations
 
 from typing import cast

@@ -18,6 +18,7 @@ Paper details and how they are kept here:
     Clipped to ``num_images - batch`` rows so a small data set never repeats itself in it.
   * Crops of one resolution go through the network together (BatchNorm per resolution).
 """
+
 from __future__ import annotations
 
 from typing import Sequence, cast
@@ -31,8 +32,9 @@ from methods.base import Batch, DataInfo, Encoder, Method, mlp
 from methods.sinkhorn import sinkhorn
 
 
-def swapped_prediction(scores: Sequence[torch.Tensor], codes: Sequence[torch.Tensor],
-                       temperature: float) -> torch.Tensor:
+def swapped_prediction(
+    scores: Sequence[torch.Tensor], codes: Sequence[torch.Tensor], temperature: float
+) -> torch.Tensor:
     """SwAV's loss: each crop predicts the codes of every other (global) crop.
 
     Args:
@@ -44,8 +46,7 @@ def swapped_prediction(scores: Sequence[torch.Tensor], codes: Sequence[torch.Ten
     """
     total = scores[0].new_zeros(())
     for i, q in enumerate(codes):
-        sub = sum(-(q * F.log_softmax(s / temperature, dim=1)).sum(1).mean()
-                  for v, s in enumerate(scores) if v != i)
+        sub = sum(-(q * F.log_softmax(s / temperature, dim=1)).sum(1).mean() for v, s in enumerate(scores) if v != i)
         total = total + sub / (len(scores) - 1)
     return total / len(codes)
 
@@ -83,10 +84,22 @@ class SwAV(Method):
     queue: torch.Tensor
     queue_filled: torch.Tensor
 
-    def __init__(self, backbone: nn.Module, data: DataInfo, *, hidden_dim: int = 2048, out_dim: int = 128,
-                 num_prototypes: int = 3000, temperature: float = 0.1, epsilon: float = 0.05,
-                 sinkhorn_iterations: int = 3, num_global_crops: int = 2, freeze_prototypes_steps: int = 313,
-                 queue_length: int = 0, queue_start_steps: int = 0):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        data: DataInfo,
+        *,
+        hidden_dim: int = 2048,
+        out_dim: int = 128,
+        num_prototypes: int = 3000,
+        temperature: float = 0.1,
+        epsilon: float = 0.05,
+        sinkhorn_iterations: int = 3,
+        num_global_crops: int = 2,
+        freeze_prototypes_steps: int = 313,
+        queue_length: int = 0,
+        queue_start_steps: int = 0,
+    ):
         super().__init__(backbone)
         self.head = mlp([cast(Encoder, backbone).num_features, hidden_dim, out_dim])
         self.prototypes = nn.Linear(out_dim, num_prototypes, bias=False)
@@ -107,8 +120,9 @@ class SwAV(Method):
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         b, g = len(batch.views[0]), self.num_global_crops
-        z = torch.cat([F.normalize(self.head(self.backbone(torch.cat(group))), dim=1)
-                       for group in _same_size_groups(batch.views)])  # [V*B, out_dim]
+        z = torch.cat(
+            [F.normalize(self.head(self.backbone(torch.cat(group))), dim=1) for group in _same_size_groups(batch.views)]
+        )  # [V*B, out_dim]
         frozen = int(self.steps_done) < min(self.freeze_prototypes_steps, self.num_images // b)
         w = self.prototypes.weight.detach() if frozen else self.prototypes.weight  # [K, out_dim]
         scores = (z @ w.T).split(b)  # V x [B, K]

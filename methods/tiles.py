@@ -6,6 +6,7 @@ A grid cell is ``S // grid`` pixels; a tile or patch is a smaller window inside 
 so neighbouring windows are separated by a random gap (the papers' counter to matching
 tiles by their edges).
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,7 +20,7 @@ def jigsaw_tiles(x: torch.Tensor, grid: int) -> torch.Tensor:
     b, c, s, _ = x.shape
     t = s // grid
     o = (s - grid * t) // 2
-    x = x[:, :, o:o + grid * t, o:o + grid * t].reshape(b, c, grid, t, grid, t)
+    x = x[:, :, o : o + grid * t, o : o + grid * t].reshape(b, c, grid, t, grid, t)
     return x.permute(0, 2, 4, 1, 3, 5).reshape(b, grid * grid, c, t, t)
 
 

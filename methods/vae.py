@@ -25,6 +25,7 @@ Representation for probing: the backbone's pooled features (``method.encoder()``
 backbone), of which mu is a linear function. No ImageNet number in the paper (MNIST and
 Frey Face).
 """
+
 from __future__ import annotations
 
 import math
@@ -43,7 +44,7 @@ LIKELIHOODS = ("gaussian", "bernoulli")
 
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, diag exp(logvar)) || N(0, I)) per row: ``[B, D]`` -> ``[B]``."""
-    return 0.5 * (mu ** 2 + logvar.exp() - 1 - logvar).sum(1)
+    return 0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum(1)
 
 
 def gaussian_nll(recon: torch.Tensor, x: torch.Tensor, log_sigma: torch.Tensor | float) -> torch.Tensor:
@@ -79,17 +80,28 @@ class VAE(Method):
     pixel_mean: torch.Tensor
     pixel_std: torch.Tensor
 
-    def __init__(self, backbone: nn.Module, data: DataInfo, *, image_size: int = gin.REQUIRED,
-                 decoder: Callable[..., nn.Module] = Decoder, latent_dim: int = 128, likelihood: str = "gaussian",
-                 sigma: float | None = None, beta: float = 1.0):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        data: DataInfo,
+        *,
+        image_size: int = gin.REQUIRED,
+        decoder: Callable[..., nn.Module] = Decoder,
+        latent_dim: int = 128,
+        likelihood: str = "gaussian",
+        sigma: float | None = None,
+        beta: float = 1.0,
+    ):
         super().__init__(backbone)
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"vae.VAE.likelihood = {likelihood!r}: use one of {', '.join(LIKELIHOODS)}")
         if likelihood == "bernoulli":  # the views' normalisation, to map them back to [0, 1]
-            self.register_buffer("pixel_mean", torch.tensor(data.mean, dtype=torch.float32).view(1, -1, 1, 1),
-                                 persistent=False)
-            self.register_buffer("pixel_std", torch.tensor(data.std, dtype=torch.float32).view(1, -1, 1, 1),
-                                 persistent=False)
+            self.register_buffer(
+                "pixel_mean", torch.tensor(data.mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False
+            )
+            self.register_buffer(
+                "pixel_std", torch.tensor(data.std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False
+            )
         self.likelihood, self.sigma, self.beta = likelihood, sigma, beta
         self.posterior = nn.Linear(cast(Encoder, backbone).num_features, 2 * latent_dim)  # -> [mu, logvar]
         self.decoder = decoder(in_channels=latent_dim, out_channels=data.channels, in_size=1, out_size=image_size)

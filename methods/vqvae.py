@@ -27,6 +27,7 @@ spatial map *before* the projection and the quantisation (``method.encoder()`` i
 backbone). At the embedded scale the map is 1x1 (resnet18, normal stem, 32 px): each
 image is one code. No ImageNet linear-probe number in the paper.
 """
+
 from __future__ import annotations
 
 from typing import Callable, cast
@@ -42,7 +43,7 @@ from methods.decoder import Decoder, feature_map_shape
 
 def nearest_code(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """Index of the nearest code (squared Euclidean) of each row: ``[N, D]``, ``[K, D]`` -> ``[N]``."""
-    d = (z ** 2).sum(1, keepdim=True) - 2 * z @ codebook.T + (codebook ** 2).sum(1)  # [N, K]
+    d = (z**2).sum(1, keepdim=True) - 2 * z @ codebook.T + (codebook**2).sum(1)  # [N, K]
     return d.argmin(1)
 
 
@@ -57,8 +58,15 @@ def vq_terms(z_e: torch.Tensor, z_q: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 @torch.no_grad()
-def ema_update(codebook: torch.Tensor, count: torch.Tensor, total: torch.Tensor, n: torch.Tensor,
-               s: torch.Tensor, decay: float, eps: float) -> None:
+def ema_update(
+    codebook: torch.Tensor,
+    count: torch.Tensor,
+    total: torch.Tensor,
+    n: torch.Tensor,
+    s: torch.Tensor,
+    decay: float,
+    eps: float,
+) -> None:
     """One EMA codebook step, in place.
 
     Args:
@@ -98,9 +106,20 @@ class VQVAE(Method):
     ema_count: torch.Tensor
     ema_sum: torch.Tensor
 
-    def __init__(self, backbone: nn.Module, data: DataInfo, *, image_size: int = gin.REQUIRED,
-                 decoder: Callable[..., nn.Module] = Decoder, num_codes: int = 512, code_dim: int = 64,
-                 beta: float = 0.25, ema: bool = False, decay: float = 0.99, eps: float = 1e-5):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        data: DataInfo,
+        *,
+        image_size: int = gin.REQUIRED,
+        decoder: Callable[..., nn.Module] = Decoder,
+        num_codes: int = 512,
+        code_dim: int = 64,
+        beta: float = 0.25,
+        ema: bool = False,
+        decay: float = 0.99,
+        eps: float = 1e-5,
+    ):
         super().__init__(backbone)
         c, h = feature_map_shape(backbone, data.channels, image_size)
         self.project = nn.Conv2d(c, code_dim, 1)

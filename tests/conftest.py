@@ -1,4 +1,5 @@
 """Shared fixtures: tiny generated data, gin parsed for a method at a test scale."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,12 +37,20 @@ def make_images(n: int = 64, classes: int = 4, channels: int = 1, size: int = 28
     yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
     imgs = []
     for y in labels.tolist():
-        cy, cx = 6 + 5 * (y % 2) + torch.randint(0, 6, (), generator=g), 6 + 5 * (y // 2) + torch.randint(0, 6, (), generator=g)
+        cy, cx = (
+            6 + 5 * (y % 2) + torch.randint(0, 6, (), generator=g),
+            6 + 5 * (y // 2) + torch.randint(0, 6, (), generator=g),
+        )
         blob = torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 18.0)
         img = (blob * 200 + torch.rand(size, size, generator=g) * 55).clamp(0, 255)
         imgs.append(img.expand(channels, size, size))
-    return ImageSet(images=torch.stack(imgs).to(torch.uint8), labels=labels, classes=[str(c) for c in range(classes)],
-                    mean=(0.2,) * channels, std=(0.3,) * channels)
+    return ImageSet(
+        images=torch.stack(imgs).to(torch.uint8),
+        labels=labels,
+        classes=[str(c) for c in range(classes)],
+        mean=(0.2,) * channels,
+        std=(0.3,) * channels,
+    )
 
 
 def make_colour_images(n: int = 64, classes: int = 4, size: int = 28, seed: int = 0) -> ImageSet:
@@ -52,8 +61,14 @@ def make_colour_images(n: int = 64, classes: int = 4, size: int = 28, seed: int 
     tints = 0.3 + 0.7 * torch.rand(classes, 3, generator=g)  # [classes, 3]
     images = (gray.images.float() * tints[gray.labels][:, :, None, None]).round().to(torch.uint8)  # [n, 3, S, S]
     x = images.float() / 255
-    return ImageSet(images=images, labels=gray.labels, classes=gray.classes, mean=tuple(x.mean((0, 2, 3)).tolist()),
-                    std=tuple(x.std((0, 2, 3)).tolist()), captions=[f"a photo of a {gray.classes[y]}." for y in gray.labels.tolist()])
+    return ImageSet(
+        images=images,
+        labels=gray.labels,
+        classes=gray.classes,
+        mean=tuple(x.mean((0, 2, 3)).tolist()),
+        std=tuple(x.std((0, 2, 3)).tolist()),
+        captions=[f"a photo of a {gray.classes[y]}." for y in gray.labels.tolist()],
+    )
 
 
 @pytest.fixture
@@ -75,15 +90,24 @@ def parse_method(name: str, *bindings: str) -> None:
 class Resumed:
     """What `assert_resumes_exactly` ran: both methods after training, the resumed fit's
     info, and the folder of the interrupted-then-resumed run (checkpoint.pt, log.jsonl)."""
+
     ref: Any  # the method after the uninterrupted fit
     resumed: Any  # the method after the interrupted fit was resumed
     info: dict  # Trainer.fit's return value for the resumed fit
     folder: Path
 
 
-def assert_resumes_exactly(make_method: Callable[[], tuple[Any, Any]], data: ImageSet, tmp_path: Path, *,
-                           steps: int, stop_after: int = 3, checkpoint_every: int = 2, seed: int = 3,
-                           trainer_kwargs: Mapping[str, Any] | None = None) -> Resumed:
+def assert_resumes_exactly(
+    make_method: Callable[[], tuple[Any, Any]],
+    data: ImageSet,
+    tmp_path: Path,
+    *,
+    steps: int,
+    stop_after: int = 3,
+    checkpoint_every: int = 2,
+    seed: int = 3,
+    trainer_kwargs: Mapping[str, Any] | None = None,
+) -> Resumed:
     """Trains `steps` steps uninterrupted (``tmp_path/"a"``), and again (``tmp_path/"b"``)
     stopped after `stop_after` steps, then resumed from its last checkpoint; asserts that the
     checkpoint is at the last multiple of `checkpoint_every` before the stop, that the resumed
@@ -98,6 +122,7 @@ def assert_resumes_exactly(make_method: Callable[[], tuple[Any, Any]], data: Ima
     """
     from harness import store
     from harness.trainer import Interrupted, Trainer
+
     assert checkpoint_every <= stop_after < steps, "stop after a checkpoint, before the last step"
     kwargs = {"batch_size": 16, "progress": False, **(trainer_kwargs or {})}
 
@@ -124,6 +149,7 @@ def _slurm_can_start() -> str | None:
     """None when a local SLURM can be started here, else the reason it cannot."""
     import os
     import shutil
+
     if os.geteuid() != 0:
         return "starting the local SLURM cluster needs root (scripts/local-slurm.sh)"
     if not (shutil.which("slurmctld") or shutil.which("apt-get")):
@@ -140,6 +166,7 @@ def slurm_cluster():
     """
     import os
     import subprocess
+
     reason = _slurm_can_start()
     if reason:
         if os.environ.get("CI"):
@@ -157,9 +184,12 @@ def slurm_cluster():
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--full", action="store_true",
-                     help="also run the exhaustive end-to-end tests (marker 'full': every method of every table "
-                          "through the CLI, ~4 more minutes on 2 cores)")
+    parser.addoption(
+        "--full",
+        action="store_true",
+        help="also run the exhaustive end-to-end tests (marker 'full': every method of every table "
+        "through the CLI, ~4 more minutes on 2 cores)",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

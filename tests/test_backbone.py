@@ -1,4 +1,5 @@
 """The exported encoder is a plain timm state dict."""
+
 import timm
 import torch
 

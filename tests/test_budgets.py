@@ -2,6 +2,7 @@
 statistics, the dry run and the leaderboard print what the settings cost, and (slow) the
 embedded recipes of Goyal's probe and SimCLR's fine-tuning give measurements on a real
 Fashion-MNIST encoder, not artefacts of too few steps (issue 13)."""
+
 from __future__ import annotations
 
 import copy
@@ -89,12 +90,28 @@ def test_leaderboard_prints_the_steps_and_cpu_seconds_the_runs_recorded(tmp_path
     for i, cpu in enumerate([40.0, 44.0, 90.0]):
         folder = table / "runs" / f"r{i}"
         folder.mkdir(parents=True)
-        run = {"run_id": f"r{i}", "pretrain_id": "p", "table": "t", "method": "m", "seed": i, "status": "done",
-               "swept": {}, "error": None, "log": None, "artefacts": {},
-               "metrics": {"linear/goyal19/top1": 70.0 + i},
-               "protocols": {"linear/goyal19": {"id": "abcd1234", "params": {"epochs": 28},
-                                                "metrics": ["linear/goyal19/top1"], "selected": {"budget": budget}}},
-               "timings": {"pretrain_s": 1.0, "eval_s": cpu, "protocols": {"linear/goyal19": {"s": cpu, "cpu_s": cpu}}}}
+        run = {
+            "run_id": f"r{i}",
+            "pretrain_id": "p",
+            "table": "t",
+            "method": "m",
+            "seed": i,
+            "status": "done",
+            "swept": {},
+            "error": None,
+            "log": None,
+            "artefacts": {},
+            "metrics": {"linear/goyal19/top1": 70.0 + i},
+            "protocols": {
+                "linear/goyal19": {
+                    "id": "abcd1234",
+                    "params": {"epochs": 28},
+                    "metrics": ["linear/goyal19/top1"],
+                    "selected": {"budget": budget},
+                }
+            },
+            "timings": {"pretrain_s": 1.0, "eval_s": cpu, "protocols": {"linear/goyal19": {"s": cpu, "cpu_s": cpu}}},
+        }
         (folder / "run.json").write_text(json.dumps(run))
     collate(table)
     md = (table / "leaderboard.md").read_text()
@@ -104,15 +121,31 @@ def test_leaderboard_prints_the_steps_and_cpu_seconds_the_runs_recorded(tmp_path
 
 # --- the embedded recipes on a real encoder (slow) ----------------------------------------
 
+
 @pytest.fixture(scope="module")
 def fmnist_encoder(tmp_path_factory) -> Path:
     """A supervised ResNet-18 trained 60 steps on Fashion-MNIST by the harness (its export folder)."""
     if not fmnist_available():
         pytest.skip("Fashion-MNIST IDX files absent")
     root = tmp_path_factory.mktemp("enc")
-    cmd = [sys.executable, "-m", "harness.sweep", "gin/table1.gin", "gin/scale/smoke.gin", "gin/launch/inprocess.gin",
-           "--only", "supervised", "--bind", "table.Table.seeds = [0]", "--bind", "trainer.Trainer.max_steps = 60",
-           "--bind", "data.FashionMNIST.pretrain_size = 4000", "--results", str(root)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "harness.sweep",
+        "gin/table1.gin",
+        "gin/scale/smoke.gin",
+        "gin/launch/inprocess.gin",
+        "--only",
+        "supervised",
+        "--bind",
+        "table.Table.seeds = [0]",
+        "--bind",
+        "trainer.Trainer.max_steps = 60",
+        "--bind",
+        "data.FashionMNIST.pretrain_size = 4000",
+        "--results",
+        str(root),
+    ]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return next(root.glob("pretrain/*/encoder.pt")).parent
@@ -127,23 +160,36 @@ def test_embedded_recipes_measure_the_features(fmnist_encoder):
     probe 58.9-62.0 (0.80-0.84; SGD has not converged in 84 steps: 69.4 after 1,000 on the
     cached features); the recipe before issue 13 (lr 0.01, 8-100 % crops, no Precise BN, the
     87.5 % centre crop) 46.6 (0.63), and the embedded recipe with 12 steps 37.7 (0.51)."""
-    ginutil.parse(ginutil.run_files("supervised", "embedded", ["gin/table_finetune.gin"]),
-                  ["linear_goyal19/linear.PaperProbe.train_size = 1000",
-                   "linear_goyal19/linear.PaperProbe.test_size = 1000",
-                   "linear_goyal19/linear.PaperProbe.epochs = 28",
-                   "linear_goyal19/linear.PaperProbe.milestones = [8, 16, 24]",
-                   "semisup_simclr/semisup.SemiSupervised.epochs = [15, 1.25]",
-                   "semisup_simclr/semisup.SemiSupervised.test_size = 1000"])
+    ginutil.parse(
+        ginutil.run_files("supervised", "embedded", ["gin/table_finetune.gin"]),
+        [
+            "linear_goyal19/linear.PaperProbe.train_size = 1000",
+            "linear_goyal19/linear.PaperProbe.test_size = 1000",
+            "linear_goyal19/linear.PaperProbe.epochs = 28",
+            "linear_goyal19/linear.PaperProbe.milestones = [8, 16, 24]",
+            "semisup_simclr/semisup.SemiSupervised.epochs = [15, 1.25]",
+            "semisup_simclr/semisup.SemiSupervised.test_size = 1000",
+        ],
+    )
     protocols = {p.name: p for p in ginutil.reference("job.run.evaluations")}
     goyal, semisup = protocols["linear/goyal19"], protocols["semisup/simclr"]
     data = FashionMNIST()
     train, test = data.split("train").subset(1000), data.split("test").subset(1000)
-    ctx = Context(encoder=lambda: backbone_lib.load(fmnist_encoder), dataset=data, pretrain_dir=fmnist_encoder,
-                  features={}, progress=False)
+    ctx = Context(
+        encoder=lambda: backbone_lib.load(fmnist_encoder),
+        dataset=data,
+        pretrain_dir=fmnist_encoder,
+        features={},
+        progress=False,
+    )
     encoder = backbone_lib.load(fmnist_encoder).eval()
     with torch.no_grad():
-        feats = {name: Features(encoder(finetune.center_view(s.images, goyal.image_size, 1.0, s.mean, s.std))
-                                .flatten(1), s.labels) for name, s in (("train", train), ("test", test))}
+        feats = {
+            name: Features(
+                encoder(finetune.center_view(s.images, goyal.image_size, 1.0, s.mean, s.std)).flatten(1), s.labels
+            )
+            for name, s in (("train", train), ("test", test))
+        }
     fast = LinearProbe()(feats["train"], feats["test"])["linear/top1"]
     paper = goyal.evaluate(ctx)["linear/goyal19/top1"]
     assert paper >= 0.75 * fast, (paper, fast)

@@ -1,5 +1,6 @@
 """CLIP: the loss against a python loop, the learned and clipped temperature, the tokenizer,
 the text tower's causality, export and reload, and zero-shot classification."""
+
 import json
 import math
 import random
@@ -19,15 +20,22 @@ from methods.clip import EOT, SOT, UNK, TextTower, Tokenizer, clip_loss, load_te
 from tests.conftest import make_images, parse_method
 
 # The embedded scale's text tower (the paper's 12 x 512 is for paper scale).
-SMALL = ["clip.CLIP.embed_dim = 32", "clip.CLIP.context = 16", "clip.CLIP.text_width = 32",
-         "clip.CLIP.text_layers = 2", "clip.CLIP.text_heads = 4"]
+SMALL = [
+    "clip.CLIP.embed_dim = 32",
+    "clip.CLIP.context = 16",
+    "clip.CLIP.text_width = 32",
+    "clip.CLIP.text_layers = 2",
+    "clip.CLIP.text_heads = 4",
+]
 
 
 def _clip_loss_by_loop(image, text, scale):
     """Both directions of CLIP's cross-entropy with python floats."""
+
     def unit(v):
         n = math.sqrt(sum(c * c for c in v))
         return [c / n for c in v]
+
     im, tx = [unit(v) for v in image.tolist()], [unit(v) for v in text.tolist()]
     n = len(im)
     sim = [[scale * sum(a * b for a, b in zip(im[i], tx[j])) for j in range(n)] for i in range(n)]
@@ -40,8 +48,9 @@ def test_clip_loss_matches_a_python_loop():
     g = torch.Generator().manual_seed(0)
     image, text = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
     for scale in (1.0, 14.3, 100.0):
-        assert math.isclose(clip_loss(image, text, torch.tensor(scale)).item(), _clip_loss_by_loop(image, text, scale),
-                            rel_tol=1e-5)
+        assert math.isclose(
+            clip_loss(image, text, torch.tensor(scale)).item(), _clip_loss_by_loop(image, text, scale), rel_tol=1e-5
+        )
 
 
 def _captioned(n: int = 64, channels: int = 1) -> ImageSet:
@@ -164,20 +173,34 @@ def _zeroshot_case(tmp_path, classes, n_per_class=20):
     torch.manual_seed(0)
     zs = ZeroShot(templates=["a photo of a {}.", "a sketch of the {}."])
     tok = Tokenizer.build([t.format(c) for c in classes for t in zs.templates])
-    config = {"vocab_size": len(tok), "context": 12, "width": 32, "layers": 2, "heads": 4, "embed_dim": 32,
-              "image_features": 32, "max_scale": 100.0, "vocab": tok.vocab}
+    config = {
+        "vocab_size": len(tok),
+        "context": 12,
+        "width": 32,
+        "layers": 2,
+        "heads": 4,
+        "embed_dim": 32,
+        "image_features": 32,
+        "max_scale": 100.0,
+        "vocab": tok.vocab,
+    }
     tower = TextTower(**{k: config[k] for k in ("vocab_size", "context", "width", "layers", "heads", "embed_dim")})
-    state = {**{f"text.{k}": v for k, v in tower.state_dict().items()}, "image_proj.weight": torch.eye(32),
-             "logit_scale": torch.tensor(math.log(1 / 0.07))}
+    state = {
+        **{f"text.{k}": v for k, v in tower.state_dict().items()},
+        "image_proj.weight": torch.eye(32),
+        "logit_scale": torch.tensor(math.log(1 / 0.07)),
+    }
     torch.save(state, tmp_path / "text.pt")
     (tmp_path / "text.json").write_text(json.dumps(config))
     class_emb = zs.class_embeddings(load_text_side(tmp_path), classes)  # [C, 32]
     y = torch.arange(len(classes)).repeat(n_per_class)
     test = Features(x=class_emb[y] * 3.0, y=y)  # any positive scale: cosine similarity ignores it
-    labels = ImageSet(images=torch.zeros(len(y), 1, 2, 2, dtype=torch.uint8), labels=y, classes=list(classes),
-                      mean=(0.5,), std=(0.5,))
-    ctx = Context(encoder=lambda: None, dataset=_Data(labels), pretrain_dir=tmp_path,
-                  features={"train": test, "test": test})
+    labels = ImageSet(
+        images=torch.zeros(len(y), 1, 2, 2, dtype=torch.uint8), labels=y, classes=list(classes), mean=(0.5,), std=(0.5,)
+    )
+    ctx = Context(
+        encoder=lambda: None, dataset=_Data(labels), pretrain_dir=tmp_path, features={"train": test, "test": test}
+    )
     return zs, ctx, state
 
 
@@ -186,8 +209,9 @@ def test_zeroshot_perfect_alignment_scores_100_and_a_scrambled_tower_chance(tmp_
     zs, ctx, state = _zeroshot_case(tmp_path, classes)
     assert zs.evaluate(ctx) == {"zeroshot/top1": 100.0}
     torch.manual_seed(123)  # a text tower unrelated to the images
-    scrambled = {k: (torch.randn_like(v) * 0.5 if k.startswith("text.") and v.ndim > 1 else v)
-                 for k, v in state.items()}
+    scrambled = {
+        k: (torch.randn_like(v) * 0.5 if k.startswith("text.") and v.ndim > 1 else v) for k, v in state.items()
+    }
     torch.save(scrambled, tmp_path / "text.pt")
     assert zs.evaluate(ctx)["zeroshot/top1"] <= 20.0  # chance is 5 %; 20 % is 4 classes of 20 right by luck
     assert zs.params() == {"templates": ["a photo of a {}.", "a sketch of the {}."]}
@@ -207,12 +231,17 @@ def test_clip_learns_zero_shot_classification_on_captioned_blobs(tmp_path):
     """Trained for 60 steps on captioned blobs, zero-shot beats chance (25 %) by far (~80 %)."""
     data = _captioned(128)
     method, views = _build(data)
-    Trainer(max_steps=60, batch_size=32, base_lr=5e-4, scale_lr=False, optimizer=torch.optim.AdamW,
-            progress=False).fit(method, data, views, tmp_path, seed=0)
+    Trainer(max_steps=60, batch_size=32, base_lr=5e-4, scale_lr=False, optimizer=torch.optim.AdamW, progress=False).fit(
+        method, data, views, tmp_path, seed=0
+    )
     method.export(tmp_path)
     method.eval()
     with torch.no_grad():
         x = method.backbone(eval_view(data.images, 32, data.mean, data.std))
-    ctx = Context(encoder=lambda: None, dataset=_Data(data), pretrain_dir=tmp_path,
-                  features={"test": Features(x=x, y=data.labels)})
+    ctx = Context(
+        encoder=lambda: None,
+        dataset=_Data(data),
+        pretrain_dir=tmp_path,
+        features={"test": Features(x=x, y=data.labels)},
+    )
     assert ZeroShot().evaluate(ctx)["zeroshot/top1"] > 50.0

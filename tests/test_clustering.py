@@ -1,6 +1,7 @@
 """Clustering family (swav, deepcluster, sela): the maths against values computed
 independently, DeepCluster's epoch-boundary re-clustering, and exact resume of every
 method's state (banks, labels, centroids, prototypes, queue)."""
+
 import math
 
 import numpy as np
@@ -53,8 +54,9 @@ def test_swapped_prediction_matches_hand_computation():
     scores = [torch.randn(2, 3, generator=g) for _ in range(3)]  # 3 crops, B = 2, K = 3
     codes = [torch.softmax(torch.randn(2, 3, generator=g), 1) for _ in range(2)]
     for tau in (0.1, 1.0):
-        assert math.isclose(swapped_prediction(scores, codes, tau).item(), _swav_loss_by_hand(scores, codes, tau),
-                            rel_tol=1e-5)
+        assert math.isclose(
+            swapped_prediction(scores, codes, tau).item(), _swav_loss_by_hand(scores, codes, tau), rel_tol=1e-5
+        )
 
 
 def test_self_label_matches_the_papers_multiplicative_sinkhorn():
@@ -147,8 +149,12 @@ def test_swav_prototypes_frozen_for_the_first_steps(tiny_data):
 
 
 RESUME = {  # bindings, steps, stop_after (checkpoints every 2 steps), a check that state is not trivial
-    "swav": ([SMALL, "swav.SwAV.freeze_prototypes_steps = 2", "swav.SwAV.queue_length = 32"], 6, 3,
-             lambda m: int(m.queue_filled) == 32 and m.queue.abs().sum() > 0),
+    "swav": (
+        [SMALL, "swav.SwAV.freeze_prototypes_steps = 2", "swav.SwAV.queue_length = 32"],
+        6,
+        3,
+        lambda m: int(m.queue_filled) == 32 and m.queue.abs().sum() > 0,
+    ),
     "deepcluster": (["deepcluster.DeepCluster.min_clusterings = 1"], 10, 5, lambda m: int(m.clusterings) == 2),
     "sela": ([], 6, 3, lambda m: int(m.updates) >= 3 and bool(m.covered.any())),
 }
@@ -157,6 +163,7 @@ RESUME = {  # bindings, steps, stop_after (checkpoints every 2 steps), a check t
 @pytest.mark.parametrize("name", sorted(RESUME))
 def test_resume_restores_the_methods_state_exactly(name, tmp_path, tiny_data):
     bindings, steps, stop, nontrivial = RESUME[name]
-    run = assert_resumes_exactly(lambda: _build(name, tiny_data, *bindings), tiny_data, tmp_path,
-                                 steps=steps, stop_after=stop)
+    run = assert_resumes_exactly(
+        lambda: _build(name, tiny_data, *bindings), tiny_data, tmp_path, steps=steps, stop_after=stop
+    )
     assert nontrivial(run.ref)

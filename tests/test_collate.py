@@ -1,4 +1,5 @@
 """Tests for harness.collate on hand-made run.json files with known numbers."""
+
 from __future__ import annotations
 
 import json
@@ -14,16 +15,37 @@ from harness.collate import collate, leaderboard, load_runs, main
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def write_run(table_dir: Path, run_id: str, method: str, seed: int, status: str = "done",
-              metrics: dict | None = None, swept: dict | None = None, error: str | None = None) -> None:
+def write_run(
+    table_dir: Path,
+    run_id: str,
+    method: str,
+    seed: int,
+    status: str = "done",
+    metrics: dict | None = None,
+    swept: dict | None = None,
+    error: str | None = None,
+) -> None:
     """Writes one run.json the way the job runner does."""
     folder = table_dir / "runs" / run_id
     folder.mkdir(parents=True)
-    run = {"run_id": run_id, "pretrain_id": f"p{run_id}", "table": "table1", "method": method,
-           "seed": seed, "swept": swept or {}, "status": status, "metrics": metrics or {},
-           "protocols": {}, "timings": {"pretrain_s": 60.0 + seed, "eval_s": 10.0}, "artefacts": {}, "git": "abc1234",
-           "error": error, "log": f"/logs/{run_id}/log.txt", "started": "2026-11-23T14:00:00+00:00",
-           "finished": None}
+    run = {
+        "run_id": run_id,
+        "pretrain_id": f"p{run_id}",
+        "table": "table1",
+        "method": method,
+        "seed": seed,
+        "swept": swept or {},
+        "status": status,
+        "metrics": metrics or {},
+        "protocols": {},
+        "timings": {"pretrain_s": 60.0 + seed, "eval_s": 10.0},
+        "artefacts": {},
+        "git": "abc1234",
+        "error": error,
+        "log": f"/logs/{run_id}/log.txt",
+        "started": "2026-11-23T14:00:00+00:00",
+        "finished": None,
+    }
     (folder / "run.json").write_text(json.dumps(run))
 
 
@@ -40,8 +62,15 @@ def table(tmp_path: Path) -> Path:
     write_run(table_dir, "s1", "simclr", 1, metrics=metrics(82.0, 74.0))
     write_run(table_dir, "b0", "byol", 0, metrics=metrics(85.0, 75.0))
     write_run(table_dir, "b1", "byol", 1, metrics=metrics(87.0, 75.0))
-    write_run(table_dir, "m0", "moco", 0, status="failed", metrics={"linear/top1": 1.0},
-              error="ValueError: loss is NaN at step 12")
+    write_run(
+        table_dir,
+        "m0",
+        "moco",
+        0,
+        status="failed",
+        metrics={"linear/top1": 1.0},
+        error="ValueError: loss is NaN at step 12",
+    )
     write_run(table_dir, "r0", "moco", 1, status="running")
     (table_dir / "runs" / "corrupt").mkdir()
     (table_dir / "runs" / "corrupt" / "run.json").write_text('{"run_id": "c0", "met')
@@ -54,10 +83,15 @@ def reference(tmp_path: Path) -> Path:
     """A reference folder with a published SimCLR number (and one for another table)."""
     ref_dir = tmp_path / "reference"
     ref_dir.mkdir()
-    pd.DataFrame({"table": ["table1", "table2"], "method": ["simclr", "simclr"],
-                  "metric": ["linear/top1", "linear/top1"], "value": [69.3, 12.5],
-                  "source": ["Chen et al. 2020, Table 6", "Other et al. 2021"]}).to_csv(
-        ref_dir / "simclr.csv", index=False)
+    pd.DataFrame(
+        {
+            "table": ["table1", "table2"],
+            "method": ["simclr", "simclr"],
+            "metric": ["linear/top1", "linear/top1"],
+            "value": [69.3, 12.5],
+            "source": ["Chen et al. 2020, Table 6", "Other et al. 2021"],
+        }
+    ).to_csv(ref_dir / "simclr.csv", index=False)
     return ref_dir
 
 
@@ -129,8 +163,9 @@ def test_rerun_after_fix_removes_failed_csv(table: Path) -> None:
 def test_swept_keys_split_rows(tmp_path: Path) -> None:
     table_dir = tmp_path / "table2"
     for i, (epochs, seed, top1) in enumerate([(10, 0, 70.0), (10, 1, 72.0), (20, 0, 80.0)]):
-        write_run(table_dir, f"e{i}", "simclr", seed, metrics={"linear/top1": top1},
-                  swept={"trainer.Trainer.epochs": epochs})
+        write_run(
+            table_dir, f"e{i}", "simclr", seed, metrics={"linear/top1": top1}, swept={"trainer.Trainer.epochs": epochs}
+        )
     board = leaderboard(load_runs(table_dir))
     assert board["swept:trainer.Trainer.epochs"].tolist() == [20, 10]
     assert board["linear/top1 mean"].tolist() == pytest.approx([80.0, 71.0])

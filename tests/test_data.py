@@ -1,4 +1,5 @@
 """Fashion-MNIST loading from real IDX files, and its errors."""
+
 import gzip
 import struct
 
@@ -25,7 +26,7 @@ def write_fake_fmnist(folder, n_train: int = 120, n_test: int = 40, seed: int = 
         labels = np.arange(n) % 10
         images = rng.integers(0, 60, (n, 28, 28))
         for i, y in enumerate(labels):
-            images[i, 2 * y:2 * y + 8, 4:24] += 180  # a bright band whose height encodes the class
+            images[i, 2 * y : 2 * y + 8, 4:24] += 180  # a bright band whose height encodes the class
         write_idx(folder / f"{split}-images-idx3-ubyte.gz", images)
         write_idx(folder / f"{split}-labels-idx1-ubyte.gz", labels)
 
@@ -85,7 +86,9 @@ def test_check_on_missing_or_broken_files_names_the_gin_key(tmp_path, monkeypatc
         FashionMNIST(root=str(tmp_path / "broken"), download=False).check()
 
 
-@pytest.mark.skipif(not fmnist_available(), reason="Fashion-MNIST IDX files absent (apt-get install dataset-fashion-mnist)")
+@pytest.mark.skipif(
+    not fmnist_available(), reason="Fashion-MNIST IDX files absent (apt-get install dataset-fashion-mnist)"
+)
 def test_real_fashion_mnist_files():
     ds = FashionMNIST(download=False)
     train, test = ds.split("train"), ds.split("test")
@@ -96,9 +99,11 @@ def test_real_fashion_mnist_files():
 
 # --- image-caption data -----------------------------------------------------------
 
+
 def write_caption_csv(folder, rows, header="image,caption,label", size=(12, 10)):
     """A CSV of image-caption pairs beside real PNG files (paths relative to the CSV)."""
     from PIL import Image
+
     rng = np.random.default_rng(0)
     (folder / "img").mkdir(parents=True, exist_ok=True)
     lines = [header]
@@ -112,6 +117,7 @@ def write_caption_csv(folder, rows, header="image,caption,label", size=(12, 10))
 
 def test_image_captions_reads_pairs_labels_and_subsets_keep_them_aligned(tmp_path):
     from harness.data import ImageCaptions
+
     rows = [(f"a photo of item {i}", "dog" if i % 3 else "cat") for i in range(9)]
     path = write_caption_csv(tmp_path, rows)
     ds = ImageCaptions(csv=str(path), test_csv=str(path), load_size=8, pretrain_size=4)
@@ -128,6 +134,7 @@ def test_image_captions_reads_pairs_labels_and_subsets_keep_them_aligned(tmp_pat
 
 def test_image_captions_without_labels_and_without_a_test_split(tmp_path):
     from harness.data import ImageCaptions
+
     path = write_caption_csv(tmp_path, [("one", None), ("two", None)], header="image,caption")
     ds = ImageCaptions(csv=str(path), load_size=8)
     assert ds.split("train").labels.tolist() == [-1, -1] and ds.split("train").classes == []
@@ -137,6 +144,7 @@ def test_image_captions_without_labels_and_without_a_test_split(tmp_path):
 
 def test_caption_csv_errors_name_the_file_the_row_and_the_fix(tmp_path):
     from harness.data import ImageCaptions
+
     path = write_caption_csv(tmp_path, [("a cat", "cat"), ("a dog", "dog")], header="image,text,label")
     with pytest.raises(DataError) as err:
         ImageCaptions(csv=str(path)).split("train")
@@ -154,14 +162,17 @@ def test_caption_csv_errors_name_the_file_the_row_and_the_fix(tmp_path):
 
 def test_captioned_prompts_name_each_image_class_deterministically(tmp_path):
     from harness.data import Captioned
+
     write_fake_fmnist(tmp_path)
     templates = ["a photo of a {}.", "a sketch of the {}!", "{} again"]
     ds = Captioned(dataset=FashionMNIST(root=str(tmp_path), download=False, pretrain_size=50), templates=templates)
     train = ds.split("train")
     for caption, y in zip(train.captions, train.labels.tolist()):
         assert caption in [t.format(train.classes[y]) for t in templates]
-    used = {next(i for i, t in enumerate(templates) if c.startswith(t.split("{}")[0]) and c.endswith(t.split("{}")[1]))
-            for c in train.captions}
+    used = {
+        next(i for i, t in enumerate(templates) if c.startswith(t.split("{}")[0]) and c.endswith(t.split("{}")[1]))
+        for c in train.captions
+    }
     assert used == {0, 1, 2}  # the templates are spread over the images
     again = Captioned(dataset=FashionMNIST(root=str(tmp_path), download=False), templates=templates).split("train")
     assert again.captions == train.captions
@@ -175,6 +186,7 @@ def test_captioned_prompts_name_each_image_class_deterministically(tmp_path):
 
 def test_test_labels_unknown_to_train_name_the_csv_line_and_label(tmp_path):
     from harness.data import ImageCaptions
+
     train = write_caption_csv(tmp_path / "train", [("a cat", "cat"), ("a dog", "dog")])
     test = write_caption_csv(tmp_path / "test", [("a dog", "dog"), ("a cat", "cat"), ("a cow", "cow")])
     ds = ImageCaptions(csv=str(train), test_csv=str(test), load_size=8)
@@ -195,6 +207,7 @@ def test_test_labels_unknown_to_train_name_the_csv_line_and_label(tmp_path):
 
 def test_caption_data_check_counts_and_names_the_gin_key(tmp_path):
     from harness.data import Captioned, ImageCaptions
+
     path = write_caption_csv(tmp_path, [(f"photo {i}", None) for i in range(5)], header="image,caption")
     assert ImageCaptions(csv=str(path), load_size=8, pretrain_size=3).check() == 3
     with pytest.raises(DataError, match=r"caption CSV not found: .*nope.csv\. Fix: bind `data.ImageCaptions.test_csv`"):
@@ -208,6 +221,7 @@ def test_caption_data_check_counts_and_names_the_gin_key(tmp_path):
 
 def test_warnings_for_unlabelled_and_one_class_splits(tmp_path):
     from harness.data import ImageCaptions, warnings_for
+
     path = write_caption_csv(tmp_path / "web", [("one", None), ("two", None)], header="image,caption")
     (warning,) = warnings_for(ImageCaptions(csv=str(path)).split("train"))
     assert "no labels" in warning

@@ -1,4 +1,5 @@
 """Data-parallel training on CPU: 2 gloo processes follow the 1-process loss trajectory."""
+
 import json
 import os
 
@@ -21,8 +22,9 @@ def _train(folder: str) -> None:
     parse_method("supervised", NET)
     data = make_images(64)
     method, views = job.build(ginutil.reference("job.run.method"), ginutil.reference("job.run.views"), data, 0)
-    Trainer(max_steps=STEPS, batch_size=BATCH, base_lr=0.05, optimizer=torch.optim.SGD, progress=False,
-            checkpoint_every=100).fit(method, data, views, __import__("pathlib").Path(folder), seed=0)
+    Trainer(
+        max_steps=STEPS, batch_size=BATCH, base_lr=0.05, optimizer=torch.optim.SGD, progress=False, checkpoint_every=100
+    ).fit(method, data, views, __import__("pathlib").Path(folder), seed=0)
 
 
 def _rank(rank: int, folder: str, port: int) -> None:

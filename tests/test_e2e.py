@@ -1,4 +1,5 @@
 """End to end on the real Fashion-MNIST files: the README's table at the smoke scale."""
+
 import json
 import subprocess
 import sys
@@ -9,14 +10,29 @@ import pytest
 
 from tests.conftest import REPO, fmnist_available
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not fmnist_available(), reason="Fashion-MNIST IDX files absent from "
-                                 "/usr/share/datasets/fashion-mnist (apt-get install dataset-fashion-mnist)")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not fmnist_available(),
+        reason="Fashion-MNIST IDX files absent from "
+        "/usr/share/datasets/fashion-mnist (apt-get install dataset-fashion-mnist)",
+    ),
+]
 
 
 def sweep(results: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "harness.sweep", "gin/table1.gin", "gin/scale/smoke.gin", "--results", str(results),
-           "--bind", "data.FashionMNIST.download = False", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "harness.sweep",
+        "gin/table1.gin",
+        "gin/scale/smoke.gin",
+        "--results",
+        str(results),
+        "--bind",
+        "data.FashionMNIST.download = False",
+        *args,
+    ]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
 
 
@@ -46,26 +62,45 @@ def test_table1_smoke_end_to_end_then_nothing_to_do(tmp_path):
 
 # The method-family tables; the protocol tables (fine-tuning, detection) are smoke-run by
 # tests/test_protocols.py on a few methods each.
-FAMILY_TABLES = sorted(p.stem for p in (REPO / "gin").glob("table_*.gin")
-                       if p.stem not in {"table_common", "table_finetune", "table_detection"})
+FAMILY_TABLES = sorted(
+    p.stem
+    for p in (REPO / "gin").glob("table_*.gin")
+    if p.stem not in {"table_common", "table_finetune", "table_detection"}
+)
 
 
 # CLIP's table (the only CLI run of zero-shot) runs by default; the other family tables (a
 # minute each at smoke scale, ~4 min together) are exhaustive checks: `pytest --full`.
-@pytest.mark.parametrize("table", [t if t == "table_clip" else pytest.param(t, marks=pytest.mark.full)
-                                   for t in FAMILY_TABLES])
+@pytest.mark.parametrize(
+    "table", [t if t == "table_clip" else pytest.param(t, marks=pytest.mark.full) for t in FAMILY_TABLES]
+)
 def test_every_method_of_a_family_table_trains_through_the_cli_at_smoke_scale(table, tmp_path):
     """Each method of the table, one seed, in the sweep's process (gin/launch/inprocess.gin):
     pretraining, export, both protocols, collation. A method that refuses the data (colour-only
     on Fashion-MNIST) must say why instead."""
-    cmd = [sys.executable, "-m", "harness.sweep", f"gin/{table}.gin", "gin/scale/smoke.gin",
-           "gin/launch/inprocess.gin", "--results", str(tmp_path), "--bind", "data.FashionMNIST.download = False",
-           "--bind", "table.Table.seeds = [0]"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "harness.sweep",
+        f"gin/{table}.gin",
+        "gin/scale/smoke.gin",
+        "gin/launch/inprocess.gin",
+        "--results",
+        str(tmp_path),
+        "--bind",
+        "data.FashionMNIST.download = False",
+        "--bind",
+        "table.Table.seeds = [0]",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     board = pd.read_csv(tmp_path / table / "leaderboard.csv", keep_default_na=False)
-    listed = subprocess.run([sys.executable, "-m", "harness.sweep", f"gin/{table}.gin", "--dry-run"], cwd=REPO,
-                            capture_output=True, text=True).stdout
+    listed = subprocess.run(
+        [sys.executable, "-m", "harness.sweep", f"gin/{table}.gin", "--dry-run"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    ).stdout
     runs = listed.split("\nprotocol budgets")[0]  # the run list, without the budgets printed below it
     methods = {line.split()[0] for line in runs.splitlines()[2:] if line.strip()}
     assert set(board["method"]) == methods

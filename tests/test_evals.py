@@ -1,5 +1,6 @@
 """Frozen-feature evaluations: perfect features score ~100 %, constant ones chance, and a
 hand-computed NPID vote."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """ImageFolder trees (ImageNet's on-disk layout), generated small, and their failures."""
+
 import json
 import subprocess
 import sys
@@ -13,8 +14,9 @@ from harness.data import main as data_main
 from tests.conftest import REPO
 
 
-def write_tree(root, classes=("cat", "dog"), per_class: int = 6, sizes=((40, 30), (24, 50)),
-               splits=("train", "val")) -> None:
+def write_tree(
+    root, classes=("cat", "dog"), per_class: int = 6, sizes=((40, 30), (24, 50)), splits=("train", "val")
+) -> None:
     """A tiny ImageNet-style tree of real JPEG/PNG files with class-coloured content."""
     rng = np.random.default_rng(0)
     for split in splits:
@@ -62,11 +64,31 @@ def test_missing_folder_says_how_to_fix(tmp_path):
 def test_a_run_on_a_corrupt_tree_fails_clearly_and_claims_nothing(tmp_path):
     write_tree(tmp_path / "data", per_class=40)
     (tmp_path / "data" / "train" / "cat" / "zz-broken.png").write_bytes(b"\x89PNG garbage")
-    cmd = [sys.executable, "-m", "harness.sweep", "gin/table1.gin", "gin/scale/smoke.gin", "--only", "supervised",
-           "--bind", "table.Table.seeds = [0]", "--bind", "job.run.dataset = @data.ImageFolder()",
-           "--bind", f"data.ImageFolder.root = '{tmp_path / 'data'}'", "--bind", "data.ImageFolder.load_size = 32",
-           "--bind", "data.ImageFolder.pretrain_size = None", "--bind", "trainer.Trainer.batch_size = 81",
-           "--bind", "trainer.Trainer.max_steps = 1", "--results", str(tmp_path / "results")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "harness.sweep",
+        "gin/table1.gin",
+        "gin/scale/smoke.gin",
+        "--only",
+        "supervised",
+        "--bind",
+        "table.Table.seeds = [0]",
+        "--bind",
+        "job.run.dataset = @data.ImageFolder()",
+        "--bind",
+        f"data.ImageFolder.root = '{tmp_path / 'data'}'",
+        "--bind",
+        "data.ImageFolder.load_size = 32",
+        "--bind",
+        "data.ImageFolder.pretrain_size = None",
+        "--bind",
+        "trainer.Trainer.batch_size = 81",
+        "--bind",
+        "trainer.Trainer.max_steps = 1",
+        "--results",
+        str(tmp_path / "results"),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1 and "zz-broken.png: cannot decode image" in proc.stderr
     (rec,) = [json.loads(p.read_text()) for p in (tmp_path / "results").rglob("run.json")]
@@ -75,6 +97,7 @@ def test_a_run_on_a_corrupt_tree_fails_clearly_and_claims_nothing(tmp_path):
 
 
 # --- one class list for every split -------------------------------------------------------
+
 
 def test_a_split_missing_a_class_keeps_the_train_labels(tmp_path):
     write_tree(tmp_path, classes=("a", "b"), per_class=2, splits=("train",))
@@ -115,6 +138,7 @@ def test_bound_classes_give_the_labels_and_an_unlisted_train_folder_fails(tmp_pa
 
 # --- verify: a folder that holds no images is an error, not a pass --------------------------
 
+
 @pytest.mark.parametrize("case", ["missing", "file", "empty"])
 def test_verify_on_a_folder_without_images_exits_2_with_one_error_line(tmp_path, capsys, case):
     target = tmp_path / "data"
@@ -137,13 +161,19 @@ def test_verify_counts_the_images_it_checked(tmp_path, capsys):
 
 
 def test_verify_as_a_command_on_a_missing_folder(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "harness.data", "verify", str(tmp_path / "nope")], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness.data", "verify", str(tmp_path / "nope")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and proc.stderr.startswith(f"error: {tmp_path / 'nope'}: no such folder")
     assert proc.stdout == ""
 
 
 # --- check: the sweep's preflight ----------------------------------------------------------
+
 
 def test_check_returns_the_pretraining_count_of_a_good_tree(tmp_path):
     write_tree(tmp_path)
@@ -176,6 +206,7 @@ def test_check_names_the_gin_key_and_the_fix_on_bad_trees(tmp_path):
 
 def test_a_single_class_train_split_warns_and_runs(tmp_path):
     from harness.data import warnings_for
+
     write_tree(tmp_path, classes=("cat",), per_class=2)
     ds = ImageFolder(root=str(tmp_path), load_size=8)
     assert ds.check() == 2

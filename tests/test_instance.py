@@ -1,6 +1,7 @@
 """Instance discrimination with banks and queues (NPID, InvaSpread, Exemplar-CNN, MoCo):
 the loss maths against independent computations, the bank and queue by hand, and
 resume restoring every buffer exactly."""
+
 import copy
 import math
 
@@ -20,8 +21,13 @@ from tests.conftest import assert_resumes_exactly, parse_method
 
 def _info(channels: int = 1, num_images: int = 64, num_classes: int = 4) -> DataInfo:
     """The data facts a directly constructed method gets (the job passes `DataInfo.of` its data)."""
-    return DataInfo(channels=channels, num_classes=num_classes, num_images=num_images, mean=(0.5,) * channels,
-                    std=(0.25,) * channels)
+    return DataInfo(
+        channels=channels,
+        num_classes=num_classes,
+        num_images=num_images,
+        mean=(0.5,) * channels,
+        std=(0.25,) * channels,
+    )
 
 
 def _unit(rows: list[list[float]]) -> list[list[float]]:
@@ -33,6 +39,7 @@ def _dot(a: list[float], b: list[float]) -> float:
 
 
 # --- memory bank and queue, by hand ---------------------------------------------------
+
 
 def test_queue_overwrites_the_oldest_keys_first_and_wraps():
     q = Queue(4, 2)
@@ -64,6 +71,7 @@ def test_bank_update_is_momentum_then_renormalisation():
 
 
 # --- NPID -----------------------------------------------------------------------------
+
 
 def _nce_by_hand(pos: list[float], neg: list[list[float]], z: float, n: int) -> float:
     """Wu et al. eq. 5-7 with probabilities, not logs: h = P / (P + m/n), P = exp(s) / Z."""
@@ -107,8 +115,9 @@ def test_npid_fixes_z_after_the_first_batch_and_updates_the_bank_at_the_batch():
     m = NPID(_Net(), _info(num_images=20), out_dim=4, num_negatives=8)
     assert torch.isnan(m.log_z)
     before = m.memory.bank.clone()
-    batch = Batch(views=[torch.randn(5, 1, 4, 4)], labels=torch.zeros(5, dtype=torch.long),
-                  index=torch.tensor([3, 0, 7, 19, 11]))
+    batch = Batch(
+        views=[torch.randn(5, 1, 4, 4)], labels=torch.zeros(5, dtype=torch.long), index=torch.tensor([3, 0, 7, 19, 11])
+    )
     out = m.loss(batch)
     feats = nn.functional.normalize(m.head(m.backbone(batch.views[0])), dim=1).detach()
     m.after_step(0, 10)
@@ -125,6 +134,7 @@ def test_npid_fixes_z_after_the_first_batch_and_updates_the_bank_at_the_batch():
 
 
 # --- InvaSpread -----------------------------------------------------------------------
+
 
 def _invaspread_by_hand(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> float:
     z = _unit(z1.tolist() + z2.tolist())
@@ -159,6 +169,7 @@ def test_invariance_spreading_closed_form_for_two_orthogonal_pairs():
 
 # --- Exemplar-CNN ---------------------------------------------------------------------
 
+
 def test_surrogate_labels_keep_seed_images_in_every_view():
     classes = torch.tensor([-1, 2, 0, -1, 1])  # images 1, 2, 4 are seeds of classes 2, 0, 1
     keep, y = surrogate_labels(classes, torch.tensor([4, 3, 1]), num_views=2)
@@ -175,6 +186,7 @@ def test_exemplar_draws_distinct_seeds_clipped_to_the_data(tiny_data):
 
 
 # --- MoCo -----------------------------------------------------------------------------
+
 
 def _info_nce_by_hand(q: list, k: list, queue: list, tau: float) -> float:
     total = 0.0
@@ -235,8 +247,11 @@ def test_moco_shuffle_keeps_keys_aligned_with_their_queries():
     a = MoCo(_Net(), _info(num_images=40), out_dim=4, hidden_dim=8, queue_size=12, bn_splits=1)
     b = MoCo(_Net(), _info(num_images=40), out_dim=4, hidden_dim=8, queue_size=12, bn_splits=4)
     b.load_state_dict(a.state_dict())
-    batch = Batch(views=[torch.randn(8, 1, 4, 4), torch.randn(8, 1, 4, 4)], labels=torch.zeros(8, dtype=torch.long),
-                  index=torch.arange(8))
+    batch = Batch(
+        views=[torch.randn(8, 1, 4, 4), torch.randn(8, 1, 4, 4)],
+        labels=torch.zeros(8, dtype=torch.long),
+        index=torch.arange(8),
+    )
     assert torch.allclose(a.loss(batch)["loss"], b.loss(batch)["loss"], atol=1e-6)
     assert torch.allclose(a._keys, b._keys, atol=1e-6)
 
@@ -263,20 +278,30 @@ def test_moco_queue_is_clipped_to_half_the_data_and_the_key_encoder_is_an_ema(ti
 
 # --- resume ---------------------------------------------------------------------------
 
+
 def _build(name: str, data, seed=3):
     parse_method(name, *(["moco.MoCo.bn_splits = 2"] if name == "moco" else []))  # fewer, faster forwards
     return job.build(ginutil.reference("job.run.method"), ginutil.reference("job.run.views"), data, seed)
 
 
-@pytest.mark.parametrize("name, state", [
-    ("npid", ["memory.bank", "log_z"]),
-    ("moco", ["queue.keys", "queue.ptr", "key_encoder.0.", "key_encoder.1."]),
-    ("exemplar", ["surrogate_class"]),
-])
+@pytest.mark.parametrize(
+    "name, state",
+    [
+        ("npid", ["memory.bank", "log_z"]),
+        ("moco", ["queue.keys", "queue.ptr", "key_encoder.0.", "key_encoder.1."]),
+        ("exemplar", ["surrogate_class"]),
+    ],
+)
 def test_resume_restores_banks_queues_and_key_encoder_exactly(name, state, tmp_path, tiny_data):
     # checkpoint at step 2, step 3 lost
-    run = assert_resumes_exactly(lambda: _build(name, tiny_data), tiny_data, tmp_path, steps=5, stop_after=3,
-                                 trainer_kwargs={"base_lr": 0.05, "optimizer": torch.optim.SGD})
+    run = assert_resumes_exactly(
+        lambda: _build(name, tiny_data),
+        tiny_data,
+        tmp_path,
+        steps=5,
+        stop_after=3,
+        trainer_kwargs={"base_lr": 0.05, "optimizer": torch.optim.SGD},
+    )
     saved = store.load_torch(run.folder / "checkpoint.pt")  # the last checkpoint (step 5) holds that state too
     assert all(any(k.startswith(s) for k in saved["method"]) for s in state)
     a = run.ref.state_dict()

@@ -1,6 +1,7 @@
 """No silent wrong numbers: stored results are checked before they are trusted, bad input
 stops the sweep with the file, the key and the fix (exit 2, nothing written), and a run
 whose process died is shown as interrupted. Real files on disk, the real CLI."""
+
 import argparse
 import json
 import os
@@ -31,10 +32,23 @@ def run(capsys, *args: str) -> tuple[int, str]:
 def table(tmp_path):
     """Arguments for one small in-process run of `supervised` on generated Fashion-MNIST files."""
     write_fake_fmnist(tmp_path / "data", n_train=300, n_test=100)
-    return [TABLE, "gin/scale/smoke.gin", "gin/launch/inprocess.gin", "--only", "supervised",
-            "--bind", "table.Table.seeds = [0]", "--bind", "job.run.evaluations = [@linear.LinearProbe()]",
-            "--bind", f"data.FashionMNIST.root = '{tmp_path / 'data'}'", "--bind", "data.FashionMNIST.download = False",
-            "--results", str(tmp_path / "results")]
+    return [
+        TABLE,
+        "gin/scale/smoke.gin",
+        "gin/launch/inprocess.gin",
+        "--only",
+        "supervised",
+        "--bind",
+        "table.Table.seeds = [0]",
+        "--bind",
+        "job.run.evaluations = [@linear.LinearProbe()]",
+        "--bind",
+        f"data.FashionMNIST.root = '{tmp_path / 'data'}'",
+        "--bind",
+        "data.FashionMNIST.download = False",
+        "--results",
+        str(tmp_path / "results"),
+    ]
 
 
 def _record(tmp_path) -> tuple[Path, dict]:
@@ -143,13 +157,18 @@ def test_a_batch_larger_than_the_data_stops_the_sweep_before_any_job(capsys, tmp
     assert run(capsys, *args) == (rc, out)
 
 
-@pytest.mark.parametrize("args, expected", [
-    (("--bind", "table.Table.seeds = []"), "table.Table.seeds = []: a table needs at least one seed"),
-    (("--only", ""), "--only names no method"),
-    (("--only", " , "), "--only names no method"),
-    (("--bind", "table.Table.sweep = {'byol.BYOL.base_momentum': [0.9, 0.99]}"),
-     "'byol.BYOL.base_momentum' changes no run of table table1"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (("--bind", "table.Table.seeds = []"), "table.Table.seeds = []: a table needs at least one seed"),
+        (("--only", ""), "--only names no method"),
+        (("--only", " , "), "--only names no method"),
+        (
+            ("--bind", "table.Table.sweep = {'byol.BYOL.base_momentum': [0.9, 0.99]}"),
+            "'byol.BYOL.base_momentum' changes no run of table table1",
+        ),
+    ],
+)
 def test_an_empty_table_or_an_unread_sweep_is_an_error(capsys, tmp_path, args, expected):
     rc, out = run(capsys, TABLE, "--results", str(tmp_path), *args)
     assert rc == 2 and expected in out and "Fix:" in out
@@ -157,8 +176,17 @@ def test_an_empty_table_or_an_unread_sweep_is_an_error(capsys, tmp_path, args, e
 
 
 def test_a_sweep_key_some_methods_ignore_is_reported(capsys):
-    rc, out = run(capsys, TABLE, "--dry-run", "--only", "simclr,rotnet", "--bind", "table.Table.seeds = [0]",
-                  "--bind", "table.Table.sweep = {'simclr.SimCLR.temperature': [0.1, 0.5]}")
+    rc, out = run(
+        capsys,
+        TABLE,
+        "--dry-run",
+        "--only",
+        "simclr,rotnet",
+        "--bind",
+        "table.Table.seeds = [0]",
+        "--bind",
+        "table.Table.sweep = {'simclr.SimCLR.temperature': [0.1, 0.5]}",
+    )
     assert rc == 0, out
     assert "'simclr.SimCLR.temperature' does not change the runs of rotnet: one run each instead of 2" in out
     assert len([ln for ln in out.splitlines() if ln.startswith(("simclr", "rotnet"))]) == 3
@@ -167,8 +195,13 @@ def test_a_sweep_key_some_methods_ignore_is_reported(capsys):
 def test_collate_on_a_missing_folder(tmp_path, capsys):
     assert collate.main([str(tmp_path / "nope")]) == 2
     assert f"{tmp_path / 'nope'}: no such table folder" in capsys.readouterr().err
-    proc = subprocess.run([sys.executable, "-m", "harness.collate", str(tmp_path / "nope")], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness.collate", str(tmp_path / "nope")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and not (tmp_path / "nope").exists()
 
 
@@ -181,22 +214,36 @@ def test_the_nan_message_quotes_the_bound_base_lr(capsys, tmp_path, table):
 
 # --- lifecycle ----------------------------------------------------------------------------------
 
-_HOLD = "import sys, time; from pathlib import Path; from harness import store\n" \
-        "with store.owned(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(600)\n"
+_HOLD = (
+    "import sys, time; from pathlib import Path; from harness import store\n"
+    "with store.owned(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(600)\n"
+)
 
 
 def test_a_running_record_whose_process_died_is_interrupted(tmp_path, capsys):
     folder = tmp_path / "t" / "runs" / "abc"
     folder.mkdir(parents=True)
-    rec = {"run_id": "abc", "pretrain_id": "p", "table": "t", "method": "m", "seed": 0, "status": "running",
-           "metrics": {}, "protocols": {}, "timings": {}, "artefacts": {}, "error": None}
+    rec = {
+        "run_id": "abc",
+        "pretrain_id": "p",
+        "table": "t",
+        "method": "m",
+        "seed": 0,
+        "status": "running",
+        "metrics": {},
+        "protocols": {},
+        "timings": {},
+        "artefacts": {},
+        "error": None,
+    }
     store.write_json(folder / "run.json", rec)
     owner = subprocess.Popen([sys.executable, "-c", _HOLD, str(folder)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert owner.stdout.readline().strip() == "held"
         assert store.effective_status(folder) == ("running", "")
-        assert "1 running" in (collate.collate(tmp_path / "t") is not None and
-                               (tmp_path / "t" / "leaderboard.md").read_text())
+        assert "1 running" in (
+            collate.collate(tmp_path / "t") is not None and (tmp_path / "t" / "leaderboard.md").read_text()
+        )
         with pytest.raises(store.Busy):  # a second process for the same run
             with store.owned(folder, wait_s=0.3):
                 pass
@@ -245,14 +292,35 @@ def test_temp_files_of_killed_writers_are_cleaned(tmp_path):
 @pytest.mark.slow
 def test_sigterm_to_the_sweep_stops_its_job_and_records_it_interrupted(tmp_path):
     write_fake_fmnist(tmp_path / "data", n_train=300, n_test=100)
-    cmd = [sys.executable, "-m", "harness.sweep", TABLE, "gin/scale/smoke.gin", "--only", "supervised",
-           "--bind", "table.Table.seeds = [0]", "--bind", "trainer.Trainer.max_steps = 100000",
-           "--bind", f"data.FashionMNIST.root = '{tmp_path / 'data'}'", "--bind", "data.FashionMNIST.download = False",
-           "--results", str(tmp_path / "results")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "harness.sweep",
+        TABLE,
+        "gin/scale/smoke.gin",
+        "--only",
+        "supervised",
+        "--bind",
+        "table.Table.seeds = [0]",
+        "--bind",
+        "trainer.Trainer.max_steps = 100000",
+        "--bind",
+        f"data.FashionMNIST.root = '{tmp_path / 'data'}'",
+        "--bind",
+        "data.FashionMNIST.download = False",
+        "--results",
+        str(tmp_path / "results"),
+    ]
     # As from `cmd &` in a script: the sweep and its jobs inherit SIGINT ignored, so a job stops
     # only because the harness restores SIGINT's handler (or, failing that, kills it).
-    sweep_proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    sweep_proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
     log = tmp_path / "results" / "pretrain"
     deadline = time.monotonic() + 300
     while not list(log.glob("*/log.jsonl")) and time.monotonic() < deadline:  # training has started
@@ -272,10 +340,25 @@ def test_sigterm_to_the_sweep_stops_its_job_and_records_it_interrupted(tmp_path)
 @pytest.mark.slow
 def test_a_job_killed_by_sigkill_is_recorded_interrupted_not_running(tmp_path):
     write_fake_fmnist(tmp_path / "data", n_train=300, n_test=100)
-    cmd = [sys.executable, "-m", "harness.sweep", TABLE, "gin/scale/smoke.gin", "--only", "supervised",
-           "--bind", "table.Table.seeds = [0]", "--bind", "trainer.Trainer.max_steps = 100000",
-           "--bind", f"data.FashionMNIST.root = '{tmp_path / 'data'}'", "--bind", "data.FashionMNIST.download = False",
-           "--results", str(tmp_path / "results")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "harness.sweep",
+        TABLE,
+        "gin/scale/smoke.gin",
+        "--only",
+        "supervised",
+        "--bind",
+        "table.Table.seeds = [0]",
+        "--bind",
+        "trainer.Trainer.max_steps = 100000",
+        "--bind",
+        f"data.FashionMNIST.root = '{tmp_path / 'data'}'",
+        "--bind",
+        "data.FashionMNIST.download = False",
+        "--results",
+        str(tmp_path / "results"),
+    ]
     sweep_proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not list((tmp_path / "results" / "pretrain").glob("*/log.jsonl")) and time.monotonic() < deadline:
@@ -293,12 +376,32 @@ def test_a_job_killed_by_sigkill_is_recorded_interrupted_not_running(tmp_path):
 
 def test_a_single_class_dataset_is_warned_about(capsys, tmp_path):
     from tests.test_imagefolder import write_tree
+
     write_tree(tmp_path / "data", classes=("cat",), per_class=40)
-    rc, out = run(capsys, TABLE, "gin/scale/smoke.gin", "gin/launch/inprocess.gin", "--only", "random",
-                  "--bind", "table.Table.seeds = [0]", "--bind", "job.run.evaluations = [@knn.KNN()]",
-                  "--bind", "job.run.dataset = @data.ImageFolder()", "--bind", f"data.ImageFolder.root = '{tmp_path / 'data'}'",
-                  "--bind", "data.ImageFolder.load_size = 32", "--bind", "data.ImageFolder.pretrain_size = None",
-                  "--bind", "trainer.Trainer.batch_size = 16", "--results", str(tmp_path / "results"))
+    rc, out = run(
+        capsys,
+        TABLE,
+        "gin/scale/smoke.gin",
+        "gin/launch/inprocess.gin",
+        "--only",
+        "random",
+        "--bind",
+        "table.Table.seeds = [0]",
+        "--bind",
+        "job.run.evaluations = [@knn.KNN()]",
+        "--bind",
+        "job.run.dataset = @data.ImageFolder()",
+        "--bind",
+        f"data.ImageFolder.root = '{tmp_path / 'data'}'",
+        "--bind",
+        "data.ImageFolder.load_size = 32",
+        "--bind",
+        "data.ImageFolder.pretrain_size = None",
+        "--bind",
+        "trainer.Trainer.batch_size = 16",
+        "--results",
+        str(tmp_path / "results"),
+    )
     assert rc == 0, out
     rec = _record(tmp_path)[1]
     assert rec["metrics"]["knn/top1@20"] == 100.0

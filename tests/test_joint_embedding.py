@@ -1,6 +1,7 @@
 """Joint-embedding methods without negatives (BYOL, SimSiam, Barlow Twins): losses against
 values computed independently, BYOL's momentum schedule and target network, Barlow Twins'
 bias learning rate, and resume restoring every method's state exactly."""
+
 import math
 
 import pytest
@@ -17,9 +18,11 @@ from methods.simsiam import simsiam_loss
 from tests.conftest import assert_resumes_exactly, parse_method
 
 # Narrow heads keep the model tests fast; the paper widths run in tests/test_methods.py.
-SMALL = {"byol": ["byol.BYOL.hidden_dim = 64", "byol.BYOL.out_dim = 16"],
-         "simsiam": ["simsiam.SimSiam.proj_dim = 32", "simsiam.SimSiam.pred_dim = 8"],
-         "barlow_twins": ["barlow_twins.BarlowTwins.proj_dim = 32"]}
+SMALL = {
+    "byol": ["byol.BYOL.hidden_dim = 64", "byol.BYOL.out_dim = 16"],
+    "simsiam": ["simsiam.SimSiam.proj_dim = 32", "simsiam.SimSiam.pred_dim = 8"],
+    "barlow_twins": ["barlow_twins.BarlowTwins.proj_dim = 32"],
+}
 
 
 def _rows(x: torch.Tensor) -> list[list[float]]:
@@ -41,10 +44,10 @@ def _build(name: str, data, *bindings: str, seed: int = 0):
 
 # ---- losses ---------------------------------------------------------------------------
 
+
 def test_byol_loss_matches_hand_computation_and_stops_target_gradients():
     p1, p2, z1, z2 = (_randn(5, 3, seed=s).requires_grad_() for s in range(4))
-    hand = sum(sum(2 - 2 * _cos(p, z) for p, z in zip(_rows(pa), _rows(zb))) / 5
-               for pa, zb in ((p1, z2), (p2, z1)))
+    hand = sum(sum(2 - 2 * _cos(p, z) for p, z in zip(_rows(pa), _rows(zb))) / 5 for pa, zb in ((p1, z2), (p2, z1)))
     loss = byol_loss(p1, p2, z1, z2)
     assert math.isclose(loss.item(), hand, rel_tol=1e-5)
     loss.backward()
@@ -77,7 +80,7 @@ def test_barlow_twins_loss_matches_pearson_correlation_loops():
         for j in range(dim):
             cov = sum((r[i] - ma[i]) * (s[j] - mb[j]) for r, s in zip(a, b))
             c = cov / math.sqrt(sum((r[i] - ma[i]) ** 2 for r in a) * sum((s[j] - mb[j]) ** 2 for s in b))
-            hand += (1 - c) ** 2 if i == j else lambd * c ** 2
+            hand += (1 - c) ** 2 if i == j else lambd * c**2
     assert math.isclose(barlow_twins_loss(z1, z2, lambd, eps=0.0).item(), hand, rel_tol=1e-9)
     assert math.isclose(barlow_twins_loss(z1.float(), z2.float(), lambd).item(), hand, rel_tol=1e-4)  # BN's eps
 
@@ -93,6 +96,7 @@ def test_barlow_twins_loss_closed_forms():
 
 
 # ---- BYOL's target network ------------------------------------------------------------
+
 
 def test_byol_momentum_schedule_by_hand():
     assert byol_momentum(0, 100, 0.996) == pytest.approx(0.996, abs=1e-12)  # 1 - 0.004 * (1 + 1) / 2
@@ -135,6 +139,7 @@ def test_byol_target_is_an_ema_without_gradients_and_never_exported(tiny_data, t
 
 # ---- Barlow Twins' bias learning rate -------------------------------------------------
 
+
 def test_barlow_twins_bias_lr_ratio_equals_a_lower_lr_for_biases_and_norms(tiny_data):
     """LARS with the gradient hooks == LARS with the 1-D parameters' lr times the ratio."""
     hooked, views = _build("barlow_twins", tiny_data)
@@ -155,6 +160,7 @@ def test_barlow_twins_bias_lr_ratio_equals_a_lower_lr_for_biases_and_norms(tiny_
 
 
 # ---- resume ---------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", ["byol", "simsiam", "barlow_twins"])
 def test_resume_restores_the_method_state_exactly(name, tmp_path, tiny_data):

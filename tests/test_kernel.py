@@ -1,5 +1,6 @@
 """The optimisation kernel (harness.optim): the schedule's values by hand and against the three copies it replaced,
 the weight-decay split, linear scaling, and a step's lr setting and non-finite-loss check."""
+
 import itertools
 import math
 import subprocess
@@ -16,6 +17,7 @@ from harness.optim import Kernel, NonFiniteLoss, lr_factor, param_groups, scaled
 from tests.conftest import REPO
 
 # --- the schedule by hand -----------------------------------------------------------------
+
 
 def test_goyal_warmup_ramp_replaces_the_decay():
     assert [lr_factor(s, 10, warmup=4) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
@@ -34,8 +36,14 @@ def test_cosine_after_the_warmup_to_final():
 
 
 def test_step_and_constant_decay():
-    assert [lr_factor(s, 9, decay="step", milestones=[3, 6]) for s in (0, 2, 3, 5, 6, 8)] == \
-        [1.0, 1.0, 0.1, 0.1, 0.1 ** 2, 0.1 ** 2]
+    assert [lr_factor(s, 9, decay="step", milestones=[3, 6]) for s in (0, 2, 3, 5, 6, 8)] == [
+        1.0,
+        1.0,
+        0.1,
+        0.1,
+        0.1**2,
+        0.1**2,
+    ]
     assert lr_factor(7, 9, decay="constant") == 1.0
     with pytest.raises(ValueError, match="decay 'linear'"):
         lr_factor(0, 9, decay="linear")
@@ -45,7 +53,7 @@ def test_detectron2_warmup_from_a_factor_multiplies_the_steps():
     f = {s: lr_factor(s, 8, warmup=4, warmup_from=0.25, decay="step", milestones=[2, 6]) for s in range(8)}
     assert f[0] == 0.25 and f[1] == 0.4375  # 0.25 (1 - a) + a, a = step / 4
     assert f[2] == 0.625 * 0.1 and f[3] == 0.8125 * 0.1  # a milestone inside the warm-up applies at once
-    assert f[4] == 0.1 and f[6] == 0.1 ** 2
+    assert f[4] == 0.1 and f[6] == 0.1**2
     assert lr_factor(0, 8, warmup=4, warmup_from=0.0) == 0.0  # 0 is a factor, not "no warm-up from a factor"
 
 
@@ -58,12 +66,13 @@ def test_gin_warmup_cosine_counts_a_fraction_of_total():
 def test_recipe_and_detection_map_their_units_to_steps():
     recipe = finetune.Recipe(epochs=3, batch_size=8, lr=1.0, schedule="step", milestones=(1, 2), warmup_epochs=0.5)
     f = finetune.schedule(recipe, per_epoch=4, total=12)  # warm-up 2 steps, milestones at steps 4 and 8
-    assert [f(s) for s in (0, 1, 2, 3, 4, 8, 11)] == [0.5, 1.0, 1.0, 1.0, 0.1, 0.1 ** 2, 0.1 ** 2]
+    assert [f(s) for s in (0, 1, 2, 3, 4, 8, 11)] == [0.5, 1.0, 1.0, 1.0, 0.1, 0.1**2, 0.1**2]
     g = Detection(iterations=8, warmup_iters=4, warmup_factor=0.25, lr_steps=(0.5,)).schedule()
     assert [g(s) for s in (0, 2, 3, 4, 7)] == [0.25, 0.625, 0.8125, 0.1, 0.1]
 
 
 # --- the schedule against the copies it replaced (bit-identical) ---------------------------
+
 
 def _old_warmup_cosine(step, total, warmup=0.0, final=0.0):  # harness/optim.py before issue 12
     w = warmup * total if warmup < 1 else warmup
@@ -94,13 +103,17 @@ def _old_detection(d, it):  # Detection._lr_factor
 
 def test_the_schedule_equals_the_three_copies_it_replaced():
     for total, warmup, final in itertools.product([1, 7, 47], [0, 0.1, 0.34, 1, 2.5, 10], [0.0, 0.1]):
-        assert [warmup_cosine(s, total, warmup, final) for s in range(total + 1)] == \
-            [_old_warmup_cosine(s, total, warmup, final) for s in range(total + 1)]
+        assert [warmup_cosine(s, total, warmup, final) for s in range(total + 1)] == [
+            _old_warmup_cosine(s, total, warmup, final) for s in range(total + 1)
+        ]
     for sched, ms, we, per_epoch, total in itertools.product(
-            ["cosine", "step", "constant"], [(), (0.5, 2.5), (1, 2, 3)], [0, 0.4, 1.5], [1, 3, 47], [1, 15, 141]):
+        ["cosine", "step", "constant"], [(), (0.5, 2.5), (1, 2, 3)], [0, 0.4, 1.5], [1, 3, 47], [1, 15, 141]
+    ):
         recipe = finetune.Recipe(epochs=1, batch_size=1, lr=1, schedule=sched, milestones=ms, warmup_epochs=we)
         f = finetune.schedule(recipe, per_epoch, total)
-        assert [f(s) for s in range(total + 1)] == [_old_finetune(recipe, s, per_epoch, total) for s in range(total + 1)]
+        assert [f(s) for s in range(total + 1)] == [
+            _old_finetune(recipe, s, per_epoch, total) for s in range(total + 1)
+        ]
     for its, wi, wf, steps in itertools.product([1, 5, 30], [0, 2, 6], [0.001, 0.1], [(0.75, 22 / 24), (0.4, 0.8)]):
         d = Detection(iterations=its, warmup_iters=wi, warmup_factor=wf, lr_steps=steps)
         g = d.schedule()
@@ -108,6 +121,7 @@ def test_the_schedule_equals_the_three_copies_it_replaced():
 
 
 # --- weight decay, scaling -----------------------------------------------------------------
+
 
 def _net() -> nn.Sequential:
     net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(2, 3), nn.LayerNorm(3))
@@ -121,30 +135,33 @@ def test_param_groups_exempt_biases_and_norms_from_decay_and_lars():
     assert decay["weight_decay"] == 1e-4 and "lars" not in decay
     assert exempt["weight_decay"] == 0.0 and exempt["lars"] is False
     assert [id(p) for p in decay["params"]] == [id(net[0].weight), id(net[3].weight)]
-    assert [id(p) for p in exempt["params"]] == [id(p) for p in (net[0].bias, net[1].weight, net[1].bias,
-                                                                  net[3].bias, net[4].weight)]
+    assert [id(p) for p in exempt["params"]] == [
+        id(p) for p in (net[0].bias, net[1].weight, net[1].bias, net[3].bias, net[4].weight)
+    ]
 
 
 def test_param_groups_norms_only_decays_biases_as_detectron2():
     net = _net()
     decay, exempt = param_groups(net, 1e-4, norms_only=True)
-    assert [id(p) for p in decay["params"]] == [id(p) for p in (net[0].weight, net[0].bias, net[3].weight,
-                                                                 net[3].bias)]
+    assert [id(p) for p in decay["params"]] == [id(p) for p in (net[0].weight, net[0].bias, net[3].weight, net[3].bias)]
     assert [id(p) for p in exempt["params"]] == [id(net[1].weight), id(net[1].bias), id(net[4].weight)]
 
 
 def test_linear_scaling_and_its_source():
     assert scaled_lr(0.1, 512, key="trainer.Trainer.base_lr") == (
-        0.2, "trainer.Trainer.base_lr = 0.1 x batch_size 512 / 256")
+        0.2,
+        "trainer.Trainer.base_lr = 0.1 x batch_size 512 / 256",
+    )
     assert scaled_lr(0.1, 512, scale=False) == (0.1, "lr = 0.1, scale_lr = False")
     assert trainer.Trainer(base_lr=0.3, batch_size=64).lr == 0.3 * 64 / 256
 
 
 # --- a step ----------------------------------------------------------------------------------
 
+
 def _kernel(model: nn.Module, lr: float = 0.5, **kw) -> Kernel:
     opt = torch.optim.SGD(param_groups(model, 0.01), lr=lr, momentum=0.9)
-    return Kernel(opt, lr, lambda step: 0.5 ** step, 4, f"lr = {lr}", "lower the lr", **kw)
+    return Kernel(opt, lr, lambda step: 0.5**step, 4, f"lr = {lr}", "lower the lr", **kw)
 
 
 def test_step_sets_the_lr_on_every_group_and_equals_a_plain_sgd_step():
@@ -155,10 +172,10 @@ def test_step_sets_the_lr_on_every_group_and_equals_a_plain_sgd_step():
     kernel = _kernel(a)
     ref = torch.optim.SGD(param_groups(b, 0.01), lr=0.5, momentum=0.9)
     for step in range(3):
-        assert kernel.step(a(x).square().mean(), step) == 0.5 * 0.5 ** step
-        assert [g["lr"] for g in kernel.optimizer.param_groups] == [0.5 * 0.5 ** step] * 2
+        assert kernel.step(a(x).square().mean(), step) == 0.5 * 0.5**step
+        assert [g["lr"] for g in kernel.optimizer.param_groups] == [0.5 * 0.5**step] * 2
         for g in ref.param_groups:
-            g["lr"] = 0.5 * 0.5 ** step
+            g["lr"] = 0.5 * 0.5**step
         ref.zero_grad()
         b(x).square().mean().backward()
         ref.step()
@@ -171,8 +188,11 @@ def test_a_nonfinite_loss_raises_with_the_step_lr_and_source_and_does_not_step()
     before = [p.detach().clone() for p in net.parameters()]
     kernel = _kernel(net, name="probe")
     loss = net(torch.full((1, 3), float("nan"))).sum()
-    with pytest.raises(NonFiniteLoss, match=r"^probe: loss is nan at step 2 of 4 \(lr 0\.125, from lr = 0\.5, "
-                                            r"times the schedule; ce nan\); lower the lr$"):
+    with pytest.raises(
+        NonFiniteLoss,
+        match=r"^probe: loss is nan at step 2 of 4 \(lr 0\.125, from lr = 0\.5, "
+        r"times the schedule; ce nan\); lower the lr$",
+    ):
         kernel.step(loss, 2, terms={"ce": loss})
     assert all(torch.equal(p, q) for p, q in zip(net.parameters(), before))
     finite = net(torch.ones(1, 3)).sum()
@@ -194,6 +214,8 @@ def test_fp32_is_the_only_precision_and_its_hooks_change_nothing():
 
 
 def test_evaluations_do_not_import_the_trainer():
-    code = ("import sys; import harness.evals.finetune, harness.evals.linear, harness.evals.semisup, "
-            "harness.evals.voc_detection; assert 'harness.trainer' not in sys.modules, 'imported'")
+    code = (
+        "import sys; import harness.evals.finetune, harness.evals.linear, harness.evals.semisup, "
+        "harness.evals.voc_detection; assert 'harness.trainer' not in sys.modules, 'imported'"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

@@ -1,4 +1,5 @@
 """Loss maths against values computed independently of the implementation."""
+
 import math
 
 import torch

@@ -1,5 +1,6 @@
 """Every method's gin file trains on tiny data: finite loss, gradients everywhere,
 and the loss falls on a fixed batch (DESIGN.md, Tests)."""
+
 import dataclasses
 import importlib
 import inspect
@@ -17,7 +18,9 @@ from methods.base import Batch, DataInfo, Method, Unsupported, build_method
 from methods.supervised import Supervised
 from tests.conftest import METHODS, REPO, make_colour_images, make_images, parse_method
 
-TRAINED = [m for m in METHODS if m not in ("random", "pixels", "external")]  # external: nothing to train (tests/test_protocols.py)
+TRAINED = [
+    m for m in METHODS if m not in ("random", "pixels", "external")
+]  # external: nothing to train (tests/test_protocols.py)
 
 # Per-method adjustments, each for a stated reason (the default is none).
 # swav: its prototypes are frozen for the first epoch (paper: 313 steps), so they would get
@@ -27,8 +30,13 @@ GRADIENT_BINDINGS = {"swav": ["swav.SwAV.freeze_prototypes_steps = 0", "SMALL_IM
 # 6/7 of its loss, which falls ~5 % in 8 steps with them; the two global crops alone fall ~15 %.
 # With the embedded scale's 100 prototypes the codes of 32 images are coarse and the loss falls
 # 9.6 % in 8 steps (measured); with the paper's 3,000 it clears the 10 %.
-FALLING_BINDINGS = {"swav": [*GRADIENT_BINDINGS["swav"], "swav.SwAV.num_prototypes = 3000",
-                             "views.Views.augmentations = [@global_crop/views.Augment(), @global_crop/views.Augment()]"]}
+FALLING_BINDINGS = {
+    "swav": [
+        *GRADIENT_BINDINGS["swav"],
+        "swav.SwAV.num_prototypes = 3000",
+        "views.Views.augmentations = [@global_crop/views.Augment(), @global_crop/views.Augment()]",
+    ]
+}
 
 
 def _warm_up(name: str, method, batch: Batch) -> None:
@@ -73,7 +81,9 @@ def test_loss_finite_and_every_parameter_gets_a_gradient(name, tiny_data):
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
-    missing = [n for n, p in method.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    missing = [
+        n for n, p in method.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)
+    ]
     assert not missing, f"{name}: no gradient for {missing}"
 
 
@@ -124,13 +134,17 @@ def test_supervised_gets_the_number_of_classes(tiny_data):
 
 # --- The construction contract (methods/base.py): method(backbone, data=DataInfo) ----------
 
+
 def _method_classes() -> list[type]:
     """Every Method subclass that a methods/*.py file defines."""
     found = []
     for info in pkgutil.iter_modules(methods.__path__):
         module = importlib.import_module(f"methods.{info.name}")
-        found += [c for c in vars(module).values() if isinstance(c, type) and issubclass(c, Method)
-                  and c is not Method and c.__module__ == module.__name__]
+        found += [
+            c
+            for c in vars(module).values()
+            if isinstance(c, type) and issubclass(c, Method) and c is not Method and c.__module__ == module.__name__
+        ]
     return found
 
 
@@ -157,8 +171,14 @@ def test_the_job_gives_a_constructor_exactly_the_datainfo_of_its_data(tiny_data,
         job.build(spy, ginutil.reference("job.run.views"), data, 0)
     gray, colour = seen
     assert gray == DataInfo(channels=1, num_classes=4, num_images=64, mean=(0.2,), std=(0.3,), captions=None)
-    assert colour == DataInfo(channels=3, num_classes=4, num_images=64, mean=tiny_colour_data.mean,
-                              std=tiny_colour_data.std, captions=tuple(tiny_colour_data.captions))
+    assert colour == DataInfo(
+        channels=3,
+        num_classes=4,
+        num_images=64,
+        mean=tiny_colour_data.mean,
+        std=tiny_colour_data.std,
+        captions=tuple(tiny_colour_data.captions),
+    )
     assert colour == DataInfo.of(tiny_colour_data)
     with pytest.raises(dataclasses.FrozenInstanceError):
         gray.num_images = 1
@@ -172,8 +192,11 @@ def test_methods_read_their_facts_from_the_data():
     assert _build("exemplar", data)[0].surrogate_class.shape == (48,)
     assert len(_build("moco", data)[0].queue.keys) == 24  # clipped to num_images // 2
     for name in ("colorization", "split_brain"):  # channels = 1: colour-only methods refuse
-        with pytest.raises(errors.Unsupported, match=rf"{name} needs colour .3-channel. images; this dataset has 1 "
-                                                     r"channel\b"):
+        with pytest.raises(
+            errors.Unsupported,
+            match=rf"{name} needs colour .3-channel. images; this dataset has 1 "
+            r"channel\b",
+        ):
             _build(name, data)
     with pytest.raises(errors.Unsupported, match="clip needs captions"):  # captions = None
         _build("clip", data)
@@ -191,8 +214,10 @@ def test_a_constructor_that_does_not_take_data_is_named_in_the_error():
 
 def test_no_method_imports_the_job():
     """Methods sit below the harness's job: importing every method file loads no harness.job."""
-    code = ("import importlib, pkgutil, sys, methods\n"
-            "for m in pkgutil.iter_modules(methods.__path__):\n"
-            "    importlib.import_module('methods.' + m.name)\n"
-            "assert 'harness.job' not in sys.modules, 'a method imports harness.job'\n")
+    code = (
+        "import importlib, pkgutil, sys, methods\n"
+        "for m in pkgutil.iter_modules(methods.__path__):\n"
+        "    importlib.import_module('methods.' + m.name)\n"
+        "assert 'harness.job' not in sys.modules, 'a method imports harness.job'\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

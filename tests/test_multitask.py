@@ -1,6 +1,7 @@
 """Multi-task self-supervision: the weighted sum of the tasks' losses on hand-sliced batches,
 one shared backbone that every task trains, the data facts each task receives (through the
 public builder), refusal passed on, and resume."""
+
 import functools
 
 import pytest
@@ -15,19 +16,27 @@ from methods.multitask import MultiTask
 from tests.conftest import assert_resumes_exactly, make_colour_images, parse_method
 
 # RotNet + Exemplar on the gin file's views: RotNet reads view 0, Exemplar views 2-3 (works on gray data).
-ROT_EX = ["multitask.MultiTask.tasks = [@rotnet.RotNet, @exemplar.Exemplar]",
-          "multitask.MultiTask.weights = [1.0, 1.0]",
-          "multitask.MultiTask.inputs = [[0], [2, 3]]"]
+ROT_EX = [
+    "multitask.MultiTask.tasks = [@rotnet.RotNet, @exemplar.Exemplar]",
+    "multitask.MultiTask.weights = [1.0, 1.0]",
+    "multitask.MultiTask.inputs = [[0], [2, 3]]",
+]
 
 
 # Small heads keep the paper combination's tests fast (its 4096-wide relative-position MLP).
-SMALL_HEADS = ["exemplar.Exemplar.num_surrogate = 20", "relative_location.RelativeLocation.patch_dim = 64",
-               "relative_location.RelativeLocation.hidden_dim = 64", "colorization.Colorization.hidden_dim = 32"]
+SMALL_HEADS = [
+    "exemplar.Exemplar.num_surrogate = 20",
+    "relative_location.RelativeLocation.patch_dim = 64",
+    "relative_location.RelativeLocation.hidden_dim = 64",
+    "colorization.Colorization.hidden_dim = 32",
+]
 # The paper's combination as gin/methods/multitask.gin binds it (the embedded scale file
 # replaces it with the two tasks that run on gray data).
-PAPER_TASKS = ["multitask.MultiTask.tasks = [@relative_location.RelativeLocation, @colorization.Colorization, "
-               "@exemplar.Exemplar]", "multitask.MultiTask.weights = [1.0, 1.0, 1.0]",
-               "multitask.MultiTask.inputs = [[0], [1], [2, 3]]"]
+PAPER_TASKS = [
+    "multitask.MultiTask.tasks = [@relative_location.RelativeLocation, @colorization.Colorization, @exemplar.Exemplar]",
+    "multitask.MultiTask.weights = [1.0, 1.0, 1.0]",
+    "multitask.MultiTask.inputs = [[0], [1], [2, 3]]",
+]
 
 
 def _build(data, *bindings, seed=0):
@@ -41,8 +50,9 @@ def _batch(views, data, n=32):
 
 
 def test_loss_is_the_weighted_sum_of_the_tasks_losses_on_their_own_views_and_images(tiny_data):
-    method, views = _build(tiny_data, "multitask.MultiTask.weights = [0.3, 2.0]",
-                           "exemplar.Exemplar.num_surrogate = 64")
+    method, views = _build(
+        tiny_data, "multitask.MultiTask.weights = [0.3, 2.0]", "exemplar.Exemplar.num_surrogate = 64"
+    )
     method.train()
     batch = _batch(views, tiny_data)
     assert len(batch.views) == 4
@@ -51,8 +61,9 @@ def test_loss_is_the_weighted_sum_of_the_tasks_losses_on_their_own_views_and_ima
     rotnet, exemplar = method.tasks
     torch.manual_seed(5)  # by hand: RotNet reads view 0 of the first half, Exemplar views 2-3 of the second
     rot = rotnet.loss(Batch(views=[batch.views[0][:16]], labels=batch.labels[:16], index=batch.index[:16]))
-    ex = exemplar.loss(Batch(views=[batch.views[2][16:], batch.views[3][16:]], labels=batch.labels[16:],
-                             index=batch.index[16:]))
+    ex = exemplar.loss(
+        Batch(views=[batch.views[2][16:], batch.views[3][16:]], labels=batch.labels[16:], index=batch.index[16:])
+    )
     assert torch.allclose(out["loss"], 0.3 * rot["loss"] + 2.0 * ex["loss"], rtol=1e-5)
     assert torch.allclose(out["rotnet/loss"], rot["loss"]) and torch.allclose(out["exemplar/acc"], ex["acc"])
     assert out["exemplar/seeds"].item() == 32  # 16 images x 2 views, every image a seed
@@ -80,8 +91,11 @@ def test_one_backbone_and_every_task_head_trains(tiny_data):
         opt.zero_grad()
         method.loss(batch)["loss"].backward()
         opt.step()
-    for name, p in [*method.tasks[0].classifier.named_parameters(), *method.tasks[1].classifier.named_parameters(),
-                    *method.backbone.named_parameters()]:
+    for name, p in [
+        *method.tasks[0].classifier.named_parameters(),
+        *method.tasks[1].classifier.named_parameters(),
+        *method.backbone.named_parameters(),
+    ]:
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     # each task alone reaches the backbone: its gradient is the sum of theirs
     first = next(method.backbone.parameters())  # the stem's first convolution
@@ -112,6 +126,7 @@ class _Probe(Method):
 
 def test_tasks_get_the_data_facts_the_job_gives_a_method_and_a_refusal_skips_the_whole_run(tiny_data, monkeypatch):
     import timm
+
     colour, net = make_colour_images(), timm.create_model("test_resnet", num_classes=0)
     direct = build_method(_Probe, net, DataInfo.of(colour))
     assert direct.data.num_images == 64 and direct.data.captions == tuple(colour.captions)
@@ -157,6 +172,13 @@ def test_resume_restores_every_tasks_state_exactly(tmp_path):
     run = assert_resumes_exactly(make, colour, tmp_path, steps=5, stop_after=3)
     a = run.ref.state_dict()
     assert any(k.startswith("tasks.2.surrogate_class") for k in a)
-    state = [k for k in a if k.startswith("tasks.1.") and not k.startswith("tasks.1.backbone.")
-             and "running" not in k and "num_batches" not in k and not a[k].requires_grad]
+    state = [
+        k
+        for k in a
+        if k.startswith("tasks.1.")
+        and not k.startswith("tasks.1.backbone.")
+        and "running" not in k
+        and "num_batches" not in k
+        and not a[k].requires_grad
+    ]
     assert state  # colorization keeps state besides weights

@@ -1,5 +1,6 @@
 """PIRL and CPC: tiling and patch grids by hand, losses against loop-based versions,
 the context network's causality, and resume of PIRL's memory bank."""
+
 import math
 
 import pytest
@@ -15,11 +16,17 @@ from tests.conftest import assert_resumes_exactly, parse_method
 
 def _info(channels: int = 1, num_images: int = 64, num_classes: int = 4) -> DataInfo:
     """The data facts a directly constructed method gets (the job passes `DataInfo.of` its data)."""
-    return DataInfo(channels=channels, num_classes=num_classes, num_images=num_images, mean=(0.5,) * channels,
-                    std=(0.25,) * channels)
+    return DataInfo(
+        channels=channels,
+        num_classes=num_classes,
+        num_images=num_images,
+        mean=(0.5,) * channels,
+        std=(0.25,) * channels,
+    )
 
 
 # --- PIRL -------------------------------------------------------------------------
+
 
 def test_jigsaw_tiles_reassemble_to_the_image_when_unshuffled():
     torch.manual_seed(0)
@@ -32,7 +39,7 @@ def test_jigsaw_tiles_reassemble_to_the_image_when_unshuffled():
     for b in range(4):
         for k in range(9):  # shuffled[b, k] is cell perm[b, k], row-major
             r, c = divmod(int(perm[b, k]), 3)
-            out[b, :, 3 * r:3 * r + 3, 3 * c:3 * c + 3] = shuffled[b, k]
+            out[b, :, 3 * r : 3 * r + 3, 3 * c : 3 * c + 3] = shuffled[b, k]
     assert torch.equal(out, x[:, :, 1:10, 1:10])
 
 
@@ -43,12 +50,13 @@ def test_jitter_crop_is_a_window_of_its_tile():
     assert crops.shape == (2, 9, 1, 3, 3)
     for b in range(2):
         for k in range(9):
-            windows = [tiles[b, k, :, i:i + 3, j:j + 3] for i in range(3) for j in range(3)]
+            windows = [tiles[b, k, :, i : i + 3, j : j + 3] for i in range(3) for j in range(3)]
             assert any(torch.equal(crops[b, k], w) for w in windows)
 
 
 def _pirl_nce_by_hand(q: torch.Tensor, p: torch.Tensor, n: torch.Tensor, tau: float) -> float:
     """PIRL eqs. 2-3 with python floats: h(a, b) = e(a, b) / (e(a, b) + sum_n e(a, n))."""
+
     def unit(v):
         norm = math.sqrt(sum(c * c for c in v))
         return [c / norm for c in v]
@@ -89,6 +97,7 @@ def test_pirl_bank_resumes_exactly(tmp_path, tiny_data):
 
 # --- CPC --------------------------------------------------------------------------
 
+
 def test_patch_grid_by_hand():
     x = torch.arange(25.0).view(1, 1, 5, 5)  # x[i, j] = 5 i + j; 2x2 patches of 3 px at stride 2
     p = patch_grid(x, grid=2, patch=3)
@@ -105,7 +114,7 @@ def test_patch_grid_geometry(size, grid, patch, stride):
     p = patch_grid(x, grid, patch)
     for i in (0, grid - 1):
         for j in (0, 2):
-            assert torch.equal(p[:, i, j], x[:, :, i * stride:i * stride + patch, j * stride:j * stride + patch])
+            assert torch.equal(p[:, i, j], x[:, :, i * stride : i * stride + patch, j * stride : j * stride + patch])
 
 
 def test_info_nce_matches_loop():
@@ -131,10 +140,10 @@ def test_context_sees_only_rows_above_and_its_own():
     c = m.context[0](z)
     for i in range(5):
         z2 = z.clone()
-        z2[:, :, i + 1:] = torch.randn_like(z2[:, :, i + 1:])
-        assert torch.allclose(m.context[0](z2)[:, :, :i + 1], c[:, :, :i + 1])
+        z2[:, :, i + 1 :] = torch.randn_like(z2[:, :, i + 1 :])
+        assert torch.allclose(m.context[0](z2)[:, :, : i + 1], c[:, :, : i + 1])
         if i < 4:
-            assert not torch.allclose(m.context[0](z2)[:, :, i + 1:], c[:, :, i + 1:])
+            assert not torch.allclose(m.context[0](z2)[:, :, i + 1 :], c[:, :, i + 1 :])
 
 
 def test_cpc_loss_matches_a_loop_over_positions():
@@ -156,8 +165,9 @@ def test_cpc_loss_matches_a_loop_over_positions():
                 for i in range(g - k):
                     for j in range(g):
                         pred = m.predict[r][k - 1](c[bb, :, i, j])
-                        scores = torch.stack([pred @ zr[b2, :, i2, j2] for b2 in range(b)
-                                              for i2 in range(g) for j2 in range(g)])
+                        scores = torch.stack(
+                            [pred @ zr[b2, :, i2, j2] for b2 in range(b) for i2 in range(g) for j2 in range(g)]
+                        )
                         terms.append(-torch.log_softmax(scores, 0)[bb * g * g + (i + k) * g + j])
             per.append(torch.stack(terms).mean())
     assert torch.allclose(got, torch.stack(per).mean(), rtol=1e-5)

@@ -2,6 +2,7 @@
 and patch geometry by hand, Lab against known values, soft-encoding and rebalancing
 against direct computations, each loss against an independently computed value, the
 colour methods on colour data (and Unsupported on gray), resume of the bin counts."""
+
 import itertools
 import math
 
@@ -23,8 +24,13 @@ from tests.conftest import assert_resumes_exactly, make_colour_images, make_imag
 
 def _info(channels: int = 1, num_images: int = 64, num_classes: int = 4) -> DataInfo:
     """The data facts a directly constructed method gets (the job passes `DataInfo.of` its data)."""
-    return DataInfo(channels=channels, num_classes=num_classes, num_images=num_images, mean=(0.5,) * channels,
-                    std=(0.25,) * channels)
+    return DataInfo(
+        channels=channels,
+        num_classes=num_classes,
+        num_images=num_images,
+        mean=(0.5,) * channels,
+        std=(0.25,) * channels,
+    )
 
 
 def _hamming(p, q) -> int:
@@ -57,6 +63,7 @@ tinted_images = make_colour_images  # gray blobs tinted per class: real colour
 
 
 # --- Jigsaw --------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("n,num", [(4, 24), (5, 30)])
 def test_hamming_permutations_follow_the_greedy_max_min_rule(n, num):
@@ -107,7 +114,7 @@ def test_puzzle_puts_cell_perm_k_at_position_k_by_hand():
     for b in range(3):
         for k, cell in enumerate(m.permutations[index[b]].tolist()):
             r, c = divmod(cell, 3)
-            patch = x[b, :, 1 + 3 * r:4 + 3 * r, 1 + 3 * c:4 + 3 * c]
+            patch = x[b, :, 1 + 3 * r : 4 + 3 * r, 1 + 3 * c : 4 + 3 * c]
             assert torch.allclose(tiles[b, k], (patch - patch.mean()) / patch.std(unbiased=False), atol=1e-3)
 
 
@@ -119,8 +126,11 @@ def test_puzzle_tiles_are_jittered_windows_inside_their_cells():
     assert tiles.shape == (1, 9, 1, 8, 8)
     for k, cell in enumerate(m.permutations[3].tolist()):
         r, c = divmod(cell, 3)
-        windows = [x[0, :, 1 + 10 * r + i:9 + 10 * r + i, 1 + 10 * c + j:9 + 10 * c + j]
-                   for i in range(3) for j in range(3)]
+        windows = [
+            x[0, :, 1 + 10 * r + i : 9 + 10 * r + i, 1 + 10 * c + j : 9 + 10 * c + j]
+            for i in range(3)
+            for j in range(3)
+        ]
         assert any(torch.allclose(tiles[0, k], normalize_tiles(w), atol=1e-4) for w in windows), k
 
 
@@ -136,13 +146,17 @@ def test_jigsaw_loss_matches_an_independent_computation():
         feats = []
         for cell in m.permutations[index[b]].tolist():
             r, c = divmod(cell, 3)
-            tile = x[b, :, 4 * r:4 * r + 4, 4 * c:4 * c + 4]
+            tile = x[b, :, 4 * r : 4 * r + 4, 4 * c : 4 * c + 4]
             vals = tile.flatten().tolist()
             mu = sum(vals) / len(vals)
             sd = math.sqrt(sum((v - mu) ** 2 for v in vals) / len(vals) + 1e-5)
             tile = (tile - mu) / sd
-            pooled = [tile[ch, 2 * i:2 * i + 2, 2 * j:2 * j + 2].mean()
-                      for ch in range(2) for i in range(2) for j in range(2)]
+            pooled = [
+                tile[ch, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2].mean()
+                for ch in range(2)
+                for i in range(2)
+                for j in range(2)
+            ]
             feats.append(m.tile_fc(torch.stack(pooled)[None]))
         logits = m.classifier(torch.cat(feats, 1))[0].tolist()
         expected -= _log_softmax(logits)[int(index[b])]
@@ -187,7 +201,7 @@ def test_patches_are_jittered_around_the_centre_of_their_cells():
             cy, cx = 1 + 10 * (1 + dy) + 2, 1 + 10 * (1 + dx) + 2  # centred 6-px window of its cell
             assert abs(top - cy) <= 1 and abs(left - cx) <= 1
             starts.add((top - cy, left - cx))
-            assert torch.equal(pair[b, which, 0], x[0, 0, top:top + 6, left:left + 6])
+            assert torch.equal(pair[b, which, 0], x[0, 0, top : top + 6, left : left + 6])
     assert len(starts) == 9  # every shift in [-1, 1]^2 occurs
 
 
@@ -213,8 +227,9 @@ def test_gray_projection_puts_the_luminance_in_every_channel():
 
 def test_relative_location_loss_matches_an_independent_computation():
     torch.manual_seed(0)
-    m = RelativeLocation(_Pool(3), _info(3), patch_frac=1.0, jitter_frac=0.0, aberration="none", patch_dim=5,
-                         hidden_dim=6).eval()
+    m = RelativeLocation(
+        _Pool(3), _info(3), patch_frac=1.0, jitter_frac=0.0, aberration="none", patch_dim=5, hidden_dim=6
+    ).eval()
     x = torch.randn(8, 3, 12, 12)  # cells of 4 px, patches = whole cells
     labels = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])
     m.draw = lambda b, device: labels
@@ -222,8 +237,8 @@ def test_relative_location_loss_matches_an_independent_computation():
     expected = 0.0
     for b, label in enumerate(labels.tolist()):
         dy, dx = OFFSETS[label]
-        centre = x[b:b + 1, :, 4:8, 4:8]
-        other = x[b:b + 1, :, 4 + 4 * dy:8 + 4 * dy, 4 + 4 * dx:8 + 4 * dx]
+        centre = x[b : b + 1, :, 4:8, 4:8]
+        other = x[b : b + 1, :, 4 + 4 * dy : 8 + 4 * dy, 4 + 4 * dx : 8 + 4 * dx]
         f = torch.cat([m.patch_fc(F.avg_pool2d(p, 2).flatten(1)) for p in (centre, other)], 1)
         expected -= _log_softmax(m.classifier(f)[0].tolist())[label]
     assert math.isclose(got.item(), expected / 8, rel_tol=1e-4)
@@ -236,9 +251,18 @@ def test_relative_location_rejects_an_unknown_counter_measure():
 
 # --- Lab, bins, soft-encoding, rebalancing -------------------------------------------
 
-@pytest.mark.parametrize("rgb,lab", [((1, 1, 1), (100, 0, 0)), ((0, 0, 0), (0, 0, 0)),
-                                     ((1, 0, 0), (53.24, 80.09, 67.20)), ((0, 1, 0), (87.73, -86.18, 83.18)),
-                                     ((0, 0, 1), (32.30, 79.19, -107.86)), ((0.5, 0.5, 0.5), (53.39, 0, 0))])
+
+@pytest.mark.parametrize(
+    "rgb,lab",
+    [
+        ((1, 1, 1), (100, 0, 0)),
+        ((0, 0, 0), (0, 0, 0)),
+        ((1, 0, 0), (53.24, 80.09, 67.20)),
+        ((0, 1, 0), (87.73, -86.18, 83.18)),
+        ((0, 0, 1), (32.30, 79.19, -107.86)),
+        ((0.5, 0.5, 0.5), (53.39, 0, 0)),
+    ],
+)
 def test_rgb_to_lab_known_values(rgb, lab):
     got = rgb_to_lab(torch.tensor(rgb, dtype=torch.float32).view(1, 3, 1, 1)).flatten().tolist()
     assert all(abs(g - e) < 0.02 for g, e in zip(got, lab)), got
@@ -318,8 +342,13 @@ def test_split_brain_loss_matches_a_loop():
     index = torch.stack([torch.randperm(6, generator=g)[:2] for _ in range(4)])
     soft = torch.softmax(torch.randn(4, 2, generator=g), 1)
     target = torch.tensor([4, 0, 2])
-    ab_exp = -sum(sum(s * _log_softmax(ab_logits[i].tolist())[j] for s, j in zip(soft[i].tolist(), index[i].tolist()))
-                  for i in range(4)) / 4
+    ab_exp = (
+        -sum(
+            sum(s * _log_softmax(ab_logits[i].tolist())[j] for s, j in zip(soft[i].tolist(), index[i].tolist()))
+            for i in range(4)
+        )
+        / 4
+    )
     l_exp = -sum(_log_softmax(l_logits[i].tolist())[t] for i, t in enumerate(target.tolist())) / 3
     got_ab, got_l = split_brain_loss(ab_logits, index, soft, l_logits, target)
     assert math.isclose(got_ab.item(), ab_exp, rel_tol=1e-5) and math.isclose(got_l.item(), l_exp, rel_tol=1e-5)

@@ -1,6 +1,7 @@
 """Named, versioned evaluation protocols: ids, perfect and constant features, retrieval by
 hand, labelled subsets, fine-tuning on a copy, the leaderboard's protocol split, an
 external encoder, and table2 end to end at the smoke scale."""
+
 from __future__ import annotations
 
 import copy
@@ -77,8 +78,9 @@ class Data:
 
 def context(encoder: nn.Module, train: ImageSet | None = None, test: ImageSet | None = None) -> Context:
     data = Data(train or flat_images(160, 0), test or flat_images(80, 1))
-    return Context(encoder=lambda: copy.deepcopy(encoder), dataset=data, pretrain_dir=Path("."), features={},
-                   progress=False)
+    return Context(
+        encoder=lambda: copy.deepcopy(encoder), dataset=data, pretrain_dir=Path("."), features={}, progress=False
+    )
 
 
 def one_hot_features(n: int, seed: int, noise: float = 0.01) -> Features:
@@ -90,6 +92,7 @@ def one_hot_features(n: int, seed: int, noise: float = 0.01) -> Features:
 
 # --- names, settings and ids ------------------------------------------------------------
 
+
 def test_protocol_id_changes_with_a_setting_and_only_then():
     pid = protocol_lib.protocol_id
     assert len(pid(KNN())) == protocol_lib.ID_LENGTH
@@ -98,8 +101,15 @@ def test_protocol_id_changes_with_a_setting_and_only_then():
     assert pid(LinearProbe()) != pid(LinearProbe(max_iter=100))
     probe = PaperProbe(image_size=32)
     assert pid(probe) == pid(PaperProbe(image_size=32, milestones=[60, 80]))
-    for change in ({"epochs": 5}, {"lr": 3.0}, {"norm": "bn"}, {"image_size": 64}, {"eval_crop": 1.0},
-                   {"name": "linear/other"}, {"train_size": 1000}):
+    for change in (
+        {"epochs": 5},
+        {"lr": 3.0},
+        {"norm": "bn"},
+        {"image_size": 64},
+        {"eval_crop": 1.0},
+        {"name": "linear/other"},
+        {"train_size": 1000},
+    ):
         assert pid(PaperProbe(**{"image_size": 32, **change})) != pid(probe), change
     assert pid(SemiSupervised(image_size=32)) != pid(SemiSupervised(image_size=32, subset_seed=1))
     assert pid(LowShot()) != pid(LowShot(draws=3)) and pid(Retrieval()) != pid(Retrieval(ks=[1]))
@@ -109,8 +119,9 @@ def test_every_protocol_gin_file_makes_a_distinctly_named_protocol():
     protocols = []
     for path in sorted((REPO / "gin" / "protocols").glob("*.gin")):  # a paper recipe: one scoped protocol
         ginutil.parse([str(path)], ["IMAGE_SIZE = 32"])
-        selector = next((k for k in ("linear.PaperProbe", "semisup.SemiSupervised") if _bound(f"{path.stem}/{k}.name")),
-                        None)
+        selector = next(
+            (k for k in ("linear.PaperProbe", "semisup.SemiSupervised") if _bound(f"{path.stem}/{k}.name")), None
+        )
         if selector is None:  # a protocol bound without a scope (the VOC files)
             continue
         with gin.config_scope(path.stem):
@@ -137,6 +148,7 @@ def test_two_protocols_with_one_name_are_refused():
 
 # --- perfect features ~100 %, constant features chance ----------------------------------
 
+
 def test_paper_probe_perfect_features_score_100_and_leave_the_encoder_frozen():
     probe = PaperProbe(image_size=16, epochs=20, lr=1.0, milestones=[15], batch_size=32)
     assert probe.evaluate(context(Perfect())) == {"linear/mocov2/top1": 100.0}  # 4 classes: no top-5
@@ -161,20 +173,33 @@ def test_semisup_perfect_features_score_100_constant_features_chance():
     assert semisup.evaluate(context(Perfect())) == {"semisup/simclr/10%/top1": 100.0, "semisup/simclr/50%/top1": 100.0}
     # 16 images at batch 16 for 20 epochs, 80 images (5 batches) for 10
     assert semisup.selected == {
-        "10%": {"images": 16, "source": "class-balanced draw, seed 0",
-                "budget": {"batch": 16, "steps": 20, "images_seen": 320}},
-        "50%": {"images": 80, "source": "class-balanced draw, seed 0",
-                "budget": {"batch": 16, "steps": 50, "images_seen": 800}}}
+        "10%": {
+            "images": 16,
+            "source": "class-balanced draw, seed 0",
+            "budget": {"batch": 16, "steps": 20, "images_seen": 320},
+        },
+        "50%": {
+            "images": 80,
+            "source": "class-balanced draw, seed 0",
+            "budget": {"batch": 16, "steps": 50, "images_seen": 800},
+        },
+    }
     out = semisup.evaluate(context(Constant()))
     assert set(out.values()) == {100.0 / CLASSES}
 
 
 def test_lowshot_perfect_features_score_100_constant_features_chance():
     out = LowShot(ks=[1, 5], draws=3)(one_hot_features(200, 0), one_hot_features(100, 1))
-    assert out == {"lowshot/logreg/k1/top1": 100.0, "lowshot/logreg/k1/top1_std": 0.0,
-                   "lowshot/logreg/k5/top1": 100.0, "lowshot/logreg/k5/top1_std": 0.0}
-    const = LowShot(ks=[1, 5], draws=3)(Features(torch.full((200, 16), 0.5), torch.arange(200) % 10),
-                                         Features(torch.full((100, 16), 0.5), torch.arange(100) % 10))
+    assert out == {
+        "lowshot/logreg/k1/top1": 100.0,
+        "lowshot/logreg/k1/top1_std": 0.0,
+        "lowshot/logreg/k5/top1": 100.0,
+        "lowshot/logreg/k5/top1_std": 0.0,
+    }
+    const = LowShot(ks=[1, 5], draws=3)(
+        Features(torch.full((200, 16), 0.5), torch.arange(200) % 10),
+        Features(torch.full((100, 16), 0.5), torch.arange(100) % 10),
+    )
     assert const["lowshot/logreg/k5/top1"] == 10.0 and const["lowshot/logreg/k1/top1_std"] == 0.0
 
 
@@ -185,8 +210,10 @@ def test_lowshot_draws_differ_and_too_few_examples_fail_clearly():
     out = LowShot(ks=[1], draws=4)(noisy, one_hot_features(200, 1, noise=1.5))
     assert out["lowshot/logreg/k1/top1_std"] > 0  # four different draws, four different fits
     with pytest.raises(ValueError, match="class 9 has 2 training items, fewer than k = 5"):
-        LowShot(ks=[5])(Features(torch.randn(29, 4), torch.tensor([c for c in range(10) for _ in range(3)][:29])),
-                        one_hot_features(20, 1))
+        LowShot(ks=[5])(
+            Features(torch.randn(29, 4), torch.tensor([c for c in range(10) for _ in range(3)][:29])),
+            one_hot_features(20, 1),
+        )
 
 
 def test_retrieval_perfect_features_and_constant_features():
@@ -212,6 +239,7 @@ def test_retrieval_matches_a_hand_computed_ranking():
 
 # --- labelled subsets -------------------------------------------------------------------
 
+
 def test_balanced_draw_is_balanced_and_reproducible():
     labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 2 + [3] * 18)
     idx = balanced_indices(labels, 3, seed=7)
@@ -233,7 +261,8 @@ def write_named_tree(root: Path, per_class: int = 3) -> None:
             folder.mkdir(parents=True)
             for i in range(per_class):
                 Image.fromarray(rng.integers(0, 255, (12, 12, 3)).astype(np.uint8)).save(
-                    folder / f"n0000000{c}_{i}.JPEG")
+                    folder / f"n0000000{c}_{i}.JPEG"
+                )
 
 
 def test_subset_file_selects_its_images_and_an_unknown_name_fails_clearly(tmp_path):
@@ -244,13 +273,23 @@ def test_subset_file_selects_its_images_and_an_unknown_name_fails_clearly(tmp_pa
     idx = read_subset_file(listing, train)
     assert [Path(train.images.paths[i]).name for i in idx] == ["n00000000_0.JPEG", "n00000001_2.JPEG"]
     listing.write_text("n00000001_2.JPEG\nn00000000_0.JPEG\nn01440764_10026.JPEG\n")
-    with pytest.raises(DataError, match=r"1percent.txt, line 3: image 'n01440764_10026.JPEG' is not in the training "
-                                        r"split \(6 images under .*tree/train\).*Fix: bind `semisup.SemiSupervised"):
+    with pytest.raises(
+        DataError,
+        match=r"1percent.txt, line 3: image 'n01440764_10026.JPEG' is not in the training "
+        r"split \(6 images under .*tree/train\).*Fix: bind `semisup.SemiSupervised",
+    ):
         read_subset_file(listing, train)
     semisup = SemiSupervised(image_size=8, percents=[1], epochs=[1], subset_files=[str(listing)])
     with pytest.raises(DataError, match="line 3"):  # the protocol stops before it trains anything
-        semisup.evaluate(Context(encoder=Constant, dataset=ImageFolder(root=str(tmp_path / "tree"), load_size=8),
-                                 pretrain_dir=tmp_path, features={}, progress=False))
+        semisup.evaluate(
+            Context(
+                encoder=Constant,
+                dataset=ImageFolder(root=str(tmp_path / "tree"), load_size=8),
+                pretrain_dir=tmp_path,
+                features={},
+                progress=False,
+            )
+        )
     listing.write_text("n00000000_0.JPEG\nn00000000_0.JPEG\n")
     with pytest.raises(DataError, match="line 2: 'n00000000_0.JPEG' is listed twice"):
         read_subset_file(listing, train)
@@ -269,6 +308,7 @@ def test_subset_file_against_duplicate_file_names_is_refused(tmp_path):
 
 
 # --- fine-tuning trains a copy, never the exported encoder ------------------------------
+
 
 def test_semisup_fine_tunes_a_copy_and_leaves_the_exported_encoder(tmp_path):
     torch.manual_seed(0)
@@ -295,18 +335,33 @@ def test_semisup_fine_tunes_a_copy_and_leaves_the_exported_encoder(tmp_path):
 
 # --- the leaderboard keeps protocol settings apart -------------------------------------
 
+
 def write_run(table: Path, run_id: str, method: str, seed: int, metrics: dict, protocols: dict | None) -> None:
     folder = table / "runs" / run_id
     folder.mkdir(parents=True)
-    run = {"run_id": run_id, "pretrain_id": f"p{run_id}", "table": "table2", "method": method, "seed": seed,
-           "swept": {}, "status": "done", "metrics": metrics, "timings": {"pretrain_s": 1.0, "eval_s": 1.0},
-           "error": None, "log": None, "artefacts": {}, "protocols": protocols or {}}
+    run = {
+        "run_id": run_id,
+        "pretrain_id": f"p{run_id}",
+        "table": "table2",
+        "method": method,
+        "seed": seed,
+        "swept": {},
+        "status": "done",
+        "metrics": metrics,
+        "timings": {"pretrain_s": 1.0, "eval_s": 1.0},
+        "error": None,
+        "log": None,
+        "artefacts": {},
+        "protocols": protocols or {},
+    }
     (folder / "run.json").write_text(json.dumps(run))
 
 
 def goyal(pid: str, epochs: int) -> dict:
-    return {"linear/goyal19": {"id": pid, "params": {"epochs": epochs}, "metrics": ["linear/goyal19/top1"]},
-            "knn/npid": {"id": "k0", "params": {"ks": [20]}, "metrics": ["knn/top1@20"]}}
+    return {
+        "linear/goyal19": {"id": pid, "params": {"epochs": epochs}, "metrics": ["linear/goyal19/top1"]},
+        "knn/npid": {"id": "k0", "params": {"ks": [20]}, "metrics": ["knn/top1@20"]},
+    }
 
 
 def test_leaderboard_never_averages_two_protocol_ids(tmp_path):
@@ -341,10 +396,13 @@ def test_runs_without_protocol_records_stay_apart_from_recorded_ones(tmp_path):
 
 # --- an encoder trained elsewhere --------------------------------------------------------
 
+
 def _external(tmp_path: Path, state: dict, *bindings: str):
     torch.save(state, tmp_path / "state.pt")
-    ginutil.parse(ginutil.run_files("external", "embedded"),
-                  [*TINY, f"external.External.path = '{tmp_path / 'state.pt'}'", *bindings])
+    ginutil.parse(
+        ginutil.run_files("external", "embedded"),
+        [*TINY, f"external.External.path = '{tmp_path / 'state.pt'}'", *bindings],
+    )
     return job.build(ginutil.reference("job.run.method"), ginutil.reference("job.run.views"), make_images(), 0)
 
 
@@ -363,8 +421,14 @@ def test_external_state_dict_is_evaluated_without_pretraining(tmp_path):
             return make_images()
 
     folder = tmp_path / "pre"
-    record = job.pretrain(folder, ginutil.reference("job.run.method"), Split(), ginutil.reference("job.run.views"),
-                          Trainer(progress=False), seed=0)
+    record = job.pretrain(
+        folder,
+        ginutil.reference("job.run.method"),
+        Split(),
+        ginutil.reference("job.run.views"),
+        Trainer(progress=False),
+        seed=0,
+    )
     assert record["steps"] == 0
     exported = store.load_torch(folder / "encoder.pt")
     assert all(torch.equal(exported[k], v) for k, v in other.state_dict().items())
@@ -373,6 +437,7 @@ def test_external_state_dict_is_evaluated_without_pretraining(tmp_path):
 
 def test_external_adapts_an_rgb_classifier_checkpoint_and_names_a_misfit(tmp_path):
     import timm
+
     torch.manual_seed(4)
     rgb = timm.create_model("test_resnet", num_classes=10, in_chans=3)  # a timm checkpoint: head, RGB stem
     method, _ = _external(tmp_path, rgb.state_dict())
@@ -388,28 +453,57 @@ def test_external_adapts_an_rgb_classifier_checkpoint_and_names_a_misfit(tmp_pat
 
 # --- table2 end to end at the smoke scale ------------------------------------------------
 
-SMOKE = ["linear.PaperProbe.max_steps = 2", "linear.PaperProbe.test_size = 200", "semisup.SemiSupervised.max_steps = 2",
-         "semisup.SemiSupervised.test_size = 200", "lowshot.LowShot.draws = 2", "voc.EmbeddedVOC.images = 60",
-         "voc.EmbeddedVOC.size = 64", "voc.VOC07SVM.image_size = 64", "voc_detection.Detection.iterations = 2",
-         "voc_detection.Detection.batch_size = 2", "voc_detection.Detection.precise_bn_iters = 1",
-         "voc_detection.Detection.test_images = 4", "voc_detection.Detection.min_size = [64]",
-         "voc_detection.Detection.max_size = 64"]
+SMOKE = [
+    "linear.PaperProbe.max_steps = 2",
+    "linear.PaperProbe.test_size = 200",
+    "semisup.SemiSupervised.max_steps = 2",
+    "semisup.SemiSupervised.test_size = 200",
+    "lowshot.LowShot.draws = 2",
+    "voc.EmbeddedVOC.images = 60",
+    "voc.EmbeddedVOC.size = 64",
+    "voc.VOC07SVM.image_size = 64",
+    "voc_detection.Detection.iterations = 2",
+    "voc_detection.Detection.batch_size = 2",
+    "voc_detection.Detection.precise_bn_iters = 1",
+    "voc_detection.Detection.test_images = 4",
+    "voc_detection.Detection.min_size = [64]",
+    "voc_detection.Detection.max_size = 64",
+]
 
 
 # (table, methods, protocols, methods whose detection is skipped: no ResNet)
-SMOKE_TABLES = [("table2", ["supervised", "pixels", "mae"], 6, set()),
-                ("table_finetune", ["supervised", "pixels"], 4, set()),
-                ("table_detection", ["supervised", "random"], 3, set())]
+SMOKE_TABLES = [
+    ("table2", ["supervised", "pixels", "mae"], 6, set()),
+    ("table_finetune", ["supervised", "pixels"], 4, set()),
+    ("table_detection", ["supervised", "random"], 3, set()),
+]
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not fmnist_available(), reason="Fashion-MNIST IDX files absent from "
-                    "/usr/share/datasets/fashion-mnist (apt-get install dataset-fashion-mnist)")
+@pytest.mark.skipif(
+    not fmnist_available(),
+    reason="Fashion-MNIST IDX files absent from "
+    "/usr/share/datasets/fashion-mnist (apt-get install dataset-fashion-mnist)",
+)
 @pytest.mark.parametrize("table,methods,count,no_resnet", SMOKE_TABLES, ids=[t[0] for t in SMOKE_TABLES])
 def test_protocol_tables_smoke_run_every_protocol_end_to_end(tmp_path, table, methods, count, no_resnet):
-    cmd = [sys.executable, "-m", "harness.sweep", f"gin/{table}.gin", "gin/scale/smoke.gin", "gin/launch/inprocess.gin",
-           "--only", ",".join(methods), "--bind", "data.FashionMNIST.download = False", "--bind",
-           "table.Table.seeds = [0]", *(a for b in SMOKE for a in ("--bind", b)), "--results", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "harness.sweep",
+        f"gin/{table}.gin",
+        "gin/scale/smoke.gin",
+        "gin/launch/inprocess.gin",
+        "--only",
+        ",".join(methods),
+        "--bind",
+        "data.FashionMNIST.download = False",
+        "--bind",
+        "table.Table.seeds = [0]",
+        *(a for b in SMOKE for a in ("--bind", b)),
+        "--results",
+        str(tmp_path),
+    ]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     ginutil.parse(ginutil.run_files("supervised", "embedded", [f"gin/{table}.gin", "gin/scale/smoke.gin"]), SMOKE)
@@ -438,6 +532,7 @@ class _TinySet:
 
     def split(self, which: str):
         from tests.conftest import make_images
+
         return make_images(32, seed=0 if which != "test" else 1)
 
 
@@ -451,6 +546,7 @@ class _Refuses:
 
     def evaluate(self, ctx) -> dict:
         from methods.base import Unsupported
+
         raise Unsupported("refuses/always cannot read this encoder")
 
 
@@ -461,12 +557,27 @@ def test_a_protocol_that_refuses_the_encoder_is_recorded_and_the_others_still_ru
     from harness.runspec import RunSpec
     from harness.trainer import Trainer
     from tests.conftest import parse_method
+
     parse_method("pixels")
-    spec = RunSpec(table="t", method="pixels", seed=0, gin_files=(), bindings=(), pretrain_id="p0", run_id="r0",
-                   results=str(tmp_path))
-    record = job.run(spec, method=ginutil.reference("job.run.method"), dataset=_TinySet(),
-                     views=ginutil.reference("job.run.views"), trainer=Trainer(progress=False),
-                     features=FrozenFeatures(image_size=32), evaluations=[_Refuses(), KNN()])
+    spec = RunSpec(
+        table="t",
+        method="pixels",
+        seed=0,
+        gin_files=(),
+        bindings=(),
+        pretrain_id="p0",
+        run_id="r0",
+        results=str(tmp_path),
+    )
+    record = job.run(
+        spec,
+        method=ginutil.reference("job.run.method"),
+        dataset=_TinySet(),
+        views=ginutil.reference("job.run.views"),
+        trainer=Trainer(progress=False),
+        features=FrozenFeatures(image_size=32),
+        evaluations=[_Refuses(), KNN()],
+    )
     assert record["status"] == "done" and "knn/top1@20" in record["metrics"]
     assert record["protocols"]["refuses/always"]["skipped"] == "refuses/always cannot read this encoder"
     assert "id" in record["protocols"]["refuses/always"]

@@ -2,6 +2,7 @@
 context_encoder, vae, vqvae): the decoder's geometry, corruptions and masks by hand,
 losses against independent computations, gradient routing (straight-through, the
 context encoder's adversarial terms), the EMA codebook by hand and its exact resume."""
+
 import math
 
 import pytest
@@ -22,8 +23,9 @@ from tests.conftest import assert_resumes_exactly, parse_method
 
 def _info(channels: int = 1, mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None) -> DataInfo:
     """The data facts a directly constructed method gets (the job passes `DataInfo.of` its data)."""
-    return DataInfo(channels=channels, num_classes=4, num_images=64, mean=mean or (0.5,) * channels,
-                    std=std or (0.25,) * channels)
+    return DataInfo(
+        channels=channels, num_classes=4, num_images=64, mean=mean or (0.5,) * channels, std=std or (0.25,) * channels
+    )
 
 
 class _Stub(nn.Module):
@@ -48,6 +50,7 @@ def _batch(x: torch.Tensor) -> Batch:
 
 
 # --- decoder ---------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("small_input,side,stages", [(False, 1, 5), (True, 4, 3)])
 def test_decoder_output_shape_at_the_embedded_geometry(small_input, side, stages):
@@ -81,6 +84,7 @@ def test_feature_map_shape_rejects_token_backbones():
 
 
 # --- corruptions -----------------------------------------------------------------
+
 
 def test_random_pixels_picks_exactly_the_fraction():
     torch.manual_seed(0)
@@ -132,8 +136,7 @@ def test_salt_and_pepper_takes_black_and_white_from_the_datas_normalisation():
 @pytest.mark.parametrize("noise", [None, "masking"])
 def test_autoencoder_reconstructs_the_clean_view_from_the_corrupted_one(noise):
     torch.manual_seed(0)
-    m = AutoEncoder(_Stub(), _info(), image_size=6, decoder=lambda **_: nn.Identity(), noise=noise,
-                    noise_level=0.5)
+    m = AutoEncoder(_Stub(), _info(), image_size=6, decoder=lambda **_: nn.Identity(), noise=noise, noise_level=0.5)
     m.backbone.conv.weight.data.fill_(1.0)
     m.backbone.conv.bias.data.zero_()
     x = torch.rand(3, 1, 6, 6) + 1
@@ -153,6 +156,7 @@ def test_autoencoder_reconstructs_the_clean_view_from_the_corrupted_one(noise):
 
 # --- context encoder -------------------------------------------------------------
 
+
 def test_center_mask_is_the_central_square():
     m = center_mask(2, 8, 0.25)  # side 4 of 8: rows and columns 2..5
     expected = torch.zeros(8, 8, dtype=torch.bool)
@@ -167,7 +171,7 @@ def test_block_masks_are_random_squares_covering_at_most_the_area():
     one = block_mask(20, 16, 0.25, blocks=1)  # one square of side 8
     for m in one[:, 0]:
         rows, cols = m.any(1).nonzero().flatten(), m.any(0).nonzero().flatten()
-        assert m.sum() == 64 and len(rows) == len(cols) == 8 and m[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].all()
+        assert m.sum() == 64 and len(rows) == len(cols) == 8 and m[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].all()
     assert len({tuple(m.flatten().nonzero().flatten()[:1].tolist()) for m in one}) > 1
     four = block_mask(50, 16, 0.25, blocks=4)  # four squares of side 4
     cover = four.flatten(1).sum(1)
@@ -215,8 +219,14 @@ def test_context_encoder_fills_the_hole_with_the_mean():
 
 def _adversarial(lam=0.001):
     torch.manual_seed(0)
-    m = ContextEncoder(_Stub(2), _info(2), image_size=8, decoder=lambda **_: nn.Conv2d(2, 2, 3, padding=1),
-                       adversarial=lam, disc_width=4)
+    m = ContextEncoder(
+        _Stub(2),
+        _info(2),
+        image_size=8,
+        decoder=lambda **_: nn.Conv2d(2, 2, 3, padding=1),
+        adversarial=lam,
+        disc_width=4,
+    )
     return m, _batch(torch.randn(4, 2, 8, 8))
 
 
@@ -249,8 +259,9 @@ def test_adversarial_loss_gives_each_player_its_own_gans_gradient():
     # the discriminator's update, written the usual two-optimizer way
     fake = m.decoder(m.backbone.forward_features(x.masked_fill(hole, 0))) * hole
     ones, zeros = torch.ones(4), torch.zeros(4)
-    d_loss = F.binary_cross_entropy_with_logits(d(x * hole), ones) + \
-        F.binary_cross_entropy_with_logits(d(fake.detach()), zeros)
+    d_loss = F.binary_cross_entropy_with_logits(d(x * hole), ones) + F.binary_cross_entropy_with_logits(
+        d(fake.detach()), zeros
+    )
     d_grads = torch.autograd.grad(d_loss, list(d.parameters()))
     for (n, _), gd in zip(d.named_parameters(), d_grads):
         assert torch.allclose(both["discriminator." + n], gd, rtol=1e-5, atol=1e-7), n
@@ -268,6 +279,7 @@ def test_adversarial_loss_gives_each_player_its_own_gans_gradient():
 
 
 # --- VAE ---------------------------------------------------------------------------
+
 
 def test_gaussian_kl_matches_torch_distributions():
     g = torch.Generator().manual_seed(0)
@@ -298,8 +310,16 @@ def test_likelihoods_match_torch_distributions_and_hand_computation():
 def test_vae_loss_is_the_negative_elbo(likelihood, sigma):
     torch.manual_seed(0)
     mean, std = (0.3,), (0.2,)
-    m = VAE(_Stub(), _info(mean=mean, std=std), image_size=4, decoder=lambda **_: nn.Upsample(size=4), latent_dim=1,
-            likelihood=likelihood, sigma=sigma, beta=2.0)
+    m = VAE(
+        _Stub(),
+        _info(mean=mean, std=std),
+        image_size=4,
+        decoder=lambda **_: nn.Upsample(size=4),
+        latent_dim=1,
+        likelihood=likelihood,
+        sigma=sigma,
+        beta=2.0,
+    )
     x = torch.randn(6, 1, 4, 4)
     torch.manual_seed(1)
     out = m.loss(_batch(x))
@@ -309,14 +329,17 @@ def test_vae_loss_is_the_negative_elbo(likelihood, sigma):
     z = mu + (0.5 * logvar).exp() * eps
     dec = z.view(6, 1, 1, 1).expand(6, 1, 4, 4)
     if likelihood == "gaussian":  # sigma = None: the maximum-likelihood sigma, by a grid search
-        s = sigma or min((0.01 * k for k in range(1, 500)),
-                         key=lambda v: -torch.distributions.Normal(dec, v).log_prob(x).sum().item())
+        s = sigma or min(
+            (0.01 * k for k in range(1, 500)),
+            key=lambda v: -torch.distributions.Normal(dec, v).log_prob(x).sum().item(),
+        )
         nll = -torch.distributions.Normal(dec, s).log_prob(x).flatten(1).sum(1)
     else:
         target = (x * 0.2 + 0.3).clamp(0, 1)
         nll = F.binary_cross_entropy_with_logits(dec, target, reduction="none").flatten(1).sum(1)
-    kl = torch.distributions.kl_divergence(torch.distributions.Normal(mu, (0.5 * logvar).exp()),
-                                           torch.distributions.Normal(0.0, 1.0)).sum(1)
+    kl = torch.distributions.kl_divergence(
+        torch.distributions.Normal(mu, (0.5 * logvar).exp()), torch.distributions.Normal(0.0, 1.0)
+    ).sum(1)
     tol = 1e-4 if likelihood == "gaussian" and sigma is None else 1e-5  # the grid's resolution
     assert torch.allclose(out["loss"], (nll + 2.0 * kl).mean(), rtol=tol)
 
@@ -329,11 +352,13 @@ def test_vae_bernoulli_maps_the_views_back_with_the_datas_normalisation():
 
 # --- VQ-VAE ------------------------------------------------------------------------
 
+
 def test_nearest_code_matches_brute_force():
     g = torch.Generator().manual_seed(0)
     z, codes = torch.randn(20, 3, generator=g), torch.randn(7, 3, generator=g)
-    expected = [min(range(7), key=lambda k: sum((a - b) ** 2 for a, b in zip(v, codes[k].tolist())))
-                for v in z.tolist()]
+    expected = [
+        min(range(7), key=lambda k: sum((a - b) ** 2 for a, b in zip(v, codes[k].tolist()))) for v in z.tolist()
+    ]
     assert nearest_code(z, codes).tolist() == expected
 
 
@@ -385,8 +410,17 @@ def test_ema_update_by_hand_on_two_codes():
 
 def _vq_stub(ema: bool) -> VQVAE:
     torch.manual_seed(0)
-    m = VQVAE(_Stub(2), _info(2), image_size=1, decoder=lambda **_: nn.Conv2d(2, 2, 1), num_codes=2, code_dim=2,
-              ema=ema, decay=0.9, eps=1e-2)
+    m = VQVAE(
+        _Stub(2),
+        _info(2),
+        image_size=1,
+        decoder=lambda **_: nn.Conv2d(2, 2, 1),
+        num_codes=2,
+        code_dim=2,
+        ema=ema,
+        decay=0.9,
+        eps=1e-2,
+    )
     with torch.no_grad():
         m.backbone.conv.weight.copy_(torch.eye(2).view(2, 2, 1, 1))
         m.backbone.conv.bias.zero_()
@@ -445,15 +479,26 @@ def test_vqvae_ema_resume_restores_the_codebook_exactly(tmp_path, tiny_data):
 
 # --- options that tests/test_methods.py (the gin files' defaults) does not reach -----
 
-@pytest.mark.parametrize("name,bindings", [
-    ("context_encoder", ["context_encoder.ContextEncoder.adversarial = 0.001",
-                         "context_encoder.ContextEncoder.mask = 'block'",
-                         "context_encoder.ContextEncoder.disc_width = 8"]),
-    ("context_encoder", ["context_encoder.ContextEncoder.mask = 'region'"]),
-    ("denoising_autoencoder", ["autoencoder.AutoEncoder.noise = 'gaussian'",
-                               "autoencoder.AutoEncoder.noise_level = 0.5"]),
-    ("vqvae", ["vqvae.VQVAE.ema = True"]),
-])
+
+@pytest.mark.parametrize(
+    "name,bindings",
+    [
+        (
+            "context_encoder",
+            [
+                "context_encoder.ContextEncoder.adversarial = 0.001",
+                "context_encoder.ContextEncoder.mask = 'block'",
+                "context_encoder.ContextEncoder.disc_width = 8",
+            ],
+        ),
+        ("context_encoder", ["context_encoder.ContextEncoder.mask = 'region'"]),
+        (
+            "denoising_autoencoder",
+            ["autoencoder.AutoEncoder.noise = 'gaussian'", "autoencoder.AutoEncoder.noise_level = 0.5"],
+        ),
+        ("vqvae", ["vqvae.VQVAE.ema = True"]),
+    ],
+)
 def test_options_train_and_reach_every_parameter(name, bindings, tiny_data):
     method, views = _build(name, tiny_data, *bindings)
     method.train()
@@ -467,6 +512,7 @@ def test_options_train_and_reach_every_parameter(name, bindings, tiny_data):
         out["loss"].backward()
         opt.step()
         method.after_step(step, 2)
-    missing = [n for n, p in method.named_parameters()
-               if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    missing = [
+        n for n, p in method.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)
+    ]
     assert not missing

@@ -1,4 +1,5 @@
 """The store under concurrency: many writers into one table lose and tear nothing."""
+
 import json
 import multiprocessing as mp
 from pathlib import Path
@@ -9,10 +10,19 @@ from harness import collate, store
 def _writer(root: str, i: int) -> None:
     folder = store.run_dir(root, "t", f"run{i:02d}")
     for attempt in range(30):  # rewrite often, so readers race with renames
-        rec = {"run_id": f"run{i:02d}", "pretrain_id": "p", "table": "t", "method": f"m{i % 4}", "seed": i,
-               "status": "done" if attempt == 29 else "running", "metrics": {"linear/top1": float(i)},
-               "protocols": {}, "timings": {"pretrain_s": 1.0, "eval_s": 1.0}, "artefacts": {},
-               "padding": "x" * 20000}
+        rec = {
+            "run_id": f"run{i:02d}",
+            "pretrain_id": "p",
+            "table": "t",
+            "method": f"m{i % 4}",
+            "seed": i,
+            "status": "done" if attempt == 29 else "running",
+            "metrics": {"linear/top1": float(i)},
+            "protocols": {},
+            "timings": {"pretrain_s": 1.0, "eval_s": 1.0},
+            "artefacts": {},
+            "padding": "x" * 20000,
+        }
         store.write_json(folder / "run.json", rec)
 
 

@@ -1,4 +1,5 @@
 """The sweep CLI: planning, stable ids, filters, errors, skip-if-done and pretraining reuse."""
+
 import json
 import re
 
@@ -50,31 +51,63 @@ def test_run_ids_are_stable_and_follow_the_settings(capsys):
     assert la == base
     # Bindings that no run reaches from job.run change nothing: another method's task list that
     # references other methods (multitask), a scoped binding no reference enters.
-    other = {(r["method"], r["seed"]): r for r in dry(
-        capsys, "--bind", "multitask.MultiTask.tasks = [@relative_location.RelativeLocation, @exemplar.Exemplar]",
-        "--bind", "relative_location.RelativeLocation.min_patch = 12", "--bind", "unused/simclr.SimCLR.temperature = 0.9")}
+    other = {
+        (r["method"], r["seed"]): r
+        for r in dry(
+            capsys,
+            "--bind",
+            "multitask.MultiTask.tasks = [@relative_location.RelativeLocation, @exemplar.Exemplar]",
+            "--bind",
+            "relative_location.RelativeLocation.min_patch = 12",
+            "--bind",
+            "unused/simclr.SimCLR.temperature = 0.9",
+        )
+    }
     assert other == base
     # ... but a method reached through the run's own task list does.
-    scoped = {(r["method"], r["seed"]): r for r in dry(capsys, "--bind", "table.Table.methods = ['multitask']",
-                                                       "--bind", "multitask.MultiTask.tasks = [@exemplar.Exemplar]")}
-    moved = {(r["method"], r["seed"]): r for r in dry(capsys, "--bind", "table.Table.methods = ['multitask']",
-                                                      "--bind", "multitask.MultiTask.tasks = [@exemplar.Exemplar]",
-                                                      "--bind", "exemplar.Exemplar.num_surrogate = 100")}
+    scoped = {
+        (r["method"], r["seed"]): r
+        for r in dry(
+            capsys,
+            "--bind",
+            "table.Table.methods = ['multitask']",
+            "--bind",
+            "multitask.MultiTask.tasks = [@exemplar.Exemplar]",
+        )
+    }
+    moved = {
+        (r["method"], r["seed"]): r
+        for r in dry(
+            capsys,
+            "--bind",
+            "table.Table.methods = ['multitask']",
+            "--bind",
+            "multitask.MultiTask.tasks = [@exemplar.Exemplar]",
+            "--bind",
+            "exemplar.Exemplar.num_surrogate = 100",
+        )
+    }
     assert all(moved[k]["pre"] != scoped[k]["pre"] for k in scoped)
 
 
 def test_only_and_sweep(capsys):
     rows = dry(capsys, "--only", "simclr", "--bind", "table.Table.sweep = {'simclr.SimCLR.temperature': [0.1, 0.5]}")
     assert len(rows) == 4 and {r["method"] for r in rows} == {"simclr"}
-    assert {r["swept"] for r in rows} == {"{'simclr.SimCLR.temperature': '0.1'}", "{'simclr.SimCLR.temperature': '0.5'}"}
+    assert {r["swept"] for r in rows} == {
+        "{'simclr.SimCLR.temperature': '0.1'}",
+        "{'simclr.SimCLR.temperature': '0.5'}",
+    }
 
 
-@pytest.mark.parametrize("args, expected", [
-    (("--only", "simclrr"), "Did you mean simclr"),
-    (("--bind", "trainer.Trainer.epoch = 3"), "did you mean epochs"),
-    (("--bind", "trainer.Trainr.epochs = 3"), "did you mean trainer.Trainer"),
-    (("--bind", "table.Table.methods = ['simclr', 'byol2']"), "unknown method 'byol2'"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (("--only", "simclrr"), "Did you mean simclr"),
+        (("--bind", "trainer.Trainer.epoch = 3"), "did you mean epochs"),
+        (("--bind", "trainer.Trainr.epochs = 3"), "did you mean trainer.Trainer"),
+        (("--bind", "table.Table.methods = ['simclr', 'byol2']"), "unknown method 'byol2'"),
+    ],
+)
 def test_bad_input_fails_before_anything_runs(capsys, tmp_path, args, expected):
     rc, out = run(capsys, TABLE, "--results", str(tmp_path), *args)
     assert rc == 2 and expected in out
@@ -91,13 +124,28 @@ def test_gin_syntax_error_names_file_and_line(capsys, tmp_path):
 @pytest.fixture
 def fake_data(tmp_path):
     write_fake_fmnist(tmp_path / "data", n_train=300, n_test=100)
-    return ["gin/scale/smoke.gin", "--bind", f"data.FashionMNIST.root = '{tmp_path / 'data'}'",
-            "--bind", "data.FashionMNIST.download = False", "--results", str(tmp_path / "results")]
+    return [
+        "gin/scale/smoke.gin",
+        "--bind",
+        f"data.FashionMNIST.root = '{tmp_path / 'data'}'",
+        "--bind",
+        "data.FashionMNIST.download = False",
+        "--results",
+        str(tmp_path / "results"),
+    ]
 
 
 def test_finished_runs_are_skipped_and_pretraining_is_reused(capsys, tmp_path, fake_data):
-    args = [TABLE, *fake_data, "--only", "random", "--bind", "table.Table.seeds = [0]",
-            "--bind", "job.run.evaluations = [@knn.KNN()]"]
+    args = [
+        TABLE,
+        *fake_data,
+        "--only",
+        "random",
+        "--bind",
+        "table.Table.seeds = [0]",
+        "--bind",
+        "job.run.evaluations = [@knn.KNN()]",
+    ]
     rc, out = run(capsys, *args)
     assert rc == 0, out
     (run_json,) = (tmp_path / "results" / "table1" / "runs").glob("*/run.json")
@@ -120,8 +168,19 @@ def test_finished_runs_are_skipped_and_pretraining_is_reused(capsys, tmp_path, f
 
 
 def test_a_failing_run_is_recorded_and_the_sweep_exits_nonzero(capsys, tmp_path, fake_data):
-    rc, out = run(capsys, TABLE, *fake_data, "--only", "supervised", "--bind", "table.Table.seeds = [0]",
-                  "--bind", "trainer.Trainer.base_lr = 1e30", "--bind", "optim.SGD.momentum = 0.0")
+    rc, out = run(
+        capsys,
+        TABLE,
+        *fake_data,
+        "--only",
+        "supervised",
+        "--bind",
+        "table.Table.seeds = [0]",
+        "--bind",
+        "trainer.Trainer.base_lr = 1e30",
+        "--bind",
+        "optim.SGD.momentum = 0.0",
+    )
     assert rc == 1 and "FAILED supervised" in out
     (run_json,) = (tmp_path / "results" / "table1" / "runs").glob("*/run.json")
     rec = json.loads(run_json.read_text())
@@ -148,8 +207,17 @@ def test_stale_markers_are_ignored(capsys, tmp_path):
         if what == "marker":
             (folder / "queued.json").write_text(json.dumps({"job_id": "987654321_0", "log": "x"}))
         else:
-            (folder / "run.json").write_text(json.dumps({"status": "running", "host": __import__("socket").gethostname(),
-                                                         "pid": 2**22 + 17, "run_id": row["run"], "method": "pixels"}))
+            (folder / "run.json").write_text(
+                json.dumps(
+                    {
+                        "status": "running",
+                        "host": __import__("socket").gethostname(),
+                        "pid": 2**22 + 17,
+                        "run_id": row["run"],
+                        "method": "pixels",
+                    }
+                )
+            )
     rc, out = run(capsys, TABLE, "--status", "--only", "pixels", "--results", str(results))
     assert rc == 0 and out.count("stale: its job is no longer queued or running") == 1
     assert re.search(r"interrupted\s+killed: the process died", out)
@@ -159,8 +227,18 @@ def test_stale_markers_are_ignored(capsys, tmp_path):
 def test_missing_dataset_folder_stops_the_sweep_before_any_job(capsys, tmp_path, fake_data):
     """Checked before launching: exit 2, the path and the key in one message, nothing written."""
     missing = tmp_path / "no-such-imagenet"
-    args = [TABLE, *fake_data, "--only", "supervised", "--bind", "table.Table.seeds = [0]",
-            "--bind", "job.run.dataset = @data.ImageFolder()", "--bind", f"data.ImageFolder.root = '{missing}'"]
+    args = [
+        TABLE,
+        *fake_data,
+        "--only",
+        "supervised",
+        "--bind",
+        "table.Table.seeds = [0]",
+        "--bind",
+        "job.run.dataset = @data.ImageFolder()",
+        "--bind",
+        f"data.ImageFolder.root = '{missing}'",
+    ]
     rc, out = run(capsys, *args)
     assert rc == 2 and f"image folder not found: {missing}" in out and "data.ImageFolder.root" in out
     assert not (tmp_path / "results").exists()

@@ -1,4 +1,5 @@
 """Trainer: resume equals uninterrupted, non-finite loss stops with the step, logs."""
+
 import json
 
 import pytest
@@ -24,8 +25,9 @@ def _fit(folder, data, seed=3, steps=6):
 
 def test_resumed_run_ends_with_exactly_the_uninterrupted_weights(tmp_path, tiny_data):
     # checkpoint at step 2, step 3 lost
-    run = assert_resumes_exactly(lambda: _build(tiny_data), tiny_data, tmp_path, steps=6, stop_after=3,
-                                 trainer_kwargs=TRAINER)
+    run = assert_resumes_exactly(
+        lambda: _build(tiny_data), tiny_data, tmp_path, steps=6, stop_after=3, trainer_kwargs=TRAINER
+    )
     steps = [json.loads(ln)["step"] for ln in (run.folder / "log.jsonl").read_text().splitlines()]
     assert steps == list(range(6))  # the lost step was logged once, not twice
 

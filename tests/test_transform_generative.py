@@ -1,6 +1,7 @@
 """AET / AETv2 / AVT, GAN and MAE: warps and transformations by hand, losses against
 independent computations (python loops, scipy, torch.distributions), the GAN's gradient
 routing between its two players, MAE's masking, unshuffling and visible-only encoder."""
+
 import copy
 import math
 
@@ -28,9 +29,14 @@ from methods.mae import MAE, masked_patch_loss, patchify, random_masking, sincos
 from tests.conftest import assert_resumes_exactly, parse_method
 
 # The embedded-scale ViT of gin/scale/embedded/mae.gin, at test size.
-SMALL_VIT = ["vit/backbone.create.name = 'vit_tiny_patch16_224'", "vit/backbone.create.patch_size = 4",
-             "vit/backbone.create.depth = 2", "mae.MAE.decoder_dim = 32", "mae.MAE.decoder_depth = 1",
-             "mae.MAE.decoder_heads = 2"]
+SMALL_VIT = [
+    "vit/backbone.create.name = 'vit_tiny_patch16_224'",
+    "vit/backbone.create.patch_size = 4",
+    "vit/backbone.create.depth = 2",
+    "mae.MAE.decoder_dim = 32",
+    "mae.MAE.decoder_depth = 1",
+    "mae.MAE.decoder_heads = 2",
+]
 
 
 def _build(name, data, *bindings, seed=0):
@@ -44,6 +50,7 @@ def _batch(views, data, n=16):
 
 
 # --- AET: transformations and warps -------------------------------------------------
+
 
 def test_identity_map_gives_the_identity_warp():
     x = torch.randn(2, 3, 7, 9)
@@ -116,6 +123,7 @@ def test_entries_round_trip():
 
 # --- AET / AETv2 / AVT losses ---------------------------------------------------------
 
+
 def test_aet_mse_by_hand():
     pred = torch.tensor([[1.0, 0.0, 0.5], [0.0, 2.0, -1.0]])
     target = torch.tensor([[1.5, 0.0, 0.0], [1.0, 2.0, 1.0]])
@@ -130,14 +138,14 @@ def _geodesic_by_scipy(p: np.ndarray, t: np.ndarray, w: float) -> float:
         a, b = a / np.cbrt(np.linalg.det(a)), b / np.cbrt(np.linalg.det(b))
         (ra, sa), (rb, sb) = scipy.linalg.polar(a), scipy.linalg.polar(b)  # a = R S
         angle = np.linalg.norm(np.real(scipy.linalg.logm(ra.T @ rb))) / math.sqrt(2)
-        total += angle ** 2 + w * np.sum((sa - sb) ** 2)
+        total += angle**2 + w * np.sum((sa - sb) ** 2)
     return total / len(p)
 
 
 def test_geodesic_loss_matches_scipy():
     torch.manual_seed(0)
     t = projective_matrices(6).double()
-    p = (t + 0.2 * torch.randn(6, 3, 3, dtype=torch.float64))
+    p = t + 0.2 * torch.randn(6, 3, 3, dtype=torch.float64)
     p[1] = -p[1]  # a negative scale is the same homography; its det-1 representative has det 1
     for w in (0.0, 0.5):
         want = _geodesic_by_scipy(p.numpy(), t.numpy(), w)
@@ -148,6 +156,7 @@ def test_geodesic_of_two_plane_rotations_is_the_angle_between_them():
     def rot(deg):
         a = math.radians(deg)
         return torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0], [0.0, 0.0, 1.0]])
+
     got = geodesic_loss(rot(30).unsqueeze(0), rot(100).unsqueeze(0))
     assert got.item() == pytest.approx(math.radians(70) ** 2, rel=1e-5)
     assert geodesic_loss(rot(30).unsqueeze(0), rot(30).unsqueeze(0)).item() == pytest.approx(0.0, abs=1e-8)
@@ -188,6 +197,7 @@ def test_avt_samples_the_transformed_representation(tiny_data):
 
 # --- GAN ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("size,plan", [(32, (4, 3)), (28, (7, 2)), (64, (4, 4)), (224, (7, 5)), (5, (5, 0))])
 def test_generator_sizes(size, plan):
     assert upsampling_plan(size) == plan
@@ -219,7 +229,7 @@ def test_each_gan_term_reaches_only_its_player(tiny_data):
     d, g = _players(method)
     for term, own, other in (("d_loss", d, g), ("g_loss", g, d)):
         grads = torch.autograd.grad(out[term], own + other, retain_graph=True, allow_unused=True)
-        own_g, other_g = grads[:len(own)], grads[len(own):]
+        own_g, other_g = grads[: len(own)], grads[len(own) :]
         assert all(x is None or not x.abs().sum() > 0 for x in other_g), term
         assert all(x is not None and x.abs().sum() > 0 for x in own_g), term
 
@@ -248,7 +258,7 @@ def test_each_gan_player_learns_against_a_fixed_opponent(tiny_data):
         method.train()
         batch = _batch(views, tiny_data)
         d, g = _players(method)
-        for p in (g if term == "d_loss" else d):
+        for p in g if term == "d_loss" else d:
             p.requires_grad_(False)
         opt = torch.optim.Adam([p for p in method.parameters() if p.requires_grad], lr=1e-3)
         values = []
@@ -268,6 +278,7 @@ def test_gan_resumes_exactly(tmp_path, tiny_data):
 
 
 # --- MAE ------------------------------------------------------------------------------
+
 
 def test_patchify_by_hand():
     x = torch.arange(16.0).view(1, 1, 4, 4)
@@ -297,8 +308,8 @@ def test_unshuffling_restores_the_order():
     tokens = torch.randn(b, n, 3)
     for i in range(b):  # the shuffled order, rebuilt from `restore` by a python sort
         order = sorted(range(n), key=lambda j: int(restore[i, j]))
-        assert order[:keep.shape[1]] == keep[i].tolist()
-        assert all(mask[i, j] == 1 for j in order[keep.shape[1]:])
+        assert order[: keep.shape[1]] == keep[i].tolist()
+        assert all(mask[i, j] == 1 for j in order[keep.shape[1] :])
         shuffled = tokens[i, order]
         assert torch.equal(shuffled[restore[i]], tokens[i])
 
@@ -327,8 +338,16 @@ def test_sincos_position_embeddings():
     e = sincos_pos_embed(8, (2, 3))  # [6, 8]: (sin, cos) of the row at 2 frequencies, then of the column
     assert e.shape == (6, 8)
     r, c = 1, 2  # patch 5
-    want = [math.sin(r), math.sin(r / 100), math.cos(r), math.cos(r / 100),
-            math.sin(c), math.sin(c / 100), math.cos(c), math.cos(c / 100)]
+    want = [
+        math.sin(r),
+        math.sin(r / 100),
+        math.cos(r),
+        math.cos(r / 100),
+        math.sin(c),
+        math.sin(c / 100),
+        math.cos(c),
+        math.cos(c / 100),
+    ]
     assert e[5].tolist() == pytest.approx(want, abs=1e-6)
 
 
@@ -372,7 +391,7 @@ def test_mae_encoder_sees_only_the_visible_patches(tiny_data):
         assert torch.allclose(method.encode(x2, keep), h, atol=1e-6)
         x3 = x.clone()
         r, c = divmod(int(keep[0, 0]), 8)
-        x3[0, :, 4 * r:4 * r + 4, 4 * c:4 * c + 4] += 1.0  # a visible patch changes the encoding
+        x3[0, :, 4 * r : 4 * r + 4, 4 * c : 4 * c + 4] += 1.0  # a visible patch changes the encoding
         assert not torch.allclose(method.encode(x3, keep)[0], h[0])
 
 
@@ -399,20 +418,24 @@ def test_mae_decoder_puts_tokens_back_in_place(tiny_data):
 
 def test_mae_without_a_vit_says_how_to_bind_one():
     from harness import backbone
+
     with pytest.raises(ValueError, match="vit/backbone.create"):
-        MAE(backbone.create("test_resnet", in_chans=1),
-            DataInfo(channels=1, num_classes=4, num_images=64, mean=(0.5,), std=(0.25,)))
+        MAE(
+            backbone.create("test_resnet", in_chans=1),
+            DataInfo(channels=1, num_classes=4, num_images=64, mean=(0.5,), std=(0.25,)),
+        )
 
 
 def test_avt_log_variances_are_bounded_so_the_loss_stays_finite(tiny_data):
     """Extreme log-variances (a decoder or feature head gone far) must not overflow exp()."""
     from tests.conftest import parse_method
+
     parse_method("avt")
     method, views = job.build(ginutil.reference("job.run.method"), ginutil.reference("job.run.views"), tiny_data, 0)
     with torch.no_grad():
         last = method.decoder[-1]
-        last.bias[len(method.identity):] = -200.0  # log-variance of t: exp(200) is inf in float32
-        method.feature_log_var.bias.fill_(200.0)   # log-variance of the features
+        last.bias[len(method.identity) :] = -200.0  # log-variance of t: exp(200) is inf in float32
+        method.feature_log_var.bias.fill_(200.0)  # log-variance of the features
     method.train()
     batch = Batch(views(tiny_data.images[:8]), tiny_data.labels[:8], torch.arange(8))
     loss = method.loss(batch)["loss"]

@@ -1,5 +1,6 @@
 """VOC protocols: the generated VOCdevkit tree read back through torchvision, the VOC07
 11-point AP by hand, SVMs on perfect and constant features, a detection fine-tune smoke."""
+
 import json
 import math
 from pathlib import Path
@@ -47,17 +48,24 @@ class _Stats:
     """The run's dataset as the VOC protocols see it: only the pretraining statistics."""
 
     def split(self, which: str) -> ImageSet:
-        return ImageSet(torch.zeros(1, 1, 4, 4, dtype=torch.uint8), torch.zeros(1, dtype=torch.long), ["x"],
-                        (0.3,), (0.35,))
+        return ImageSet(
+            torch.zeros(1, 1, 4, 4, dtype=torch.uint8), torch.zeros(1, dtype=torch.long), ["x"], (0.3,), (0.35,)
+        )
 
 
 def _ctx(tmp_path: Path, encoder=None) -> Context:
     make = encoder or (lambda: backbone.create("test_resnet", in_chans=1))
-    return Context(encoder=make, dataset=_Stats(), pretrain_dir=tmp_path / "results" / "pretrain" / "abc",
-                   features={}, progress=False)
+    return Context(
+        encoder=make,
+        dataset=_Stats(),
+        pretrain_dir=tmp_path / "results" / "pretrain" / "abc",
+        features={},
+        progress=False,
+    )
 
 
 # --- the generator ------------------------------------------------------------------
+
 
 def test_generated_tree_loads_unchanged_through_vocdetection(tree):
     root, canvases = tree
@@ -71,10 +79,20 @@ def test_generated_tree_loads_unchanged_through_vocdetection(tree):
             canvas = placed[ann["filename"][:-4]]
             assert canvas.split == split and image.size == (64, 64) and image.mode == "RGB"
             assert (ann["size"]["width"], ann["size"]["height"], ann["size"]["depth"]) == ("64", "64", "3")
-            got = [(o["name"], *(int(o["bndbox"][key]) for key in ("xmin", "ymin", "xmax", "ymax")),
-                    int(o["truncated"]), int(o["difficult"]), o["pose"]) for o in ann["object"]]
-            want = [(it.name, it.xmin, it.ymin, it.xmax, it.ymax, it.truncated, it.difficult, "Unspecified")
-                    for it in canvas.items]
+            got = [
+                (
+                    o["name"],
+                    *(int(o["bndbox"][key]) for key in ("xmin", "ymin", "xmax", "ymax")),
+                    int(o["truncated"]),
+                    int(o["difficult"]),
+                    o["pose"],
+                )
+                for o in ann["object"]
+            ]
+            want = [
+                (it.name, it.xmin, it.ymin, it.xmax, it.ymax, it.truncated, it.difficult, "Unspecified")
+                for it in canvas.items
+            ]
             assert got == want and len(got) >= 1
             assert all(1 <= it.xmin <= it.xmax <= 64 and 1 <= it.ymin <= it.ymax <= 64 for it in canvas.items)
             seen.add(canvas.id)
@@ -146,6 +164,7 @@ def test_failed_generation_leaves_no_partial_tree(tmp_path, fmnist, monkeypatch)
 
 # --- average precision ----------------------------------------------------------------
 
+
 def test_voc07_ap_matches_a_hand_computed_example():
     # ranked: +, -, +, -, -  -> (recall, precision) = (.5, 1), (.5, .5), (1, 2/3), (1, .5), (1, .4)
     # recall >= 0, .1, .., .5: best precision 1 (6 points); >= .6, .., 1: 2/3 (5 points)
@@ -165,8 +184,10 @@ def test_ap_is_one_for_a_perfect_ranking_and_the_positive_rate_for_constant_scor
 
 
 def test_detection_ap_matches_a_hand_computed_example():
-    gts = {0: (np.array([[0, 0, 10, 10], [20, 20, 30, 30]], float), np.array([False, True])),
-           1: (np.array([[0, 0, 10, 10]], float), np.array([False]))}
+    gts = {
+        0: (np.array([[0, 0, 10, 10], [20, 20, 30, 30]], float), np.array([False, True])),
+        1: (np.array([[0, 0, 10, 10]], float), np.array([False])),
+    }
     a, b = [0, 0, 10, 10], [20, 20, 30, 30]
     dets = [(0.9, 0, a), (0.8, 0, a), (0.7, 0, b), (0.6, 1, [50, 50, 60, 60]), (0.5, 1, [0, 0, 10, 9])]
     scores, images, boxes = (np.array([d[i] for d in dets], float) for i in range(3))
@@ -181,6 +202,7 @@ def test_detection_ap_matches_a_hand_computed_example():
 
 
 # --- VOC07 SVM --------------------------------------------------------------------------
+
 
 def _labels(rng: np.random.Generator, n: int, classes: int) -> np.ndarray:
     y = np.where(rng.random((n, classes)) < 0.3, 1, -1)
@@ -286,6 +308,7 @@ def test_the_embedded_tree_is_generated_once_under_the_results_folder(tmp_path):
 
 # --- detection ---------------------------------------------------------------------------
 
+
 @needs_fmnist
 def test_detection_reads_voc_boxes_as_detectron2_does(tree):
     root, canvases = tree
@@ -310,10 +333,25 @@ def test_detection_fine_tunes_the_backbone_and_reports_voc07_aps(tree, tmp_path)
     torch.manual_seed(0)
     encoder = backbone.create("test_resnet", in_chans=1)
     before = encoder.layer1[0].conv1.weight.detach().clone()
-    protocol = Detection(root=str(root), iterations=4, batch_size=2, warmup_iters=2, min_size=(64,), max_size=64,
-                         anchor_sizes=(16, 32), pooled_size=2, rpn_batch_size=32, rpn_pre_nms_train=100,
-                         rpn_post_nms_train=20, rpn_pre_nms_test=50, rpn_post_nms_test=10, box_batch_size=8,
-                         precise_bn_iters=1, test_images=4, test_batch_size=4)
+    protocol = Detection(
+        root=str(root),
+        iterations=4,
+        batch_size=2,
+        warmup_iters=2,
+        min_size=(64,),
+        max_size=64,
+        anchor_sizes=(16, 32),
+        pooled_size=2,
+        rpn_batch_size=32,
+        rpn_pre_nms_train=100,
+        rpn_post_nms_train=20,
+        rpn_pre_nms_test=50,
+        rpn_post_nms_test=10,
+        box_batch_size=8,
+        precise_bn_iters=1,
+        test_images=4,
+        test_batch_size=4,
+    )
     out = protocol.evaluate(_ctx(tmp_path, encoder=lambda: encoder))
     assert len(protocol.losses) == 4 and all(math.isfinite(v) for v in protocol.losses)
     assert set(out) == {"detection/voc07/AP50", "detection/voc07/AP75", "detection/voc07/AP"}

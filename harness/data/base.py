@@ -1,5 +1,6 @@
 """What every dataset shares: the in-memory split (`ImageSet`), the error (`DataError`), the
 `Dataset` seam the harness reads, and `CachedSplits`, the split logic each dataset inherits."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -130,8 +131,10 @@ def probe(images: torch.Tensor | ImageFiles) -> None:
 
 def check_pretrain_size(key: str, n: int | None) -> None:
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-        raise DataError(f"`{key}.pretrain_size = {n!r}`: not a number of images. Fix: bind it to a positive "
-                        "integer, or to None for the whole training split")
+        raise DataError(
+            f"`{key}.pretrain_size = {n!r}`: not a number of images. Fix: bind it to a positive "
+            "integer, or to None for the whole training split"
+        )
 
 
 def names(items: Sequence[str], k: int = 5) -> str:
@@ -145,19 +148,26 @@ def warnings_for(data: ImageSet, which: str = "train") -> list[str]:
     (every accuracy trivially 100 %), classes without images, no labels at all."""
     labelled = data.labels[data.labels >= 0]
     if len(data) and not len(labelled):
-        return [f"the {which} split has no labels (every label is -1): only pretraining can use it, not the "
-                "evaluations that train on labels"]
+        return [
+            f"the {which} split has no labels (every label is -1): only pretraining can use it, not the "
+            "evaluations that train on labels"
+        ]
     counts = torch.bincount(labelled, minlength=len(data.classes)).tolist()
     present = [c for c, k in zip(data.classes, counts) if k]
     empty = [c for c, k in zip(data.classes, counts) if not k]
     if len(data.classes) == 1:
-        return [f"the {which} split has 1 class ({data.classes[0]!r}): every classification accuracy is "
-                "trivially 100 %"]
+        return [
+            f"the {which} split has 1 class ({data.classes[0]!r}): every classification accuracy is trivially 100 %"
+        ]
     if len(present) == 1:
-        return [f"the {which} split has images of 1 class only ({present[0]!r}; its other {len(empty)} classes "
-                f"have none): a classifier trained on it always predicts {present[0]!r}"]
+        return [
+            f"the {which} split has images of 1 class only ({present[0]!r}; its other {len(empty)} classes "
+            f"have none): a classifier trained on it always predicts {present[0]!r}"
+        ]
     if empty:
-        return [f"the {which} split has no images of {len(empty)} of its {len(data.classes)} classes "
-                f"({names(empty)}): " + ("a probe trained on it never predicts them" if which == "train" else
-                                         "their accuracy is not measured")]
+        return [
+            f"the {which} split has no images of {len(empty)} of its {len(data.classes)} classes "
+            f"({names(empty)}): "
+            + ("a probe trained on it never predicts them" if which == "train" else "their accuracy is not measured")
+        ]
     return []

@@ -1,5 +1,6 @@
 """Image-text data: `ImageCaptions` reads a CSV of image paths and captions; `Captioned`
 gives any labelled dataset captions made from its class names and prompt templates."""
+
 from __future__ import annotations
 
 import csv
@@ -16,9 +17,16 @@ from harness.data.files import IMAGENET_MEAN, IMAGENET_STD, ImageFiles
 
 # Prompt templates for captions made from class names (`Captioned`) and for zero-shot
 # classification: a few of the kind CLIP (Radford et al. 2021) lists for ImageNet.
-PROMPT_TEMPLATES = ("a photo of a {}.", "a black and white photo of a {}.", "a low resolution photo of a {}.",
-                    "a photo of the {}.", "a close-up photo of a {}.", "a cropped photo of the {}.",
-                    "a good photo of a {}.", "a photo of one {}.")
+PROMPT_TEMPLATES = (
+    "a photo of a {}.",
+    "a black and white photo of a {}.",
+    "a low resolution photo of a {}.",
+    "a photo of the {}.",
+    "a close-up photo of a {}.",
+    "a cropped photo of the {}.",
+    "a good photo of a {}.",
+    "a photo of one {}.",
+)
 
 
 class CaptionRows(NamedTuple):
@@ -39,14 +47,17 @@ def read_caption_csv(path: Path, key: str = "data.ImageCaptions.csv") -> Caption
     """
     if not path.is_file():
         what = "is a folder, not a file" if path.exists() else "not found"
-        raise DataError(f"caption CSV {what}: {path}. Fix: bind `{key}` to a CSV whose first "
-                        "line is `image,caption` (or `image,caption,label`)")
+        raise DataError(
+            f"caption CSV {what}: {path}. Fix: bind `{key}` to a CSV whose first "
+            "line is `image,caption` (or `image,caption,label`)"
+        )
     try:
         with open(path, newline="", encoding="utf-8") as fh:
             return _read_caption_rows(path, csv.DictReader(fh))
     except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise DataError(f"{path}: unreadable caption CSV ({err}). Fix: save it as UTF-8 CSV, or bind `{key}` "
-                        "to another file") from err
+        raise DataError(
+            f"{path}: unreadable caption CSV ({err}). Fix: save it as UTF-8 CSV, or bind `{key}` to another file"
+        ) from err
 
 
 def _read_caption_rows(path: Path, reader: csv.DictReader) -> CaptionRows:
@@ -54,25 +65,32 @@ def _read_caption_rows(path: Path, reader: csv.DictReader) -> CaptionRows:
     reader.fieldnames = columns
     missing = [c for c in ("image", "caption") if c not in columns]
     if missing:
-        raise DataError(f"{path}: no {' or '.join(repr(c) for c in missing)} column (its first line names: "
-                        f"{', '.join(columns) or 'nothing'}). Fix: make the first line `image,caption` or "
-                        "`image,caption,label`")
+        raise DataError(
+            f"{path}: no {' or '.join(repr(c) for c in missing)} column (its first line names: "
+            f"{', '.join(columns) or 'nothing'}). Fix: make the first line `image,caption` or "
+            "`image,caption,label`"
+        )
     paths, captions, labels, lines = [], [], [], []
     for row in reader:
         line = reader.line_num
         rel, caption = (row.get("image") or "").strip(), (row.get("caption") or "").strip()
         if not rel or not caption:
-            raise DataError(f"{path}, line {line}: empty {'image path' if not rel else 'caption'}. "
-                            "Fix: fill it in or delete the row")
+            raise DataError(
+                f"{path}, line {line}: empty {'image path' if not rel else 'caption'}. "
+                "Fix: fill it in or delete the row"
+            )
         file = path.parent / rel
         if not file.is_file():
-            raise DataError(f"{path}, line {line}: image {file} not found. Fix: image paths are relative to "
-                            f"the CSV's folder ({path.parent}); correct the path or delete the row")
+            raise DataError(
+                f"{path}, line {line}: image {file} not found. Fix: image paths are relative to "
+                f"the CSV's folder ({path.parent}); correct the path or delete the row"
+            )
         if "label" in columns:
             label = (row.get("label") or "").strip()
             if not label:
-                raise DataError(f"{path}, line {line}: empty label. Fix: give every row a class name, "
-                                "or drop the label column")
+                raise DataError(
+                    f"{path}, line {line}: empty label. Fix: give every row a class name, or drop the label column"
+                )
             labels.append(label)
         paths.append(str(file))
         captions.append(caption)
@@ -106,9 +124,17 @@ class ImageCaptions(CachedSplits):
     name = "imagecaptions"
     key = "data.ImageCaptions"
 
-    def __init__(self, csv: str = gin.REQUIRED, test_csv: str | None = None, load_size: int = 256,
-                 channels: int = 3, pretrain_size: int | None = None, mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD, threads: int = 8):
+    def __init__(
+        self,
+        csv: str = gin.REQUIRED,
+        test_csv: str | None = None,
+        load_size: int = 256,
+        channels: int = 3,
+        pretrain_size: int | None = None,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        threads: int = 8,
+    ):
         self.files = {"train": Path(csv), "test": Path(test_csv) if test_csv else None}
         self.load_size, self.channels, self.pretrain_size, self.threads = load_size, channels, pretrain_size, threads
         self.mean, self.std = tuple(mean), tuple(std)
@@ -117,8 +143,10 @@ class ImageCaptions(CachedSplits):
     def _read(self, which: str) -> CaptionRows:
         if which not in self._rows:
             if self.files[which] is None:
-                raise DataError(f"data.ImageCaptions has no {which} split. Fix: bind "
-                                f"`data.ImageCaptions.test_csv = '<csv with image,caption,label>'`")
+                raise DataError(
+                    f"data.ImageCaptions has no {which} split. Fix: bind "
+                    f"`data.ImageCaptions.test_csv = '<csv with image,caption,label>'`"
+                )
             key = "data.ImageCaptions.csv" if which == "train" else "data.ImageCaptions.test_csv"
             self._rows[which] = read_caption_csv(cast(Path, self.files[which]), key)
         return self._rows[which]
@@ -136,13 +164,21 @@ class ImageCaptions(CachedSplits):
         index = {c: i for i, c in enumerate(classes)}
         for label, line in zip(rows.labels or [], rows.lines):
             if label not in index:
-                raise DataError(f"{self.files[which]}, line {line}: label {label!r} is not among the "
-                                f"{len(classes)} classes of the training CSV {self.files['train']} "
-                                f"({names(classes)}): a probe trained on it could never predict it. Fix: add "
-                                f"images labelled {label!r} to the training CSV, or delete the row")
+                raise DataError(
+                    f"{self.files[which]}, line {line}: label {label!r} is not among the "
+                    f"{len(classes)} classes of the training CSV {self.files['train']} "
+                    f"({names(classes)}): a probe trained on it could never predict it. Fix: add "
+                    f"images labelled {label!r} to the training CSV, or delete the row"
+                )
         labels = [index[n] for n in rows.labels] if rows.labels else [-1] * len(rows.paths)
-        return ImageSet(ImageFiles(rows.paths, self.load_size, self.channels, self.threads),
-                        torch.tensor(labels, dtype=torch.long), classes, self.mean, self.std, captions=rows.captions)
+        return ImageSet(
+            ImageFiles(rows.paths, self.load_size, self.channels, self.threads),
+            torch.tensor(labels, dtype=torch.long),
+            classes,
+            self.mean,
+            self.std,
+            captions=rows.captions,
+        )
 
     def checked_splits(self) -> Sequence[str]:
         return [which for which in cast("tuple[str, ...]", self.splits) if self.files[which] is not None]
@@ -160,15 +196,17 @@ def image_keys(images: torch.Tensor | ImageFiles, chunk: int = 4096) -> torch.Te
         return torch.tensor([zlib.crc32("/".join(Path(p).parts[-2:]).encode()) for p in images.paths])
     flat = images.reshape(len(images), -1)
     weights = torch.randint(0, 2**20, (flat.shape[1],), generator=torch.Generator().manual_seed(0))
-    return torch.cat([(flat[i:i + chunk].long() * weights).sum(1) for i in range(0, len(flat), chunk)])
+    return torch.cat([(flat[i : i + chunk].long() * weights).sum(1) for i in range(0, len(flat), chunk)])
 
 
 def with_captions(data: ImageSet, templates: Sequence[str] = PROMPT_TEMPLATES) -> ImageSet:
     """`data` with a caption per image: its class name in a prompt template, the template
     chosen by `image_keys` (the same image gets the same caption in every split and subset)."""
     if len(data) and int(data.labels.min()) < 0:
-        raise DataError("captions from class names need labelled images; this split has unlabelled ones (-1). "
-                        "Fix: give the data a label column, or use its own captions")
+        raise DataError(
+            "captions from class names need labelled images; this split has unlabelled ones (-1). "
+            "Fix: give the data a label column, or use its own captions"
+        )
     pick = (image_keys(data.images) % len(templates)).tolist()
     captions = [templates[k].format(data.classes[y]) for k, y in zip(pick, data.labels.tolist())]
     return dataclasses.replace(data, captions=captions)
@@ -192,8 +230,10 @@ class Captioned(CachedSplits):
     def __init__(self, dataset: Dataset = gin.REQUIRED, templates: Sequence[str] = PROMPT_TEMPLATES):
         bad = [t for t in templates if t.count("{}") != 1]
         if not templates or bad:
-            raise ValueError(f"data.Captioned.templates: each template needs exactly one '{{}}' for the class name; "
-                             f"got {bad or 'none'}")
+            raise ValueError(
+                f"data.Captioned.templates: each template needs exactly one '{{}}' for the class name; "
+                f"got {bad or 'none'}"
+            )
         self.dataset, self.templates = dataset, tuple(templates)
         self.name = dataset.name  # the same images, so the same cached features
 

@@ -1,6 +1,7 @@
 """Image files on disk: the one PIL decoder (`decode`), file-backed image tensors
 (`ImageFiles`), ImageNet-style ``split/class/image`` trees (`scan_folder`, `ImageFolder`)
 and the ``python -m harness.data verify DIR`` check (`verify`, `main`)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,6 +30,7 @@ def decode(path: str | Path, size: int, channels: int = 3, crop: bool = True, fi
         fix: the advice ending the `DataError` raised for a file that cannot be decoded.
     """
     from PIL import Image, UnidentifiedImageError
+
     im: Image.Image  # the opened file, then its converted and resized copies
     try:
         with Image.open(path) as im:
@@ -78,6 +80,7 @@ class ImageFiles:
             return self.load(self.paths[idx])
         picks = self.paths[idx] if isinstance(idx, slice) else [self.paths[i] for i in idx.tolist()]
         from concurrent.futures import ThreadPoolExecutor
+
         with ThreadPoolExecutor(self.threads) as pool:
             return torch.stack(list(pool.map(self.load, picks)))  # [B, C, S, S]
 
@@ -87,9 +90,11 @@ def class_dirs(folder: Path) -> list[str]:
     return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def scan_folder(folder: Path, classes: Sequence[str] | None = None,
-                fix: str = "move the folder out, or add the class to the class list",
-                ) -> tuple[list[str], list[int], list[str]]:
+def scan_folder(
+    folder: Path,
+    classes: Sequence[str] | None = None,
+    fix: str = "move the folder out, or add the class to the class list",
+) -> tuple[list[str], list[int], list[str]]:
     """``(paths, labels, classes)`` of a ``class/image`` tree.
 
     `classes` gives the labels (its order); None: the folder's own subfolders, sorted by name. A
@@ -98,15 +103,19 @@ def scan_folder(folder: Path, classes: Sequence[str] | None = None,
     """
     if not folder.is_dir():
         what = "is a file, not a folder" if folder.exists() else "not found"
-        raise DataError(f"image folder {what}: {folder}. Fix: bind `data.ImageFolder.root` to a folder holding "
-                        "train/ and val/ (one subfolder per class, as torchvision's ImageFolder reads)")
+        raise DataError(
+            f"image folder {what}: {folder}. Fix: bind `data.ImageFolder.root` to a folder holding "
+            "train/ and val/ (one subfolder per class, as torchvision's ImageFolder reads)"
+        )
     found = class_dirs(folder)
     classes = found if classes is None else list(classes)
     index = {c: i for i, c in enumerate(classes)}
     unknown = [c for c in found if c not in index]
     if unknown:
-        raise DataError(f"{folder / unknown[0]}: class folder {unknown[0]!r} is not among the {len(classes)} classes "
-                        f"({names(classes)}){f' (nor are {names(unknown[1:])})' if unknown[1:] else ''}. Fix: {fix}")
+        raise DataError(
+            f"{folder / unknown[0]}: class folder {unknown[0]!r} is not among the {len(classes)} classes "
+            f"({names(classes)}){f' (nor are {names(unknown[1:])})' if unknown[1:] else ''}. Fix: {fix}"
+        )
     paths, labels = [], []
     for c in found:
         for f in sorted((folder / c).rglob("*")):
@@ -115,9 +124,12 @@ def scan_folder(folder: Path, classes: Sequence[str] | None = None,
                 labels.append(index[c])
     if not paths:
         loose = [f for f in folder.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS]
-        hint = (f"; {len(loose)} images lie directly in it. Fix: sort them into one subfolder per class (ImageNet's "
-                "val: a script such as valprep.sh does it)" if loose else
-                f". Fix: put the images in one subfolder per class ({folder}/<class>/<image>)")
+        hint = (
+            f"; {len(loose)} images lie directly in it. Fix: sort them into one subfolder per class (ImageNet's "
+            "val: a script such as valprep.sh does it)"
+            if loose
+            else f". Fix: put the images in one subfolder per class ({folder}/<class>/<image>)"
+        )
         raise DataError(f"{folder}: no images found in class subfolders ({', '.join(IMAGE_EXTENSIONS)}){hint}")
     return paths, labels, classes
 
@@ -147,13 +159,23 @@ class ImageFolder(CachedSplits):
     name = "imagefolder"
     key = "data.ImageFolder"
 
-    def __init__(self, root: str = gin.REQUIRED, train_dir: str = "train", test_dir: str = "val",
-                 classes: Sequence[str] | None = None, load_size: int = 256, channels: int = 3,
-                 pretrain_size: int | None = None, mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD, threads: int = 8):
+    def __init__(
+        self,
+        root: str = gin.REQUIRED,
+        train_dir: str = "train",
+        test_dir: str = "val",
+        classes: Sequence[str] | None = None,
+        load_size: int = 256,
+        channels: int = 3,
+        pretrain_size: int | None = None,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        threads: int = 8,
+    ):
         if isinstance(classes, str):
-            raise ValueError(f"data.ImageFolder.classes = {classes!r}: a list of class folder names is needed, "
-                             f"e.g. ['{classes}']")
+            raise ValueError(
+                f"data.ImageFolder.classes = {classes!r}: a list of class folder names is needed, e.g. ['{classes}']"
+            )
         self.root, self.dirs = Path(root), {"train": train_dir, "test": test_dir}
         self.classes = None if classes is None else list(classes)
         self.load_size, self.channels, self.pretrain_size, self.threads = load_size, channels, pretrain_size, threads
@@ -167,14 +189,18 @@ class ImageFolder(CachedSplits):
             return folder
         if not self.root.is_dir():
             what = "is a file, not a folder" if self.root.exists() else "not found"
-            raise DataError(f"image folder {what}: {self.root}. Fix: bind `data.ImageFolder.root` to a folder holding "
-                            f"{self.dirs['train']}/ and {self.dirs['test']}/ (one subfolder per class, as "
-                            "torchvision's ImageFolder reads)")
+            raise DataError(
+                f"image folder {what}: {self.root}. Fix: bind `data.ImageFolder.root` to a folder holding "
+                f"{self.dirs['train']}/ and {self.dirs['test']}/ (one subfolder per class, as "
+                "torchvision's ImageFolder reads)"
+            )
         key = "train_dir" if which == "train" else "test_dir"
         held = sorted(d.name for d in self.root.iterdir() if d.is_dir())
-        raise DataError(f"image folder not found: {folder} (the {which} split; {self.root} holds {names(held)}). "
-                        f"Fix: bind `data.ImageFolder.{key}` to the subfolder holding the {which} split, or bind "
-                        "`data.ImageFolder.root` to the dataset folder")
+        raise DataError(
+            f"image folder not found: {folder} (the {which} split; {self.root} holds {names(held)}). "
+            f"Fix: bind `data.ImageFolder.{key}` to the subfolder holding the {which} split, or bind "
+            "`data.ImageFolder.root` to the dataset folder"
+        )
 
     def class_list(self) -> list[str]:
         """The classes of every split: `classes` if bound (checked against the train folder), else the
@@ -188,14 +214,18 @@ class ImageFolder(CachedSplits):
                 dupes = sorted({c for c in self.classes if self.classes.count(c) > 1})
                 if not self.classes or dupes:
                     what = f"names {names(dupes)} twice" if dupes else "an empty list"
-                    raise DataError(f"`data.ImageFolder.classes`: {what}. Fix: list each class folder name once, "
-                                    f"or bind it to None for the subfolders of {train}")
+                    raise DataError(
+                        f"`data.ImageFolder.classes`: {what}. Fix: list each class folder name once, "
+                        f"or bind it to None for the subfolders of {train}"
+                    )
                 extra = [c for c in found if c not in set(self.classes)]
                 if extra:
-                    raise DataError(f"{train / extra[0]}: train subfolder {extra[0]!r} is not in "
-                                    f"`data.ImageFolder.classes` ({names(self.classes)})"
-                                    f"{f' (nor are {names(extra[1:])})' if extra[1:] else ''}. Fix: add it to "
-                                    f"data.ImageFolder.classes, or move the folder out of {train}")
+                    raise DataError(
+                        f"{train / extra[0]}: train subfolder {extra[0]!r} is not in "
+                        f"`data.ImageFolder.classes` ({names(self.classes)})"
+                        f"{f' (nor are {names(extra[1:])})' if extra[1:] else ''}. Fix: add it to "
+                        f"data.ImageFolder.classes, or move the folder out of {train}"
+                    )
                 self._classes = list(self.classes)
         return self._classes
 
@@ -203,13 +233,21 @@ class ImageFolder(CachedSplits):
         """``train`` or ``test``: the files of the split's class subfolders (listed, not decoded)."""
         classes = self.class_list()
         folder = self._folder(which)
-        fix = (f"add it to `data.ImageFolder.classes` (and its images to {self.dirs['train']}/ so that a probe "
-               f"can learn it), or move the folder out of {folder}" if self.classes is not None else
-               f"add it to {self.dirs['train']}/ (with training images) or bind data.ImageFolder.classes, "
-               f"or move the folder out of {folder}")
+        fix = (
+            f"add it to `data.ImageFolder.classes` (and its images to {self.dirs['train']}/ so that a probe "
+            f"can learn it), or move the folder out of {folder}"
+            if self.classes is not None
+            else f"add it to {self.dirs['train']}/ (with training images) or bind data.ImageFolder.classes, "
+            f"or move the folder out of {folder}"
+        )
         paths, labels, classes = scan_folder(folder, classes, fix)
-        return ImageSet(ImageFiles(paths, self.load_size, self.channels, self.threads),
-                        torch.tensor(labels, dtype=torch.long), classes, self.mean, self.std)
+        return ImageSet(
+            ImageFiles(paths, self.load_size, self.channels, self.threads),
+            torch.tensor(labels, dtype=torch.long),
+            classes,
+            self.mean,
+            self.std,
+        )
 
     def check(self) -> int:
         """Preflight: the root, both split folders, at least one image in class subfolders of each, one
@@ -223,12 +261,16 @@ def verify(folder: Path) -> tuple[int, list[str]]:
     if `folder` is missing, a file, or holds no images."""
     if not folder.is_dir():
         what = "is a file, not a folder" if folder.exists() else "no such folder"
-        raise DataError(f"{folder}: {what}. Fix: pass the folder holding the images, e.g. "
-                        "`python -m harness.data verify <data.ImageFolder.root>`")
+        raise DataError(
+            f"{folder}: {what}. Fix: pass the folder holding the images, e.g. "
+            "`python -m harness.data verify <data.ImageFolder.root>`"
+        )
     files = ImageFiles([str(f) for f in sorted(folder.rglob("*")) if f.suffix.lower() in IMAGE_EXTENSIONS], 8)
     if not len(files):
-        raise DataError(f"{folder}: no image files ({', '.join(IMAGE_EXTENSIONS)}) under it. Fix: pass the folder "
-                        "holding the images, e.g. the data.ImageFolder.root with train/ and val/")
+        raise DataError(
+            f"{folder}: no image files ({', '.join(IMAGE_EXTENSIONS)}) under it. Fix: pass the folder "
+            "holding the images, e.g. the data.ImageFolder.root with train/ and val/"
+        )
     bad = []
     for p in files.paths:
         try:
@@ -242,6 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m harness.data verify DIR``: list unreadable images; exit 1 if any, 2 if DIR holds no images."""
     import argparse
     import sys
+
     ap = argparse.ArgumentParser(prog="python -m harness.data")
     ap.add_argument("command", choices=["verify"])
     ap.add_argument("folder", type=Path)

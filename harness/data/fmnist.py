@@ -3,6 +3,7 @@
 Looked for in the configured folder, Debian's ``dataset-fashion-mnist`` package, then
 ``$SSLBENCH_DATA``; else torchvision's download.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -22,8 +23,18 @@ FMNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                  "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FMNIST_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -52,8 +63,10 @@ def _find(folder: Path, stem: str) -> Path | None:
 
 def _candidates(root: str | None) -> list[Path]:
     """Where to look, in order: the configured root, the Debian package, $SSLBENCH_DATA."""
+
     def under(d: str) -> list[Path]:
         return [Path(d), Path(d) / "fashion-mnist", Path(d) / "FashionMNIST" / "raw"]
+
     env = os.environ.get("SSLBENCH_DATA")
     return [*(under(root) if root else []), *map(Path, SYSTEM_DIRS), *(under(env) if env else [])]
 
@@ -85,16 +98,19 @@ class FashionMNIST(CachedSplits):
             target = Path(self.root or os.environ.get("SSLBENCH_DATA") or "data")
             try:
                 import torchvision
+
                 torchvision.datasets.FashionMNIST(str(target), train=True, download=True)
                 torchvision.datasets.FashionMNIST(str(target), train=False, download=True)
                 return target / "FashionMNIST" / "raw"
             except Exception as err:  # noqa: BLE001 - any download failure ends in the same advice
                 tried.append(Path(f"torchvision download into {target} failed: {err}"))
         raise DataError(
-            "Fashion-MNIST not found. Looked in:\n  " + "\n  ".join(map(str, tried)) +
-            "\nFix: `sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or put the four IDX files "
+            "Fashion-MNIST not found. Looked in:\n  "
+            + "\n  ".join(map(str, tried))
+            + "\nFix: `sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or put the four IDX files "
             "(train-images-idx3-ubyte.gz, ...) in a folder and bind `data.FashionMNIST.root = '<folder>'` "
-            "or set SSLBENCH_DATA=<folder>.")
+            "or set SSLBENCH_DATA=<folder>."
+        )
 
     def read_split(self, which: str) -> ImageSet:
         """``train`` (60k) or ``test`` (10k), read from the IDX files."""
@@ -103,12 +119,17 @@ class FashionMNIST(CachedSplits):
         try:
             images, labels = read_idx(cast(Path, img_file)), read_idx(cast(Path, lbl_file))  # _locate found them
         except DataError as err:
-            raise DataError(f"{err}, or bind `data.FashionMNIST.root` to a folder holding intact IDX "
-                            "files") from err
+            raise DataError(f"{err}, or bind `data.FashionMNIST.root` to a folder holding intact IDX files") from err
         if images.ndim != 3 or len(images) != len(labels):
-            raise DataError(f"{img_file}: expected [N, 28, 28] images matching {lbl_file} ({images.shape} images, "
-                            f"{len(labels)} labels). Fix: fetch both files again, or bind `data.FashionMNIST.root` "
-                            "to a folder holding intact IDX files")
-        return ImageSet(images=torch.from_numpy(images.copy()).unsqueeze(1),
-                        labels=torch.from_numpy(labels.astype(np.int64)),
-                        classes=FMNIST_CLASSES, mean=(0.2860,), std=(0.3530,))
+            raise DataError(
+                f"{img_file}: expected [N, 28, 28] images matching {lbl_file} ({images.shape} images, "
+                f"{len(labels)} labels). Fix: fetch both files again, or bind `data.FashionMNIST.root` "
+                "to a folder holding intact IDX files"
+            )
+        return ImageSet(
+            images=torch.from_numpy(images.copy()).unsqueeze(1),
+            labels=torch.from_numpy(labels.astype(np.int64)),
+            classes=FMNIST_CLASSES,
+            mean=(0.2860,),
+            std=(0.3530,),
+        )

@@ -6,6 +6,7 @@ beside its numbers in ``run.json``. Protocols on frozen features share one extra
 per (encoder, dataset split): see `Features`; the others get a `Context`.
 docs/protocols.md lists the protocols, their papers and the settings they pin.
 """
+
 from __future__ import annotations
 
 import dataclasses

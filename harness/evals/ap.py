@@ -1,5 +1,6 @@
 """Average precision as PASCAL VOC 2007 computes it: the devkit's 11-point interpolated AP,
 the precision-recall curve it is taken over, and the classification AP of one class."""
+
 from __future__ import annotations
 
 import math

@@ -5,6 +5,7 @@ features: ``<pretrain folder>/features/<key>.pt``, the key hashing the split, th
 subset and the preprocessing. Each file has a checksum sidecar (``<key>.pt.json``) and is
 extracted again when it does not match it (`harness.store.load_cache`).
 """
+
 from __future__ import annotations
 
 import json
@@ -22,14 +23,22 @@ from harness.views import eval_view
 
 
 @torch.no_grad()
-def extract(encoder: nn.Module, data: ImageSet, image_size: int, batch_size: int = 512,
-            device: torch.device | str = "cpu", desc: str = "features", progress: bool = True) -> Features:
+def extract(
+    encoder: nn.Module,
+    data: ImageSet,
+    image_size: int,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+    desc: str = "features",
+    progress: bool = True,
+) -> Features:
     """Pooled features of every image, in eval mode. Returns x ``[N, D]``, y ``[N]``."""
     encoder = encoder.to(device).eval()
     chunks = []
-    for i in tqdm(range(0, len(data), batch_size), desc=desc, disable=not progress, dynamic_ncols=True,
-                  mininterval=1.0):
-        x = eval_view(data.images[i:i + batch_size].to(device), image_size, data.mean, data.std)
+    for i in tqdm(
+        range(0, len(data), batch_size), desc=desc, disable=not progress, dynamic_ncols=True, mininterval=1.0
+    ):
+        x = eval_view(data.images[i : i + batch_size].to(device), image_size, data.mean, data.std)
         chunks.append(encoder(x).flatten(1).float().cpu())  # [b, D]
     return Features(x=torch.cat(chunks), y=data.labels.clone())
 
@@ -45,16 +54,22 @@ class FrozenFeatures:
         batch_size: extraction batch size.
     """
 
-    def __init__(self, image_size: int = gin.REQUIRED, train_size: int | None = None,
-                 test_size: int | None = None, batch_size: int = 512):
+    def __init__(
+        self,
+        image_size: int = gin.REQUIRED,
+        train_size: int | None = None,
+        test_size: int | None = None,
+        batch_size: int = 512,
+    ):
         self.image_size, self.batch_size = image_size, batch_size
         self.sizes = {"train": train_size, "test": test_size}
 
     def key(self, dataset_name: str, split: str) -> str:
         return ginutil.digest([json.dumps([dataset_name, split, self.sizes[split], self.image_size])])
 
-    def __call__(self, encoder: nn.Module, dataset, cache: Path, device: torch.device | str = "cpu",
-                 progress: bool = True) -> dict[str, Features]:
+    def __call__(
+        self, encoder: nn.Module, dataset, cache: Path, device: torch.device | str = "cpu", progress: bool = True
+    ) -> dict[str, Features]:
         """``{"train": Features, "test": Features}``, read from `cache` when a file there matches
         its checksum sidecar (else extracted again). ``self.used`` then maps each cache file
         read or written to its `store.file_meta`: the run records them as what its numbers depend on."""

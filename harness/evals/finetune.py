@@ -8,6 +8,7 @@ the central ``eval_crop`` of each image resized to the image size (ImageNet's 22
 0.875). Batches follow ``optim.batch_indices`` (epoch-wise seeded permutations, last
 partial batch dropped), so a run is a pure function of its seed. The steps are `harness.optim.Kernel`'s.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -74,8 +75,9 @@ class Recipe:
         if self.nesterov and (self.optimizer != "sgd" or self.momentum <= 0):
             problems.append("nesterov needs optimizer 'sgd' and momentum > 0")
         if self.epochs <= 0 or self.batch_size < 1 or self.lr <= 0:
-            problems.append(f"epochs, batch_size and lr must be positive (got {self.epochs}, {self.batch_size}, "
-                            f"{self.lr})")
+            problems.append(
+                f"epochs, batch_size and lr must be positive (got {self.epochs}, {self.batch_size}, {self.lr})"
+            )
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             problems.append(f"crop_scale {tuple(self.crop_scale)} must be (lo, hi) with 0 < lo <= hi <= 1")
         if problems:
@@ -99,8 +101,13 @@ class Recipe:
 
 def schedule(recipe: Recipe, per_epoch: int, total: int) -> Callable[[int], float]:
     """The recipe's lr multiplier per step (`optim.lr_factor`; `per_epoch` steps an epoch, `total` steps)."""
-    return functools.partial(optim.lr_factor, total=total, warmup=round(recipe.warmup_epochs * per_epoch),
-                             decay=recipe.schedule, milestones=[m * per_epoch for m in recipe.milestones])
+    return functools.partial(
+        optim.lr_factor,
+        total=total,
+        warmup=round(recipe.warmup_epochs * per_epoch),
+        decay=recipe.schedule,
+        milestones=[m * per_epoch for m in recipe.milestones],
+    )
 
 
 def optimizer(recipe: Recipe, model: nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -108,23 +115,40 @@ def optimizer(recipe: Recipe, model: nn.Module, lr: float) -> torch.optim.Optimi
     groups = [g for g in optim.param_groups(model, recipe.weight_decay) if g["params"]]
     if recipe.optimizer == "lars":
         return optim.LARS(groups, lr=lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay, eta=0.001)
-    return torch.optim.SGD(groups, lr=lr, momentum=recipe.momentum, nesterov=recipe.nesterov,
-                           weight_decay=recipe.weight_decay)
+    return torch.optim.SGD(
+        groups, lr=lr, momentum=recipe.momentum, nesterov=recipe.nesterov, weight_decay=recipe.weight_decay
+    )
 
 
 def feature_dim(encoder: nn.Module, data: ImageSet, image_size: int, device: torch.device | str) -> int:
     """Width of the encoder's pooled output, from a forward pass in eval mode."""
     was_training = encoder.training
     with torch.no_grad():
-        d = encoder.eval()(eval_view(data.images[torch.arange(min(2, len(data)))].to(device), image_size, data.mean,
-                                     data.std)).flatten(1).shape[1]
+        d = (
+            encoder.eval()(
+                eval_view(data.images[torch.arange(min(2, len(data)))].to(device), image_size, data.mean, data.std)
+            )
+            .flatten(1)
+            .shape[1]
+        )
     encoder.train(was_training)
     return d
 
 
-def train(encoder: nn.Module, head: nn.Module, data: ImageSet, index: torch.Tensor, recipe: Recipe, image_size: int,
-          *, fine_tune: bool, seed: int, device: torch.device | str = "cpu", progress: bool = False,
-          desc: str = "classifier") -> dict:
+def train(
+    encoder: nn.Module,
+    head: nn.Module,
+    data: ImageSet,
+    index: torch.Tensor,
+    recipe: Recipe,
+    image_size: int,
+    *,
+    fine_tune: bool,
+    seed: int,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    desc: str = "classifier",
+) -> dict:
     """Trains `head` on the encoder's features of augmented views of ``data[index]``; with
     `fine_tune` the encoder trains too (train mode), else it stays frozen in eval mode.
 
@@ -143,8 +167,16 @@ def train(encoder: nn.Module, head: nn.Module, data: ImageSet, index: torch.Tens
     for p in encoder.parameters():
         p.requires_grad_(fine_tune)
     opt = optimizer(recipe, nn.ModuleList([encoder, head]) if fine_tune else head, lr)
-    kernel = optim.Kernel(opt, lr, schedule(recipe, per_epoch, total), total, source, "lower the protocol's lr",
-                          name=desc, device=torch.device(device))
+    kernel = optim.Kernel(
+        opt,
+        lr,
+        schedule(recipe, per_epoch, total),
+        total,
+        source,
+        "lower the protocol's lr",
+        name=desc,
+        device=torch.device(device),
+    )
     kernel.prepare(encoder).train(fine_tune)
     kernel.prepare(head).train()
     loss = torch.zeros(())
@@ -153,8 +185,9 @@ def train(encoder: nn.Module, head: nn.Module, data: ImageSet, index: torch.Tens
         torch.manual_seed(seed)
         for step in tqdm(range(total), desc=desc, disable=not progress, dynamic_ncols=True, mininterval=1.0):
             idx = index[optim.batch_indices(n, batch, seed, step)]  # [b]
-            x = resized_crop(data.images[idx].to(device).float().div_(255), image_size, recipe.crop_scale,
-                             (3 / 4, 4 / 3), 0.5)
+            x = resized_crop(
+                data.images[idx].to(device).float().div_(255), image_size, recipe.crop_scale, (3 / 4, 4 / 3), 0.5
+            )
             x = normalize(x, data.mean, data.std)  # [b, C, S, S]
             with kernel.autocast():
                 with torch.set_grad_enabled(fine_tune):
@@ -165,8 +198,18 @@ def train(encoder: nn.Module, head: nn.Module, data: ImageSet, index: torch.Tens
 
 
 @torch.no_grad()
-def refresh_bn(encoder: nn.Module, head: nn.Module, data: ImageSet, index: torch.Tensor, image_size: int,
-               eval_crop: float, *, fine_tune: bool, device: torch.device | str = "cpu", batch_size: int = 256) -> int:
+def refresh_bn(
+    encoder: nn.Module,
+    head: nn.Module,
+    data: ImageSet,
+    index: torch.Tensor,
+    image_size: int,
+    eval_crop: float,
+    *,
+    fine_tune: bool,
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+) -> int:
     """Recomputes the running mean and variance of the BatchNorm layers that trained (the head's;
     the encoder's too with `fine_tune`) as averages over the centre views of ``data[index]``;
     weights are unchanged. Precise BN (Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm",
@@ -177,8 +220,12 @@ def refresh_bn(encoder: nn.Module, head: nn.Module, data: ImageSet, index: torch
         The number of BatchNorm layers refreshed.
     """
     trained = [head, encoder] if fine_tune else [head]
-    norms = [m for module in trained for m in module.modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    norms = [
+        m
+        for module in trained
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
     if not norms:
         return 0
     momenta = [m.momentum for m in norms]
@@ -188,7 +235,7 @@ def refresh_bn(encoder: nn.Module, head: nn.Module, data: ImageSet, index: torch
     encoder.train(fine_tune)
     head.train()
     for i in range(0, len(index), batch_size):
-        idx = index[i:i + batch_size]
+        idx = index[i : i + batch_size]
         if len(idx) < 2:  # BatchNorm cannot take the variance of one image
             break
         x = center_view(data.images[idx].to(device), image_size, eval_crop, data.mean, data.std)  # [b, C, S, S]
@@ -198,18 +245,26 @@ def refresh_bn(encoder: nn.Module, head: nn.Module, data: ImageSet, index: torch
     return len(norms)
 
 
-def center_view(images: torch.Tensor, size: int, crop: float, mean: Sequence[float],
-                std: Sequence[float]) -> torch.Tensor:
+def center_view(
+    images: torch.Tensor, size: int, crop: float, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
     """The central `crop` fraction of each image, resized to `size`, normalised. uint8 [B,C,H,W] -> float."""
     h, w = images.shape[-2:]
     ch, cw = max(1, round(h * crop)), max(1, round(w * crop))
     top, left = (h - ch) // 2, (w - cw) // 2
-    return eval_view(images[..., top:top + ch, left:left + cw], size, mean, std)
+    return eval_view(images[..., top : top + ch, left : left + cw], size, mean, std)
 
 
 @torch.no_grad()
-def test(encoder: nn.Module, head: nn.Module, data: ImageSet, image_size: int, eval_crop: float,
-         device: torch.device | str = "cpu", batch_size: int = 256) -> dict[str, float]:
+def test(
+    encoder: nn.Module,
+    head: nn.Module,
+    data: ImageSet,
+    image_size: int,
+    eval_crop: float,
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+) -> dict[str, float]:
     """Top-1 and top-5 accuracy (%) of ``head(encoder(x))`` on centre views; top-5 only with more than 5 classes."""
     encoder.eval()
     head.eval()
@@ -217,9 +272,9 @@ def test(encoder: nn.Module, head: nn.Module, data: ImageSet, image_size: int, e
     k = min(5, num_classes)
     hits = torch.zeros(k)
     for i in range(0, len(data), batch_size):
-        x = center_view(data.images[i:i + batch_size].to(device), image_size, eval_crop, data.mean, data.std)
+        x = center_view(data.images[i : i + batch_size].to(device), image_size, eval_crop, data.mean, data.std)
         top = head(encoder(x).flatten(1)).topk(k, dim=1).indices.cpu()  # [b, k]
-        hits += (top == data.labels[i:i + batch_size, None]).cumsum(1).sum(0).float()
+        hits += (top == data.labels[i : i + batch_size, None]).cumsum(1).sum(0).float()
     out = {"top1": 100.0 * float(hits[0]) / len(data)}
     if num_classes > 5:
         out["top5"] = 100.0 * float(hits[k - 1]) / len(data)

@@ -9,6 +9,7 @@ Ties are broken deterministically: among train items equally similar to a test i
 the lower train index is taken first, and among classes with equal summed weight the
 lower class id wins.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -20,8 +21,15 @@ import gin
 from harness.evals import Features
 
 
-def _votes(sim: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor, y: torch.Tensor, k: int, num_classes: int,
-           temperature: float) -> torch.Tensor:
+def _votes(
+    sim: torch.Tensor,
+    vals: torch.Tensor,
+    idx: torch.Tensor,
+    y: torch.Tensor,
+    k: int,
+    num_classes: int,
+    temperature: float,
+) -> torch.Tensor:
     """Summed neighbour weights per class for one chunk of test rows.
 
     Args:
@@ -64,15 +72,17 @@ class KNN:
 
     def __init__(self, ks: Sequence[int] = (20, 200), temperature: float = 0.07, chunk_size: int = 1024) -> None:
         """Args:
-            ks: neighbour counts to report; each is clipped to the number of train items,
-                the key keeps the requested value (``knn/top1@200``).
-            temperature: tau of the vote weight ``exp(sim / tau)`` (NPID uses 0.07).
-            chunk_size: test rows per similarity block; peak memory is about
-                ``chunk_size * N_train * 4`` bytes, up to 3x that where many items tie.
+        ks: neighbour counts to report; each is clipped to the number of train items,
+            the key keeps the requested value (``knn/top1@200``).
+        temperature: tau of the vote weight ``exp(sim / tau)`` (NPID uses 0.07).
+        chunk_size: test rows per similarity block; peak memory is about
+            ``chunk_size * N_train * 4`` bytes, up to 3x that where many items tie.
         """
         if not ks or min(ks) < 1 or temperature <= 0 or chunk_size < 1:
-            raise ValueError(f"knn.KNN needs ks >= 1, temperature > 0 and chunk_size >= 1 (check the gin bindings "
-                             f"of knn.KNN); got ks={ks}, temperature={temperature}, chunk_size={chunk_size}")
+            raise ValueError(
+                f"knn.KNN needs ks >= 1, temperature > 0 and chunk_size >= 1 (check the gin bindings "
+                f"of knn.KNN); got ks={ks}, temperature={temperature}, chunk_size={chunk_size}"
+            )
         self.ks = sorted({int(k) for k in ks})
         self.temperature = float(temperature)
         self.chunk_size = int(chunk_size)

@@ -12,6 +12,7 @@ BatchNorm) trained by SGD or LARS on the frozen encoder's features of randomly c
 flipped training images, with the paper's schedule and epochs; top-1/top-5 of the last
 epoch on centre crops of the test images. It needs the encoder, not cached features.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,8 +36,9 @@ KAPPA, TOL_GRAD, TOL_CHANGE = 0.3, 1e-5, 1e-7
 Pair = tuple[torch.Tensor, torch.Tensor]
 
 
-def _fit(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, max_iter: int, basis: Pair,
-         init: Pair | None) -> Pair:
+def _fit(
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, max_iter: int, basis: Pair, init: Pair | None
+) -> Pair:
     """Minimises ``mean cross-entropy + l2 * ||W||_F^2`` (bias unpenalised) by L-BFGS on
     ``W = V diag(s) U^T``, ``U diag(lam) U^T`` being the feature covariance (``basis``) and
     ``s = (KAPPA lam + 2 l2)^-1/2``: the optimum is unchanged, the curvature evened out.
@@ -48,8 +50,9 @@ def _fit(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float, max_iter
     s = (KAPPA * lam + 2 * l2).clamp_min(1e-6).rsqrt()  # [D]
     w0, b0 = init if init is not None else (torch.zeros(num_classes, x.shape[1]), torch.zeros(num_classes))
     v, b = ((w0 @ u) / s).requires_grad_(True), b0.clone().requires_grad_(True)  # [C, D], [C]
-    opt = torch.optim.LBFGS([v, b], max_iter=max_iter, tolerance_grad=TOL_GRAD, tolerance_change=TOL_CHANGE,
-                            line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [v, b], max_iter=max_iter, tolerance_grad=TOL_GRAD, tolerance_change=TOL_CHANGE, line_search_fn="strong_wolfe"
+    )
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
@@ -116,28 +119,39 @@ class LinearProbe:
 
     name = "linear/fast"
 
-    def __init__(self, l2_grid: Sequence[float] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1), val_fraction: float = 0.2,
-                 max_iter: int = 50, seed: int = 0) -> None:
+    def __init__(
+        self,
+        l2_grid: Sequence[float] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1),
+        val_fraction: float = 0.2,
+        max_iter: int = 50,
+        seed: int = 0,
+    ) -> None:
         """Args:
-            l2_grid: candidate L2 strengths. Units: the coefficient of the squared Frobenius norm
-                of the weight in ``mean_i CE_i + l2 * ||W||^2`` (mean over samples, bias not
-                penalised) on features standardised to unit variance; scikit-learn's ``C`` is
-                ``1 / (2 * l2 * N_fit)``. The default brackets the optima measured on Fashion-MNIST
-                pixel and random-conv features with 600 to 60k train items (1e-5 to 1e-1).
-            val_fraction: share of each training class held out to choose ``l2``.
-            max_iter: cap on L-BFGS iterations per fit (100: twice the time, top-1 within 0.1).
-            seed: seed of the stratified hold-out split.
+        l2_grid: candidate L2 strengths. Units: the coefficient of the squared Frobenius norm
+            of the weight in ``mean_i CE_i + l2 * ||W||^2`` (mean over samples, bias not
+            penalised) on features standardised to unit variance; scikit-learn's ``C`` is
+            ``1 / (2 * l2 * N_fit)``. The default brackets the optima measured on Fashion-MNIST
+            pixel and random-conv features with 600 to 60k train items (1e-5 to 1e-1).
+        val_fraction: share of each training class held out to choose ``l2``.
+        max_iter: cap on L-BFGS iterations per fit (100: twice the time, top-1 within 0.1).
+        seed: seed of the stratified hold-out split.
         """
         if not l2_grid or min(l2_grid) < 0 or not 0 < val_fraction < 1 or max_iter < 1:
-            raise ValueError(f"linear.LinearProbe needs l2_grid values >= 0, 0 < val_fraction < 1, max_iter >= 1 "
-                             f"(check its gin bindings); got {l2_grid}, {val_fraction}, {max_iter}")
+            raise ValueError(
+                f"linear.LinearProbe needs l2_grid values >= 0, 0 < val_fraction < 1, max_iter >= 1 "
+                f"(check its gin bindings); got {l2_grid}, {val_fraction}, {max_iter}"
+            )
         self.l2_grid = sorted(float(v) for v in l2_grid)
         self.val_fraction, self.max_iter, self.seed = float(val_fraction), int(max_iter), int(seed)
 
     def params(self) -> dict:
         """Settings that change the numbers (JSON-serialisable)."""
-        return {"l2_grid": list(self.l2_grid), "val_fraction": self.val_fraction, "max_iter": self.max_iter,
-                "seed": self.seed}
+        return {
+            "l2_grid": list(self.l2_grid),
+            "val_fraction": self.val_fraction,
+            "max_iter": self.max_iter,
+            "seed": self.seed,
+        }
 
     @torch.no_grad()
     def __call__(self, train: Features, test: Features) -> dict[str, float]:
@@ -157,8 +171,10 @@ class LinearProbe:
             best, fit, chosen, best_hits = self.l2_grid[-1], None, None, -1
             val = _split(train.y, self.val_fraction, self.seed)  # [N]
             if len(self.l2_grid) > 1 and not val.any():
-                raise ValueError("linear.LinearProbe: no held-out train items to choose l2 from; raise "
-                                 "linear.LinearProbe.val_fraction or bind a one-value l2_grid")
+                raise ValueError(
+                    "linear.LinearProbe: no held-out train items to choose l2 from; raise "
+                    "linear.LinearProbe.val_fraction or bind a one-value l2_grid"
+                )
             for l2 in reversed(self.l2_grid if len(self.l2_grid) > 1 else []):  # strongest first; warm starts
                 fit = _fit(xtr[~val], train.y[~val], num_classes, l2, self.max_iter, basis, fit)
                 hits = int((F.linear(xtr[val], *fit).argmax(1) == train.y[val]).sum())
@@ -200,28 +216,63 @@ class PaperProbe:
 
     frozen = False
 
-    def __init__(self, name: str = "linear/mocov2", image_size: int = gin.REQUIRED, epochs: float = 100,
-                 batch_size: int = 256, lr: float = 30.0, scale_lr: bool = True, optimizer: str = "sgd",
-                 momentum: float = 0.9, nesterov: bool = False, weight_decay: float = 0.0, schedule: str = "step",
-                 milestones: Sequence[float] = (60, 80), warmup_epochs: float = 0.0,
-                 crop_scale: Sequence[float] = (0.08, 1.0), norm: str = "none", eval_crop: float = 0.875,
-                 train_size: int | None = None, test_size: int | None = None, max_steps: int | None = None,
-                 precise_bn: bool = False) -> None:
+    def __init__(
+        self,
+        name: str = "linear/mocov2",
+        image_size: int = gin.REQUIRED,
+        epochs: float = 100,
+        batch_size: int = 256,
+        lr: float = 30.0,
+        scale_lr: bool = True,
+        optimizer: str = "sgd",
+        momentum: float = 0.9,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        schedule: str = "step",
+        milestones: Sequence[float] = (60, 80),
+        warmup_epochs: float = 0.0,
+        crop_scale: Sequence[float] = (0.08, 1.0),
+        norm: str = "none",
+        eval_crop: float = 0.875,
+        train_size: int | None = None,
+        test_size: int | None = None,
+        max_steps: int | None = None,
+        precise_bn: bool = False,
+    ) -> None:
         if norm not in NORMS or not 0 < eval_crop <= 1 or not name:
-            raise ValueError(f"linear.PaperProbe ({name}): norm must be one of {NORMS} and 0 < eval_crop <= 1 (check "
-                             f"its gin bindings); got norm={norm!r}, eval_crop={eval_crop}")
+            raise ValueError(
+                f"linear.PaperProbe ({name}): norm must be one of {NORMS} and 0 < eval_crop <= 1 (check "
+                f"its gin bindings); got norm={norm!r}, eval_crop={eval_crop}"
+            )
         self.name, self.image_size, self.norm, self.eval_crop = str(name), int(image_size), norm, float(eval_crop)
         self.train_size, self.test_size = train_size, test_size
-        self.recipe = finetune.Recipe(epochs=epochs, batch_size=batch_size, lr=lr, scale_lr=scale_lr,
-                                      optimizer=optimizer, momentum=momentum, nesterov=nesterov,
-                                      weight_decay=weight_decay, schedule=schedule, milestones=tuple(milestones),
-                                      warmup_epochs=warmup_epochs, crop_scale=tuple(crop_scale), max_steps=max_steps,
-                                      precise_bn=precise_bn)
+        self.recipe = finetune.Recipe(
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            scale_lr=scale_lr,
+            optimizer=optimizer,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            schedule=schedule,
+            milestones=tuple(milestones),
+            warmup_epochs=warmup_epochs,
+            crop_scale=tuple(crop_scale),
+            max_steps=max_steps,
+            precise_bn=precise_bn,
+        )
 
     def params(self) -> dict:
         """Settings that change the numbers (JSON-serialisable)."""
-        return {**self.recipe.params(), "image_size": self.image_size, "norm": self.norm, "eval_crop": self.eval_crop,
-                "train_size": self.train_size, "test_size": self.test_size}
+        return {
+            **self.recipe.params(),
+            "image_size": self.image_size,
+            "norm": self.norm,
+            "eval_crop": self.eval_crop,
+            "train_size": self.train_size,
+            "test_size": self.test_size,
+        }
 
     def head(self, dim: int, num_classes: int) -> nn.Module:
         """The classifier: weights ~ N(0, 0.01), zero bias, after the chosen normalisation."""
@@ -249,11 +300,23 @@ class PaperProbe:
         encoder = ctx.encoder()
         head = self.head(finetune.feature_dim(encoder, train, self.image_size, ctx.device), len(train.classes))
         index = torch.arange(len(train))
-        done = finetune.train(encoder, head, train, index, self.recipe, self.image_size, fine_tune=False,
-                              seed=ctx.seed, device=ctx.device, progress=ctx.progress, desc=self.name)
+        done = finetune.train(
+            encoder,
+            head,
+            train,
+            index,
+            self.recipe,
+            self.image_size,
+            fine_tune=False,
+            seed=ctx.seed,
+            device=ctx.device,
+            progress=ctx.progress,
+            desc=self.name,
+        )
         self.selected = {"budget": {k: done[k] for k in ("batch", "steps", "images_seen")}}
         if self.recipe.precise_bn:
-            finetune.refresh_bn(encoder, head, train, index, self.image_size, self.eval_crop, fine_tune=False,
-                                device=ctx.device)
+            finetune.refresh_bn(
+                encoder, head, train, index, self.image_size, self.eval_crop, fine_tune=False, device=ctx.device
+            )
         scores = finetune.test(encoder, head, test, self.image_size, self.eval_crop, ctx.device)
         return {f"{self.name}/{k}": v for k, v in scores.items()}

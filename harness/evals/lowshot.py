@@ -13,6 +13,7 @@ unused), as the fast linear probe standardises; statistics of the k x C labelled
 alone amplify dimensions that happen to vary little among them (Fashion-MNIST pixels, k = 1,
 three draws: 30 % top-1 with them against 37 % with the training set's).
 """
+
 from __future__ import annotations
 
 import statistics
@@ -42,18 +43,33 @@ class LowShot:
         max_iter: L-BFGS iterations per fit.
     """
 
-    def __init__(self, name: str = "lowshot/logreg", ks: Sequence[int] = (1, 5, 10), draws: int = 5, seed: int = 0,
-                 l2: float = 1e-2, max_iter: int = 50) -> None:
+    def __init__(
+        self,
+        name: str = "lowshot/logreg",
+        ks: Sequence[int] = (1, 5, 10),
+        draws: int = 5,
+        seed: int = 0,
+        l2: float = 1e-2,
+        max_iter: int = 50,
+    ) -> None:
         if not ks or min(ks) < 1 or draws < 1 or l2 < 0 or max_iter < 1:
-            raise ValueError(f"lowshot.LowShot needs ks >= 1, draws >= 1, l2 >= 0 and max_iter >= 1 (check its gin "
-                             f"bindings); got ks={list(ks)}, draws={draws}, l2={l2}, max_iter={max_iter}")
+            raise ValueError(
+                f"lowshot.LowShot needs ks >= 1, draws >= 1, l2 >= 0 and max_iter >= 1 (check its gin "
+                f"bindings); got ks={list(ks)}, draws={draws}, l2={l2}, max_iter={max_iter}"
+            )
         self.name, self.ks, self.draws, self.seed = str(name), sorted({int(k) for k in ks}), int(draws), int(seed)
         self.l2, self.max_iter = float(l2), int(max_iter)
 
     def params(self) -> dict:
         """Settings that change the numbers (JSON-serialisable)."""
-        return {"ks": self.ks, "draws": self.draws, "seed": self.seed, "l2": self.l2, "max_iter": self.max_iter,
-                "standardize": "all training features"}
+        return {
+            "ks": self.ks,
+            "draws": self.draws,
+            "seed": self.seed,
+            "l2": self.l2,
+            "max_iter": self.max_iter,
+            "standardize": "all training features",
+        }
 
     @torch.no_grad()
     def __call__(self, train: Features, test: Features) -> dict[str, float]:
@@ -63,9 +79,11 @@ class LowShot:
         fewest = int(counts[counts > 0].min())
         if fewest < self.ks[-1]:
             rare = int((counts == fewest).nonzero()[0])
-            raise ValueError(f"{self.name}: class {rare} has {fewest} training items, fewer than k = {self.ks[-1]}; "
-                             "lower lowshot.LowShot.ks or use more training features "
-                             "(features.FrozenFeatures.train_size)")
+            raise ValueError(
+                f"{self.name}: class {rare} has {fewest} training items, fewer than k = {self.ks[-1]}; "
+                "lower lowshot.LowShot.ks or use more training features "
+                "(features.FrozenFeatures.train_size)"
+            )
         out = {}
         with one_thread():
             scale = standardizer(train.x)

@@ -14,6 +14,7 @@ A protocol is any object with
 protocol with the same settings. run.json records it with each protocol's metrics, and
 the leaderboard never averages numbers of different ids (`harness.collate`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -42,8 +43,10 @@ def check_names(protocols: Sequence[Any]) -> None:
     names = [p.name for p in protocols]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
-        raise ValueError(f"job.run.evaluations lists more than one protocol named {', '.join(twice)}; give each its "
-                         "own name (e.g. bind `<scope>/linear.PaperProbe.name`) or drop the duplicate")
+        raise ValueError(
+            f"job.run.evaluations lists more than one protocol named {', '.join(twice)}; give each its "
+            "own name (e.g. bind `<scope>/linear.PaperProbe.name`) or drop the duplicate"
+        )
 
 
 def evaluate(protocol: Any, ctx: Context) -> dict[str, float]:
@@ -69,7 +72,9 @@ def budget_lines(protocols: Sequence[Any], train: Any) -> list[str]:
         if not hasattr(protocol, "budget"):
             continue
         parts = protocol.budget(train)
-        text = "; ".join(f"{tag + ': ' if tag else ''}{b['steps']:,} steps x {b['batch']} ({b['images_seen']:,} images)"
-                         for tag, b in parts.items())
+        text = "; ".join(
+            f"{tag + ': ' if tag else ''}{b['steps']:,} steps x {b['batch']} ({b['images_seen']:,} images)"
+            for tag, b in parts.items()
+        )
         lines.append(f"{protocol.name}: {text}")
     return lines

@@ -6,6 +6,7 @@ relevant item among their k nearest, as in deep metric learning, e.g. Song et al
 "Deep Metric Learning via Lifted Structured Feature Embedding", CVPR) and mean average
 precision over the full ranking. Equal similarities rank the lower gallery index first.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -29,8 +30,10 @@ class Retrieval:
 
     def __init__(self, name: str = "retrieval/cosine", ks: Sequence[int] = (1, 5, 10), chunk_size: int = 256) -> None:
         if not ks or min(ks) < 1 or chunk_size < 1:
-            raise ValueError(f"retrieval.Retrieval needs ks >= 1 and chunk_size >= 1 (check its gin bindings); got "
-                             f"ks={list(ks)}, chunk_size={chunk_size}")
+            raise ValueError(
+                f"retrieval.Retrieval needs ks >= 1 and chunk_size >= 1 (check its gin bindings); got "
+                f"ks={list(ks)}, chunk_size={chunk_size}"
+            )
         self.name, self.ks, self.chunk_size = str(name), sorted({int(k) for k in ks}), int(chunk_size)
 
     def params(self) -> dict:
@@ -48,11 +51,11 @@ class Retrieval:
         found = dict.fromkeys(self.ks, 0)
         ap_sum, with_relevant = 0.0, 0
         for start in range(0, len(queries), self.chunk_size):
-            sim = queries[start:start + self.chunk_size] @ gallery.T  # [B, N]
+            sim = queries[start : start + self.chunk_size] @ gallery.T  # [B, N]
             order = sim.sort(dim=1, descending=True, stable=True).indices  # [B, N] ties: lower index first
-            rel = train.y[order] == test.y[start:start + self.chunk_size, None]  # [B, N]
+            rel = train.y[order] == test.y[start : start + self.chunk_size, None]  # [B, N]
             for k in self.ks:
-                found[k] += int(rel[:, :min(k, n)].any(1).sum())
+                found[k] += int(rel[:, : min(k, n)].any(1).sum())
             hits = rel.sum(1)  # [B]
             precision = rel.cumsum(1, dtype=torch.float64) / ranks  # [B, N] precision at each rank
             ap = (precision * rel).sum(1) / hits.clamp_min(1)  # [B]

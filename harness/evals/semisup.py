@@ -13,6 +13,7 @@ one train image file name per line); on other data a class-balanced subset is dr
 Each percentage fine-tunes its own fresh copy of the exported encoder (`Context.encoder`);
 the exported encoder and the frozen features other protocols read are never changed.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
@@ -49,34 +50,75 @@ class SemiSupervised:
 
     frozen = False
 
-    def __init__(self, name: str = "semisup/simclr", image_size: int = gin.REQUIRED,
-                 percents: Sequence[float] = (1, 10), epochs: Sequence[float] = (60, 30),
-                 subset_files: Sequence[str | None] | None = None, subset_seed: int = 0, batch_size: int = 4096,
-                 lr: float = 0.05, scale_lr: bool = True, optimizer: str = "sgd", momentum: float = 0.9,
-                 nesterov: bool = True, weight_decay: float = 0.0, schedule: str = "cosine",
-                 warmup_epochs: float = 0.0, crop_scale: Sequence[float] = (0.08, 1.0), eval_crop: float = 0.875,
-                 test_size: int | None = None, max_steps: int | None = None, precise_bn: bool = False) -> None:
+    def __init__(
+        self,
+        name: str = "semisup/simclr",
+        image_size: int = gin.REQUIRED,
+        percents: Sequence[float] = (1, 10),
+        epochs: Sequence[float] = (60, 30),
+        subset_files: Sequence[str | None] | None = None,
+        subset_seed: int = 0,
+        batch_size: int = 4096,
+        lr: float = 0.05,
+        scale_lr: bool = True,
+        optimizer: str = "sgd",
+        momentum: float = 0.9,
+        nesterov: bool = True,
+        weight_decay: float = 0.0,
+        schedule: str = "cosine",
+        warmup_epochs: float = 0.0,
+        crop_scale: Sequence[float] = (0.08, 1.0),
+        eval_crop: float = 0.875,
+        test_size: int | None = None,
+        max_steps: int | None = None,
+        precise_bn: bool = False,
+    ) -> None:
         files = list(subset_files) if subset_files is not None else [None] * len(percents)
         if not percents or len(epochs) != len(percents) or len(files) != len(percents):
-            raise ValueError(f"semisup.SemiSupervised: percents, epochs and subset_files need one entry per labelled "
-                             f"share (check its gin bindings); got {list(percents)}, {list(epochs)}, {files}")
+            raise ValueError(
+                f"semisup.SemiSupervised: percents, epochs and subset_files need one entry per labelled "
+                f"share (check its gin bindings); got {list(percents)}, {list(epochs)}, {files}"
+            )
         if not all(0 < p <= 100 for p in percents) or not 0 < eval_crop <= 1:
-            raise ValueError(f"semisup.SemiSupervised: percents must lie in (0, 100] and eval_crop in (0, 1]; got "
-                             f"{list(percents)}, {eval_crop}")
+            raise ValueError(
+                f"semisup.SemiSupervised: percents must lie in (0, 100] and eval_crop in (0, 1]; got "
+                f"{list(percents)}, {eval_crop}"
+            )
         self.name, self.image_size, self.eval_crop = str(name), int(image_size), float(eval_crop)
         self.percents, self.epochs, self.subset_files = [float(p) for p in percents], [float(e) for e in epochs], files
         self.subset_seed, self.test_size = int(subset_seed), test_size
-        self.recipes = [finetune.Recipe(epochs=e, batch_size=batch_size, lr=lr, scale_lr=scale_lr, optimizer=optimizer,
-                                        momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                                        schedule=schedule, warmup_epochs=warmup_epochs, crop_scale=tuple(crop_scale),
-                                        max_steps=max_steps, precise_bn=precise_bn) for e in self.epochs]
+        self.recipes = [
+            finetune.Recipe(
+                epochs=e,
+                batch_size=batch_size,
+                lr=lr,
+                scale_lr=scale_lr,
+                optimizer=optimizer,
+                momentum=momentum,
+                nesterov=nesterov,
+                weight_decay=weight_decay,
+                schedule=schedule,
+                warmup_epochs=warmup_epochs,
+                crop_scale=tuple(crop_scale),
+                max_steps=max_steps,
+                precise_bn=precise_bn,
+            )
+            for e in self.epochs
+        ]
 
     def params(self) -> dict:
         """Settings that change the numbers (JSON-serialisable)."""
         recipe = {k: v for k, v in self.recipes[0].params().items() if k not in ("epochs", "milestones")}
-        return {"percents": self.percents, "epochs": self.epochs, "subset_files": self.subset_files,
-                "subset_seed": self.subset_seed, **recipe, "image_size": self.image_size, "eval_crop": self.eval_crop,
-                "test_size": self.test_size}
+        return {
+            "percents": self.percents,
+            "epochs": self.epochs,
+            "subset_files": self.subset_files,
+            "subset_seed": self.subset_seed,
+            **recipe,
+            "image_size": self.image_size,
+            "eval_crop": self.eval_crop,
+            "test_size": self.test_size,
+        }
 
     def _subset(self, percent: float, file: str | None, train: ImageSet) -> tuple[torch.Tensor, str]:
         """The labelled images of one percentage (indices into `train`) and where they came from."""
@@ -88,8 +130,10 @@ class SemiSupervised:
 
     def budget(self, train: ImageSet) -> dict[str, dict[str, int]]:
         """Batch, steps and images seen of each percentage's fine-tuning on `train` (as `evaluate` runs)."""
-        return {f"{percent:g}%": recipe.budget(len(self._subset(percent, file, train)[0]))
-                for percent, recipe, file in zip(self.percents, self.recipes, self.subset_files)}
+        return {
+            f"{percent:g}%": recipe.budget(len(self._subset(percent, file, train)[0]))
+            for percent, recipe, file in zip(self.percents, self.recipes, self.subset_files)
+        }
 
     def evaluate(self, ctx: Context) -> dict[str, float]:
         """Fine-tunes a fresh encoder copy per percentage and scores the test split.
@@ -108,12 +152,24 @@ class SemiSupervised:
             head = nn.Linear(finetune.feature_dim(encoder, train, self.image_size, ctx.device), len(train.classes))
             nn.init.zeros_(head.weight)  # SimCLR's zero-initialised logits layer
             nn.init.zeros_(head.bias)
-            done = finetune.train(encoder, head, train, index, recipe, self.image_size, fine_tune=True, seed=ctx.seed,
-                                  device=ctx.device, progress=ctx.progress, desc=f"{self.name}/{tag}")
+            done = finetune.train(
+                encoder,
+                head,
+                train,
+                index,
+                recipe,
+                self.image_size,
+                fine_tune=True,
+                seed=ctx.seed,
+                device=ctx.device,
+                progress=ctx.progress,
+                desc=f"{self.name}/{tag}",
+            )
             self.selected[tag]["budget"] = {k: done[k] for k in ("batch", "steps", "images_seen")}
             if recipe.precise_bn:
-                finetune.refresh_bn(encoder, head, train, index, self.image_size, self.eval_crop, fine_tune=True,
-                                    device=ctx.device)
+                finetune.refresh_bn(
+                    encoder, head, train, index, self.image_size, self.eval_crop, fine_tune=True, device=ctx.device
+                )
             scores = finetune.test(encoder, head, test, self.image_size, self.eval_crop, ctx.device)
             out.update({f"{self.name}/{tag}/{k}": v for k, v in scores.items()})
         return out

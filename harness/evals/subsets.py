@@ -1,5 +1,6 @@
 """Labelled subsets for the few-label protocols: class-balanced seeded draws, and SimCLR's
 ImageNet subset files (one image file name per line, e.g. ``n01440764_10026.JPEG``)."""
+
 from __future__ import annotations
 
 import os
@@ -39,12 +40,16 @@ def read_subset_file(path: str | Path, data: ImageSet) -> torch.Tensor:
             name is not in the split (or in it twice), or the split has no files to match.
     """
     path = Path(path)
-    fix = ("Fix: bind `semisup.SemiSupervised.subset_files` to subset files of this dataset (SimCLR's "
-           "imagenet_subsets/1percent.txt and 10percent.txt list ImageNet train file names), or to None to draw "
-           "class-balanced subsets from `subset_seed`")
+    fix = (
+        "Fix: bind `semisup.SemiSupervised.subset_files` to subset files of this dataset (SimCLR's "
+        "imagenet_subsets/1percent.txt and 10percent.txt list ImageNet train file names), or to None to draw "
+        "class-balanced subsets from `subset_seed`"
+    )
     if not isinstance(data.images, ImageFiles):
-        raise DataError(f"{path}: a subset file lists image files, but this dataset is held as a tensor with no file "
-                        f"names (e.g. Fashion-MNIST). {fix}")
+        raise DataError(
+            f"{path}: a subset file lists image files, but this dataset is held as a tensor with no file "
+            f"names (e.g. Fashion-MNIST). {fix}"
+        )
     if not path.is_file():
         raise DataError(f"subset file not found: {path}. {fix}")
     where: dict[str, list[int]] = {}
@@ -58,15 +63,21 @@ def read_subset_file(path: str | Path, data: ImageSet) -> torch.Tensor:
             continue
         hits = where.get(os.path.basename(name), [])
         if not hits:
-            raise DataError(f"{path}, line {line_no}: image {name!r} is not in the training split "
-                            f"({len(data)} images under {folder}). {fix}")
+            raise DataError(
+                f"{path}, line {line_no}: image {name!r} is not in the training split "
+                f"({len(data)} images under {folder}). {fix}"
+            )
         if len(hits) > 1:
-            raise DataError(f"{path}, line {line_no}: {name!r} names {len(hits)} images of the training split "
-                            f"({data.images.paths[hits[0]]}, {data.images.paths[hits[1]]}); file names must be "
-                            "unique to match a subset file. Fix: rename the duplicates")
+            raise DataError(
+                f"{path}, line {line_no}: {name!r} names {len(hits)} images of the training split "
+                f"({data.images.paths[hits[0]]}, {data.images.paths[hits[1]]}); file names must be "
+                "unique to match a subset file. Fix: rename the duplicates"
+            )
         if hits[0] in picked:
-            raise DataError(f"{path}, line {line_no}: {name!r} is listed twice (first on line {picked[hits[0]]}). "
-                            "Fix: remove the repeated line")
+            raise DataError(
+                f"{path}, line {line_no}: {name!r} is listed twice (first on line {picked[hits[0]]}). "
+                "Fix: remove the repeated line"
+            )
         picked[hits[0]] = line_no
     if not picked:
         raise DataError(f"{path}: lists no image names. {fix}")

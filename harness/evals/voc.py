@@ -17,6 +17,7 @@ difficult trainval images are negatives when training. Test AP is the VOC07 devk
 instead, VOC2010's measure); cross-validation scores use scikit-learn's average
 precision as theirs did.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,7 +50,7 @@ from harness.evals.voc_data import (  # noqa: F401 - re-exported
 if TYPE_CHECKING:
     from harness.data.files import ImageFiles
 
-GOYAL_COSTS = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, *(0.5 ** k for k in range(4, 20)))
+GOYAL_COSTS = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, *(0.5**k for k in range(4, 20)))
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -71,9 +72,16 @@ def training_span(train_x: np.ndarray, test_x: np.ndarray) -> tuple[np.ndarray, 
     return train_x @ basis.T, test_x @ basis.T
 
 
-def svm_voc07(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
-              costs: Sequence[float] = GOYAL_COSTS, folds: int = 3, positive_weight: float = 2.0,
-              max_iter: int = 2000) -> tuple[list[float], list[float | None]]:
+def svm_voc07(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    test_x: np.ndarray,
+    test_y: np.ndarray,
+    costs: Sequence[float] = GOYAL_COSTS,
+    folds: int = 3,
+    positive_weight: float = 2.0,
+    max_iter: int = 2000,
+) -> tuple[list[float], list[float | None]]:
     """Per-class linear SVMs: cost by k-fold cross-validation on train, AP on test.
 
     Args:
@@ -97,9 +105,17 @@ def svm_voc07(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test
     from sklearn.svm import LinearSVC
 
     def svm(cost: float) -> LinearSVC:
-        return LinearSVC(C=cost, class_weight={1: positive_weight, -1: 1}, loss="squared_hinge", penalty="l2",
-                         dual=True, tol=1e-4, max_iter=max_iter, intercept_scaling=1.0,
-                         random_state=0)
+        return LinearSVC(
+            C=cost,
+            class_weight={1: positive_weight, -1: 1},
+            loss="squared_hinge",
+            penalty="l2",
+            dual=True,
+            tol=1e-4,
+            max_iter=max_iter,
+            intercept_scaling=1.0,
+            random_state=0,
+        )
 
     train_x, test_x = training_span(train_x, test_x)  # the same scores, a dimension per training image at most
     aps, chosen = [], []
@@ -116,9 +132,17 @@ def svm_voc07(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test
                     cost = sorted(costs)[len(costs) // 2]
                 else:
                     split = list(StratifiedKFold(n_splits=k).split(train_x, y))
-                    cv = [np.mean([average_precision_score(y[va], svm(cost).fit(train_x[tr], y[tr])
-                                                           .decision_function(train_x[va]), pos_label=1)
-                                   for tr, va in split]) for cost in costs]
+                    cv = [
+                        np.mean(
+                            [
+                                average_precision_score(
+                                    y[va], svm(cost).fit(train_x[tr], y[tr]).decision_function(train_x[va]), pos_label=1
+                                )
+                                for tr, va in split
+                            ]
+                        )
+                        for cost in costs
+                    ]
                     cost = costs[int(np.argmax(cv))]
                 scores = svm(cost).fit(train_x, y).decision_function(test_x)
             aps.append(ranking_ap(scores, test_y[:, c]))
@@ -138,28 +162,41 @@ class VOC07SVM:
     name = "svm/voc07"
     frozen = False
 
-    def __init__(self, root: str | None = None, generate_embedded: bool = False, image_size: int = 224,
-                 costs: Sequence[float] = GOYAL_COSTS, folds: int = 3, positive_weight: float = 2.0,
-                 max_iter: int = 2000, normalize: bool = True, mean: Sequence[float] | None = None,
-                 std: Sequence[float] | None = None, per_class: bool = False, batch_size: int = 256) -> None:
+    def __init__(
+        self,
+        root: str | None = None,
+        generate_embedded: bool = False,
+        image_size: int = 224,
+        costs: Sequence[float] = GOYAL_COSTS,
+        folds: int = 3,
+        positive_weight: float = 2.0,
+        max_iter: int = 2000,
+        normalize: bool = True,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        per_class: bool = False,
+        batch_size: int = 256,
+    ) -> None:
         """Args:
-            root: the folder holding ``VOCdevkit/VOC2007`` (real VOC or ``python -m harness.vocgen DIR``).
-            generate_embedded: without ``root``, generate the Fashion-MNIST tree (`EmbeddedVOC`) under
-                the results folder.
-            image_size: side every image is resized to (whole, no crop).
-            costs: SVM cost grid (default: Goyal et al.'s 10^-7..10^2 and 2^-19..2^-4).
-            folds: cross-validation folds on trainval.
-            positive_weight: class weight of positives.
-            max_iter: liblinear's iteration cap.
-            normalize: L2-normalise each feature vector.
-            mean: pixel mean for normalisation (default: the pretraining data's).
-            std: pixel std (default: the pretraining data's).
-            per_class: also report each class's AP as a metric.
-            batch_size: extraction batch size.
+        root: the folder holding ``VOCdevkit/VOC2007`` (real VOC or ``python -m harness.vocgen DIR``).
+        generate_embedded: without ``root``, generate the Fashion-MNIST tree (`EmbeddedVOC`) under
+            the results folder.
+        image_size: side every image is resized to (whole, no crop).
+        costs: SVM cost grid (default: Goyal et al.'s 10^-7..10^2 and 2^-19..2^-4).
+        folds: cross-validation folds on trainval.
+        positive_weight: class weight of positives.
+        max_iter: liblinear's iteration cap.
+        normalize: L2-normalise each feature vector.
+        mean: pixel mean for normalisation (default: the pretraining data's).
+        std: pixel std (default: the pretraining data's).
+        per_class: also report each class's AP as a metric.
+        batch_size: extraction batch size.
         """
         if image_size < 8 or not costs or min(costs) <= 0 or folds < 2 or positive_weight <= 0:
-            raise ValueError(f"voc.VOC07SVM needs image_size >= 8, costs > 0, folds >= 2, positive_weight > 0 (check "
-                             f"its gin bindings); got {image_size}, {costs}, {folds}, {positive_weight}")
+            raise ValueError(
+                f"voc.VOC07SVM needs image_size >= 8, costs > 0, folds >= 2, positive_weight > 0 (check "
+                f"its gin bindings); got {image_size}, {costs}, {folds}, {positive_weight}"
+            )
         self.root, self.generate_embedded, self.image_size = root, generate_embedded, int(image_size)
         self.costs, self.folds, self.positive_weight = [float(c) for c in costs], int(folds), float(positive_weight)
         self.max_iter, self.normalize, self.per_class, self.batch_size = int(max_iter), normalize, per_class, batch_size
@@ -169,9 +206,17 @@ class VOC07SVM:
     def params(self) -> dict:
         """Settings that change the numbers (JSON-serialisable)."""
         out: dict[str, Any] = {
-            "root": self.root, "image_size": self.image_size, "costs": self.costs, "folds": self.folds,
-            "positive_weight": self.positive_weight, "max_iter": self.max_iter, "normalize": self.normalize,
-            "mean": self.mean, "std": self.std, "ap": "voc07-11point"}
+            "root": self.root,
+            "image_size": self.image_size,
+            "costs": self.costs,
+            "folds": self.folds,
+            "positive_weight": self.positive_weight,
+            "max_iter": self.max_iter,
+            "normalize": self.normalize,
+            "mean": self.mean,
+            "std": self.std,
+            "ap": "voc07-11point",
+        }
         if not self.root and self.generate_embedded:
             out["embedded"] = EmbeddedVOC().params()
         return out
@@ -184,17 +229,31 @@ class VOC07SVM:
         channels = in_channels(encoder, default=len(ctx.dataset.split("train").mean))
         mean, std = pixel_stats(ctx, channels, self.mean, self.std)
         listing = (voc_dir(root) / "ImageSets" / "Main" / f"{split}.txt").stat()
-        key = ginutil.digest([json.dumps([str(root.resolve()), split, self.image_size, channels, mean, std,
-                                          listing.st_size, listing.st_mtime_ns])])
+        key = ginutil.digest(
+            [
+                json.dumps(
+                    [
+                        str(root.resolve()),
+                        split,
+                        self.image_size,
+                        channels,
+                        mean,
+                        std,
+                        listing.st_size,
+                        listing.st_mtime_ns,
+                    ]
+                )
+            ]
+        )
         path = Path(ctx.pretrain_dir) / "features" / f"voc07-{key}.pt"
         if (hit := store.load_cache(path)) is not None:
             return hit[0]["x"].numpy(), labels
         paths = [voc_dir(root) / "JPEGImages" / f"{i}.jpg" for i in ids]
         images = cast("ImageFiles", ResizedImages(paths, self.image_size, channels))  # `extract` only slices it
-        data = ImageSet(images=images, labels=torch.arange(len(ids)),
-                        classes=list(classes), mean=mean, std=std)
-        feats: Features = extract(encoder, data, self.image_size, self.batch_size, ctx.device, f"voc07/{split}",
-                                  ctx.progress)
+        data = ImageSet(images=images, labels=torch.arange(len(ids)), classes=list(classes), mean=mean, std=std)
+        feats: Features = extract(
+            encoder, data, self.image_size, self.batch_size, ctx.device, f"voc07/{split}", ctx.progress
+        )
         store.save_cache(path, {"x": feats.x})
         return feats.x.numpy(), labels
 
@@ -206,15 +265,18 @@ class VOC07SVM:
         train_x, test_x = train_x.astype(np.float64), test_x.astype(np.float64)
         if self.normalize:
             train_x, test_x = l2_normalize(train_x), l2_normalize(test_x)
-        aps, costs = svm_voc07(train_x, train_y, test_x, test_y, self.costs, self.folds, self.positive_weight,
-                               self.max_iter)
+        aps, costs = svm_voc07(
+            train_x, train_y, test_x, test_y, self.costs, self.folds, self.positive_weight, self.max_iter
+        )
         scored = [a for a in aps if not math.isnan(a)]
         if not scored:
             raise DataError(f"{voc_dir(root)}: no test image has a (non-difficult) object; cannot compute an AP")
         out = {"svm/voc07/mAP": 100.0 * float(np.mean(scored))}
         if self.per_class:
             out.update({f"svm/voc07/AP/{c}": 100.0 * a for c, a in zip(classes, aps) if not math.isnan(a)})
-        self.selected = {"cost": dict(zip(classes, costs)),
-                         "AP": {c: (None if math.isnan(a) else round(100.0 * a, 2)) for c, a in zip(classes, aps)},
-                         "root": str(root)}
+        self.selected = {
+            "cost": dict(zip(classes, costs)),
+            "AP": {c: (None if math.isnan(a) else round(100.0 * a, 2)) for c, a in zip(classes, aps)},
+            "root": str(root),
+        }
         return out

@@ -2,6 +2,7 @@
 a VOCdevkit tree's class and image lists, its images resized whole, the encoder's input
 channels and normalisation, and the generated Fashion-MNIST tree (`EmbeddedVOC`, made by
 `harness.vocgen`) used when no real VOC is bound."""
+
 from __future__ import annotations
 
 import json
@@ -36,14 +37,18 @@ def resolve_root(root: str | None, generate_embedded: bool, ctx: Context, key: s
         elif path.name == "VOC2007" and path.parent.name == "VOCdevkit":
             path = path.parent.parent
         if not voc_dir(path).is_dir():
-            raise DataError(f"{key}.root = {root!r}: no VOCdevkit/VOC2007 folder there. Fix: bind it to the folder "
-                            f"holding VOCdevkit/ (real PASCAL VOC), or make one: `{GENERATE_HINT}`")
+            raise DataError(
+                f"{key}.root = {root!r}: no VOCdevkit/VOC2007 folder there. Fix: bind it to the folder "
+                f"holding VOCdevkit/ (real PASCAL VOC), or make one: `{GENERATE_HINT}`"
+            )
         return path
     if generate_embedded:
         return EmbeddedVOC().root(Path(ctx.pretrain_dir).parent.parent)
-    raise DataError(f"{key}.root is not set: this protocol reads a PASCAL VOC tree (VOCdevkit/VOC2007). Fix: bind "
-                    f"`{key}.root = '<folder holding VOCdevkit/>'` (real VOC, or one made by `{GENERATE_HINT}`), or "
-                    f"`{key}.generate_embedded = True` to generate the Fashion-MNIST one under the results folder")
+    raise DataError(
+        f"{key}.root is not set: this protocol reads a PASCAL VOC tree (VOCdevkit/VOC2007). Fix: bind "
+        f"`{key}.root = '<folder holding VOCdevkit/>'` (real VOC, or one made by `{GENERATE_HINT}`), or "
+        f"`{key}.generate_embedded = True` to generate the Fashion-MNIST one under the results folder"
+    )
 
 
 def voc_classes(root: Path) -> list[str]:
@@ -51,8 +56,9 @@ def voc_classes(root: Path) -> list[str]:
     main = voc_dir(root) / "ImageSets" / "Main"
     classes = sorted(p.name[: -len("_trainval.txt")] for p in main.glob("*_trainval.txt"))
     if not classes:
-        raise DataError(f"{main}: no <class>_trainval.txt lists; a VOC tree needs one per class ({GENERATE_HINT} "
-                        "writes them)")
+        raise DataError(
+            f"{main}: no <class>_trainval.txt lists; a VOC tree needs one per class ({GENERATE_HINT} writes them)"
+        )
     return classes
 
 
@@ -107,8 +113,9 @@ def in_channels(encoder: nn.Module, default: int = 3) -> int:
     return conv.in_channels if conv is not None else default
 
 
-def pixel_stats(ctx: Context, channels: int, mean: Sequence[float] | None,
-                std: Sequence[float] | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def pixel_stats(
+    ctx: Context, channels: int, mean: Sequence[float] | None, std: Sequence[float] | None
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Normalisation for VOC images: the bound values, else the pretraining data's (what
     the encoder was trained on, as transfer protocols use ImageNet's on VOC)."""
     if mean is None or std is None:
@@ -140,6 +147,7 @@ class EmbeddedVOC:
     def root(self, results: Path) -> Path:
         """Generates the tree under ``results/data`` unless it is there; returns its root."""
         from harness import vocgen
+
         folder = Path(results) / "data" / f"voc-fmnist-{ginutil.digest([json.dumps(self.params(), sort_keys=True)])}"
         with store.locked(folder.parent):  # two runs starting together generate it once
             if not (folder / "vocgen.json").is_file():

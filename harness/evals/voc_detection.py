@@ -19,6 +19,7 @@ the exported timm ResNet (``conv1 .. layer3`` as the backbone, ``layer4`` as the
 head), and the data is read through torchvision's ``VOCDetection``. Difficult objects
 are trained on (as detectron2 does) and ignored at scoring (as the devkit does).
 """
+
 from __future__ import annotations
 
 import functools
@@ -52,6 +53,7 @@ STEM = ("conv1", "bn1", "act1", "maxpool")
 
 # --- data -------------------------------------------------------------------------
 
+
 class VOCBoxes(torch.utils.data.Dataset):
     """VOC images and boxes read through torchvision's ``VOCDetection``.
 
@@ -62,6 +64,7 @@ class VOCBoxes(torch.utils.data.Dataset):
 
     def __init__(self, root: Path, parts: Sequence[tuple[str, str]], classes: Sequence[str], channels: int):
         from torchvision.datasets import VOCDetection
+
         self.sets = [VOCDetection(str(root), year=year, image_set=split, download=False) for year, split in parts]
         self.index = [(s, i) for s, ds in enumerate(self.sets) for i in range(len(ds))]
         self.label = {c: i + 1 for i, c in enumerate(classes)}
@@ -80,14 +83,20 @@ class VOCBoxes(torch.utils.data.Dataset):
         boxes, labels, difficult = [], [], []
         for obj in target["annotation"].get("object", []):
             if obj["name"] not in self.label:
-                raise DataError(f"{ds.annotations[i]}: object {obj['name']!r} is not one of the classes of "
-                                f"ImageSets/Main ({', '.join(self.label)})")
+                raise DataError(
+                    f"{ds.annotations[i]}: object {obj['name']!r} is not one of the classes of "
+                    f"ImageSets/Main ({', '.join(self.label)})"
+                )
             bb = obj["bndbox"]
             boxes.append([float(bb["xmin"]) - 1, float(bb["ymin"]) - 1, float(bb["xmax"]), float(bb["ymax"])])
             labels.append(self.label[obj["name"]])
             difficult.append(obj.get("difficult", "0") == "1")
-        return (x.permute(2, 0, 1).float().div_(255), torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-                torch.tensor(labels, dtype=torch.int64), torch.tensor(difficult, dtype=torch.bool))
+        return (
+            x.permute(2, 0, 1).float().div_(255),
+            torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            torch.tensor(labels, dtype=torch.int64),
+            torch.tensor(difficult, dtype=torch.bool),
+        )
 
 
 def _batch(items: list) -> list:
@@ -96,8 +105,14 @@ def _batch(items: list) -> list:
 
 # --- AP ---------------------------------------------------------------------------
 
-def detection_ap(scores: np.ndarray, image_ids: np.ndarray, boxes: np.ndarray,
-                 gts: dict[int, tuple[np.ndarray, np.ndarray]], thresholds: Sequence[float] = (0.5,)) -> list[float]:
+
+def detection_ap(
+    scores: np.ndarray,
+    image_ids: np.ndarray,
+    boxes: np.ndarray,
+    gts: dict[int, tuple[np.ndarray, np.ndarray]],
+    thresholds: Sequence[float] = (0.5,),
+) -> list[float]:
     """VOC07 detection AP of one class at each IoU threshold (the devkit's ``VOCevaldet``).
 
     Detections are taken highest score first; each one is matched to the ground-truth box
@@ -149,6 +164,7 @@ def detection_ap(scores: np.ndarray, image_ids: np.ndarray, boxes: np.ndarray,
 
 # --- the model --------------------------------------------------------------------
 
+
 class Res5Head(nn.Module):
     """The box head of a C4 detector: res5 on each pooled region, an extra BatchNorm, mean pool."""
 
@@ -165,8 +181,10 @@ def require_resnet(encoder: nn.Module) -> None:
     """Raises `Unsupported` unless `encoder` has a timm ResNet's stem and four stages."""
     missing = [n for n in (*STEM, "layer1", "layer2", "layer3", "layer4") if not hasattr(encoder, n)]
     if missing:
-        raise Unsupported(f"detection/voc07 builds an R-C4 detector from a ResNet-style timm backbone; "
-                         f"{type(encoder).__name__} has no {', '.join(missing)}")
+        raise Unsupported(
+            f"detection/voc07 builds an R-C4 detector from a ResNet-style timm backbone; "
+            f"{type(encoder).__name__} has no {', '.join(missing)}"
+        )
 
 
 def c4_parts(encoder: nn.Module) -> tuple[nn.Module, nn.Module, int, int]:
@@ -196,55 +214,80 @@ class Detection:
     name = "detection/voc07"
     frozen = False
 
-    def __init__(self, root: str | None = None, generate_embedded: bool = False, use_2012: bool = True,
-                 iterations: int = 24000, batch_size: int = 16, lr: float = 0.02, momentum: float = 0.9,
-                 weight_decay: float = 1e-4, lr_steps: Sequence[float] = (0.75, 22 / 24), warmup_iters: int = 100,
-                 warmup_factor: float = 0.001, min_size: Sequence[int] = tuple(range(480, 801, 32)),
-                 max_size: int = 1333, flip: float = 0.5, anchor_sizes: Sequence[int] = (32, 64, 128, 256, 512),
-                 aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0), pooled_size: int = 14, extra_norm: bool = True,
-                 rpn_batch_size: int = 256, rpn_pre_nms_train: int = 12000, rpn_post_nms_train: int = 2000,
-                 rpn_pre_nms_test: int = 6000, rpn_post_nms_test: int = 1000, box_batch_size: int = 512,
-                 detections_per_image: int = 100, precise_bn_iters: int = 200, test_images: int | None = None,
-                 test_batch_size: int = 8, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 num_workers: int = 0) -> None:
+    def __init__(
+        self,
+        root: str | None = None,
+        generate_embedded: bool = False,
+        use_2012: bool = True,
+        iterations: int = 24000,
+        batch_size: int = 16,
+        lr: float = 0.02,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-4,
+        lr_steps: Sequence[float] = (0.75, 22 / 24),
+        warmup_iters: int = 100,
+        warmup_factor: float = 0.001,
+        min_size: Sequence[int] = tuple(range(480, 801, 32)),
+        max_size: int = 1333,
+        flip: float = 0.5,
+        anchor_sizes: Sequence[int] = (32, 64, 128, 256, 512),
+        aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
+        pooled_size: int = 14,
+        extra_norm: bool = True,
+        rpn_batch_size: int = 256,
+        rpn_pre_nms_train: int = 12000,
+        rpn_post_nms_train: int = 2000,
+        rpn_pre_nms_test: int = 6000,
+        rpn_post_nms_test: int = 1000,
+        box_batch_size: int = 512,
+        detections_per_image: int = 100,
+        precise_bn_iters: int = 200,
+        test_images: int | None = None,
+        test_batch_size: int = 8,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        num_workers: int = 0,
+    ) -> None:
         """Args:
-            root: the folder holding ``VOCdevkit/VOC2007`` (and optionally ``VOC2012``).
-            generate_embedded: without ``root``, generate the Fashion-MNIST tree (`voc.EmbeddedVOC`).
-            use_2012: add VOC2012 trainval to training when ``VOCdevkit/VOC2012`` exists.
-            iterations: training iterations.
-            batch_size: images per iteration.
-            lr: base learning rate (SGD).
-            momentum: SGD momentum.
-            weight_decay: L2 on every weight except BatchNorm's (detectron2's ``WEIGHT_DECAY_NORM: 0``).
-            lr_steps: fractions of ``iterations`` where the lr drops 10x (MoCo: 18k and 22k of 24k).
-            warmup_iters: linear warm-up length, from ``warmup_factor * lr``.
-            warmup_factor: the warm-up's starting fraction of the lr.
-            min_size: training shorter sides (one drawn per batch); the last one is used at test.
-            max_size: cap on the longer side.
-            flip: probability of a horizontal flip per training image.
-            anchor_sizes: RPN anchor sides in input pixels (one feature level, stride 16).
-            aspect_ratios: RPN anchor aspect ratios.
-            pooled_size: RoIAlign output side on the stride-16 map (res5 halves it).
-            extra_norm: BatchNorm after res5 in the box head (MoCo's).
-            rpn_batch_size: anchors sampled per image for the RPN loss.
-            rpn_pre_nms_train: proposals kept before NMS when training.
-            rpn_post_nms_train: proposals kept after NMS when training.
-            rpn_pre_nms_test: proposals kept before NMS at test.
-            rpn_post_nms_test: proposals kept after NMS at test.
-            box_batch_size: regions sampled per image for the box head's loss.
-            detections_per_image: most detections kept per test image.
-            precise_bn_iters: training batches over which BatchNorm statistics are recomputed
-                before testing (0: keep the running averages).
-            test_images: score a fixed subset of the test images (None: all).
-            test_batch_size: images per test batch.
-            mean: pixel mean (default: the pretraining data's, as MoCo uses ImageNet's).
-            std: pixel std.
-            num_workers: data-loading processes.
+        root: the folder holding ``VOCdevkit/VOC2007`` (and optionally ``VOC2012``).
+        generate_embedded: without ``root``, generate the Fashion-MNIST tree (`voc.EmbeddedVOC`).
+        use_2012: add VOC2012 trainval to training when ``VOCdevkit/VOC2012`` exists.
+        iterations: training iterations.
+        batch_size: images per iteration.
+        lr: base learning rate (SGD).
+        momentum: SGD momentum.
+        weight_decay: L2 on every weight except BatchNorm's (detectron2's ``WEIGHT_DECAY_NORM: 0``).
+        lr_steps: fractions of ``iterations`` where the lr drops 10x (MoCo: 18k and 22k of 24k).
+        warmup_iters: linear warm-up length, from ``warmup_factor * lr``.
+        warmup_factor: the warm-up's starting fraction of the lr.
+        min_size: training shorter sides (one drawn per batch); the last one is used at test.
+        max_size: cap on the longer side.
+        flip: probability of a horizontal flip per training image.
+        anchor_sizes: RPN anchor sides in input pixels (one feature level, stride 16).
+        aspect_ratios: RPN anchor aspect ratios.
+        pooled_size: RoIAlign output side on the stride-16 map (res5 halves it).
+        extra_norm: BatchNorm after res5 in the box head (MoCo's).
+        rpn_batch_size: anchors sampled per image for the RPN loss.
+        rpn_pre_nms_train: proposals kept before NMS when training.
+        rpn_post_nms_train: proposals kept after NMS when training.
+        rpn_pre_nms_test: proposals kept before NMS at test.
+        rpn_post_nms_test: proposals kept after NMS at test.
+        box_batch_size: regions sampled per image for the box head's loss.
+        detections_per_image: most detections kept per test image.
+        precise_bn_iters: training batches over which BatchNorm statistics are recomputed
+            before testing (0: keep the running averages).
+        test_images: score a fixed subset of the test images (None: all).
+        test_batch_size: images per test batch.
+        mean: pixel mean (default: the pretraining data's, as MoCo uses ImageNet's).
+        std: pixel std.
+        num_workers: data-loading processes.
         """
         if iterations < 1 or batch_size < 1 or lr <= 0 or not min_size or pooled_size < 1 or not anchor_sizes:
-            raise ValueError("voc_detection.Detection needs iterations, batch_size, lr, pooled_size >= 1 and non-empty "
-                             f"min_size and anchor_sizes (check its gin bindings); got {iterations}, {batch_size}, "
-                             f"{lr}, {pooled_size}, {min_size}, {anchor_sizes}")
+            raise ValueError(
+                "voc_detection.Detection needs iterations, batch_size, lr, pooled_size >= 1 and non-empty "
+                f"min_size and anchor_sizes (check its gin bindings); got {iterations}, {batch_size}, "
+                f"{lr}, {pooled_size}, {min_size}, {anchor_sizes}"
+            )
         self.root, self.generate_embedded, self.use_2012 = root, generate_embedded, use_2012
         self.iterations, self.batch_size, self.lr, self.momentum = int(iterations), int(batch_size), lr, momentum
         self.weight_decay, self.lr_steps = weight_decay, [float(s) for s in lr_steps]
@@ -252,8 +295,13 @@ class Detection:
         self.min_size, self.max_size, self.flip = [int(s) for s in min_size], int(max_size), flip
         self.anchor_sizes, self.aspect_ratios = [int(s) for s in anchor_sizes], [float(a) for a in aspect_ratios]
         self.pooled_size, self.extra_norm = int(pooled_size), extra_norm
-        self.rpn = {"batch": rpn_batch_size, "pre_train": rpn_pre_nms_train, "post_train": rpn_post_nms_train,
-                    "pre_test": rpn_pre_nms_test, "post_test": rpn_post_nms_test}
+        self.rpn = {
+            "batch": rpn_batch_size,
+            "pre_train": rpn_pre_nms_train,
+            "post_train": rpn_post_nms_train,
+            "pre_test": rpn_pre_nms_test,
+            "post_test": rpn_post_nms_test,
+        }
         self.box_batch_size, self.detections_per_image = box_batch_size, detections_per_image
         self.precise_bn_iters, self.test_images, self.test_batch_size = precise_bn_iters, test_images, test_batch_size
         self.mean, self.std = (tuple(mean) if mean else None), (tuple(std) if std else None)
@@ -263,11 +311,35 @@ class Detection:
 
     def params(self) -> dict:
         """Settings that change the numbers (JSON-serialisable)."""
-        out = {k: getattr(self, k) for k in (
-            "root", "use_2012", "iterations", "batch_size", "lr", "momentum", "weight_decay", "lr_steps",
-            "warmup_iters", "warmup_factor", "min_size", "max_size", "flip", "anchor_sizes", "aspect_ratios",
-            "pooled_size", "extra_norm", "rpn", "box_batch_size", "detections_per_image", "precise_bn_iters",
-            "test_images", "mean", "std")}
+        out = {
+            k: getattr(self, k)
+            for k in (
+                "root",
+                "use_2012",
+                "iterations",
+                "batch_size",
+                "lr",
+                "momentum",
+                "weight_decay",
+                "lr_steps",
+                "warmup_iters",
+                "warmup_factor",
+                "min_size",
+                "max_size",
+                "flip",
+                "anchor_sizes",
+                "aspect_ratios",
+                "pooled_size",
+                "extra_norm",
+                "rpn",
+                "box_batch_size",
+                "detections_per_image",
+                "precise_bn_iters",
+                "test_images",
+                "mean",
+                "std",
+            )
+        }
         out.update(arch="faster_rcnn_c4", ap="voc07-11point")
         if not self.root and self.generate_embedded:
             out["embedded"] = EmbeddedVOC().params()
@@ -279,36 +351,56 @@ class Detection:
         from torchvision.models.detection.anchor_utils import AnchorGenerator
         from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
         from torchvision.ops import MultiScaleRoIAlign
+
         body, layer4, _, c5 = c4_parts(encoder)
         return FasterRCNN(
-            body, num_classes=None, min_size=tuple(self.min_size), max_size=self.max_size, image_mean=list(mean),
+            body,
+            num_classes=None,
+            min_size=tuple(self.min_size),
+            max_size=self.max_size,
+            image_mean=list(mean),
             image_std=list(std),
             rpn_anchor_generator=AnchorGenerator((tuple(self.anchor_sizes),), (tuple(self.aspect_ratios),)),
-            rpn_pre_nms_top_n_train=self.rpn["pre_train"], rpn_post_nms_top_n_train=self.rpn["post_train"],
-            rpn_pre_nms_top_n_test=self.rpn["pre_test"], rpn_post_nms_top_n_test=self.rpn["post_test"],
+            rpn_pre_nms_top_n_train=self.rpn["pre_train"],
+            rpn_post_nms_top_n_train=self.rpn["post_train"],
+            rpn_pre_nms_top_n_test=self.rpn["pre_test"],
+            rpn_post_nms_top_n_test=self.rpn["post_test"],
             rpn_batch_size_per_image=self.rpn["batch"],
             box_roi_pool=MultiScaleRoIAlign(["0"], self.pooled_size, sampling_ratio=0),
-            box_head=Res5Head(layer4, c5, self.extra_norm), box_predictor=FastRCNNPredictor(c5, num_classes + 1),
-            box_batch_size_per_image=self.box_batch_size, box_detections_per_img=self.detections_per_image)
+            box_head=Res5Head(layer4, c5, self.extra_norm),
+            box_predictor=FastRCNNPredictor(c5, num_classes + 1),
+            box_batch_size_per_image=self.box_batch_size,
+            box_detections_per_img=self.detections_per_image,
+        )
 
     def schedule(self) -> Callable[[int], float]:
         """The lr multiplier per iteration: detectron2's warm-up from ``warmup_factor`` times the 10x steps."""
-        return functools.partial(optim.lr_factor, total=self.iterations, warmup=self.warmup_iters,
-                                 warmup_from=self.warmup_factor, decay="step",
-                                 milestones=[s * self.iterations for s in self.lr_steps])
+        return functools.partial(
+            optim.lr_factor,
+            total=self.iterations,
+            warmup=self.warmup_iters,
+            warmup_from=self.warmup_factor,
+            decay="step",
+            milestones=[s * self.iterations for s in self.lr_steps],
+        )
 
     def _batches(self, data: VOCBoxes, count: int, generator: torch.Generator):
         """`count` training batches of images drawn without replacement, epoch after epoch."""
-        order = torch.Generator().manual_seed(int(torch.randint(2 ** 62, (), generator=generator)))
+        order = torch.Generator().manual_seed(int(torch.randint(2**62, (), generator=generator)))
         sampler = torch.utils.data.RandomSampler(data, num_samples=count * self.batch_size, generator=order)
-        loader = torch.utils.data.DataLoader(data, batch_size=self.batch_size, sampler=sampler, collate_fn=_batch,
-                                             num_workers=self.num_workers)
+        loader = torch.utils.data.DataLoader(
+            data, batch_size=self.batch_size, sampler=sampler, collate_fn=_batch, num_workers=self.num_workers
+        )
         for items in loader:
             images, targets = [], []
             for x, boxes, labels, _ in items:
                 if torch.rand((), generator=generator) < self.flip:
-                    x, boxes = x.flip(-1), torch.stack([x.shape[-1] - boxes[:, 2], boxes[:, 1],
-                                                        x.shape[-1] - boxes[:, 0], boxes[:, 3]], 1)
+                    x, boxes = (
+                        x.flip(-1),
+                        torch.stack(
+                            [x.shape[-1] - boxes[:, 2], boxes[:, 1], x.shape[-1] - boxes[:, 0], boxes[:, 3]], 1
+                        ),
+                    )
                 images.append(x)
                 targets.append({"boxes": boxes, "labels": labels})
             yield images, targets
@@ -334,8 +426,9 @@ class Detection:
 
     def budget(self, train: object = None) -> dict[str, dict[str, int]]:
         """Batch, iterations and images seen of the detector's training (the VOC tree's, whatever `train`)."""
-        return {"": {"batch": self.batch_size, "steps": self.iterations,
-                     "images_seen": self.batch_size * self.iterations}}
+        return {
+            "": {"batch": self.batch_size, "steps": self.iterations, "images_seen": self.batch_size * self.iterations}
+        }
 
     def evaluate(self, ctx: Context) -> dict[str, float]:
         """Fine-tunes a detector on the fresh encoder copy, then scores VOC07 test."""
@@ -357,14 +450,29 @@ class Detection:
         torch.manual_seed(ctx.seed)  # the new heads' initialisation and the sizes drawn per batch
         gen = torch.Generator().manual_seed(ctx.seed)
         model = self.build(encoder, len(classes), mean, std)
-        opt = torch.optim.SGD(optim.param_groups(model, self.weight_decay, norms_only=True), lr=self.lr,
-                              momentum=self.momentum)
-        kernel = optim.Kernel(opt, self.lr, self.schedule(), self.iterations, f"voc_detection.Detection.lr = {self.lr}",
-                              "lower voc_detection.Detection.lr", name=self.name, device=torch.device(ctx.device))
+        opt = torch.optim.SGD(
+            optim.param_groups(model, self.weight_decay, norms_only=True), lr=self.lr, momentum=self.momentum
+        )
+        kernel = optim.Kernel(
+            opt,
+            self.lr,
+            self.schedule(),
+            self.iterations,
+            f"voc_detection.Detection.lr = {self.lr}",
+            "lower voc_detection.Detection.lr",
+            name=self.name,
+            device=torch.device(ctx.device),
+        )
         kernel.prepare(model).train()
         self.losses = []
-        bar = tqdm(self._batches(train, self.iterations, gen), total=self.iterations, desc="detection/voc07",
-                   disable=not ctx.progress, dynamic_ncols=True, mininterval=1.0)
+        bar = tqdm(
+            self._batches(train, self.iterations, gen),
+            total=self.iterations,
+            desc="detection/voc07",
+            disable=not ctx.progress,
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
         for it, (images, targets) in enumerate(bar):
             with kernel.autocast():
                 terms = model(*self._to(images, targets, ctx.device))
@@ -384,11 +492,17 @@ class Detection:
             picks = torch.randperm(len(picks), generator=torch.Generator().manual_seed(0))[: self.test_images].tolist()
         # class -> (scores, image ids, boxes [4]); class -> image id -> (boxes [G, 4], difficult [G])
         dets: dict[int, tuple[list[float], list[int], list[np.ndarray]]] = {
-            c: ([], [], []) for c in range(1, len(classes) + 1)}
+            c: ([], [], []) for c in range(1, len(classes) + 1)
+        }
         gts: dict[int, dict[int, tuple[np.ndarray, np.ndarray]]] = {c: {} for c in dets}
-        for start in tqdm(range(0, len(picks), self.test_batch_size), desc="detection/voc07 test",
-                          disable=not ctx.progress, dynamic_ncols=True, mininterval=1.0):
-            items = [test[k] for k in picks[start:start + self.test_batch_size]]
+        for start in tqdm(
+            range(0, len(picks), self.test_batch_size),
+            desc="detection/voc07 test",
+            disable=not ctx.progress,
+            dynamic_ncols=True,
+            mininterval=1.0,
+        ):
+            items = [test[k] for k in picks[start : start + self.test_batch_size]]
             outs = model([x.to(ctx.device) for x, *_ in items])
             for n, ((_, boxes, labels, difficult), out) in enumerate(zip(items, outs)):
                 image = start + n
@@ -403,16 +517,27 @@ class Detection:
         thresholds = [0.5 + 0.05 * i for i in range(10)]
         per_class = []
         for c, (s, i, b) in dets.items():
-            per_class.append(detection_ap(np.array(s, np.float64), np.array(i, np.int64),
-                                          np.array(b, np.float64).reshape(-1, 4), gts[c], thresholds))
+            per_class.append(
+                detection_ap(
+                    np.array(s, np.float64),
+                    np.array(i, np.int64),
+                    np.array(b, np.float64).reshape(-1, 4),
+                    gts[c],
+                    thresholds,
+                )
+            )
         aps = np.array(per_class)  # [C, 10]
         scored = ~np.isnan(aps[:, 0])
         if not scored.any():
             raise DataError("detection/voc07: no test image has a (non-difficult) object; cannot compute an AP")
         ap = aps[scored]
-        self.selected = {"AP50": {cls: (None if math.isnan(a) else round(100 * float(a), 2))
-                                  for cls, a in zip(classes, aps[:, 0])},
-                         "test_images": len(picks), "budget": self.budget()[""]}
-        return {"detection/voc07/AP50": 100 * float(ap[:, 0].mean()),
-                "detection/voc07/AP75": 100 * float(ap[:, 5].mean()),
-                "detection/voc07/AP": 100 * float(ap.mean())}
+        self.selected = {
+            "AP50": {cls: (None if math.isnan(a) else round(100 * float(a), 2)) for cls, a in zip(classes, aps[:, 0])},
+            "test_images": len(picks),
+            "budget": self.budget()[""],
+        }
+        return {
+            "detection/voc07/AP50": 100 * float(ap[:, 0].mean()),
+            "detection/voc07/AP75": 100 * float(ap[:, 5].mean()),
+            "detection/voc07/AP": 100 * float(ap.mean()),
+        }

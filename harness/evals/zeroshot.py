@@ -9,6 +9,7 @@ image projection of the encoder's pooled features: the run's frozen test feature
 (computed once by `harness.evals.features` with `ctx.encoder()`), so the images pass
 through the encoder once for every protocol.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -45,8 +46,9 @@ class ZeroShot:
     def __init__(self, templates: Sequence[str] = PROMPT_TEMPLATES):
         bad = [t for t in templates if t.count("{}") != 1]
         if not templates or bad:
-            raise ValueError("zeroshot.ZeroShot.templates: each template needs exactly one '{}'; "
-                             f"got {bad or 'none'}")
+            raise ValueError(
+                f"zeroshot.ZeroShot.templates: each template needs exactly one '{{}}'; got {bad or 'none'}"
+            )
         self.templates = tuple(templates)
 
     def params(self) -> dict:
@@ -67,7 +69,8 @@ class ZeroShot:
             raise FileNotFoundError(
                 f"zeroshot.ZeroShot: {folder} holds no text tower (text.pt, text.json): {_method_name()} exports "
                 "none, only an image-text method (clip) does. Fix: evaluate zero-shot only in a table of clip runs "
-                "(drop @zeroshot.ZeroShot() from job.run.evaluations for the other methods)")
+                "(drop @zeroshot.ZeroShot() from job.run.evaluations for the other methods)"
+            )
         side = load_text_side(folder).to(ctx.device)
         classes = ctx.dataset.split("test").classes
         text = self.class_embeddings(side, classes)  # [C, D]
