@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import gin
@@ -34,17 +35,56 @@ class Pool(nn.Module):
         return torch.cat([x.mean((2, 3)), x.amax((2, 3))], 1)  # [B, 2C]
 
 
+@pytest.mark.parametrize("augment", ["crop", "none"])
 @pytest.mark.parametrize("n,batch,epochs", [(50, 8, 3), (50, 64, 2.5), (37, 10, 0.5)])
-def test_budget_is_the_number_of_steps_training_takes(n, batch, epochs):
+def test_budget_is_the_number_of_steps_training_takes(n, batch, epochs, augment):
     data = make_images(n, classes=4)
     head = nn.Linear(2, 4)
     calls = []
     head.register_forward_hook(lambda *_: calls.append(1))
-    recipe = finetune.Recipe(epochs=epochs, batch_size=batch, lr=0.1)
+    recipe = finetune.Recipe(epochs=epochs, batch_size=batch, lr=0.1, augment=augment)
     done = finetune.train(Pool(), head, data, torch.arange(n), recipe, 16, fine_tune=False, seed=0)
     per_epoch = n // min(batch, n)
     assert len(calls) == done["steps"] == recipe.budget(n)["steps"] == max(1, math.ceil(epochs * per_epoch))
     assert done["images_seen"] == len(calls) * min(batch, n)
+
+
+class Quadrants(nn.Module):
+    """A frozen 'encoder': each image's mean in each quadrant (where make_images' blob is: its class)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(x, 2).flatten(1)  # [B, 4C]
+
+
+def test_cached_views_train_each_image_with_its_label():
+    """augment 'none' trains the head on features computed once: on a shuffled subset (positions
+    in `index` are not image ids) it must still pair every feature with its own label."""
+    data = make_images(96, classes=4, seed=5)
+    index = torch.randperm(96, generator=torch.Generator().manual_seed(1))[:64]
+    head = nn.Sequential(nn.BatchNorm1d(4), nn.Linear(4, 4))
+    recipe = finetune.Recipe(epochs=40, batch_size=16, lr=0.5, schedule="constant", augment="none")
+    done = finetune.train(Quadrants(), head, data, index, recipe, 16, fine_tune=False, seed=0)
+    assert done["steps"] == 160
+    top1 = finetune.test(Quadrants(), head, data, 16, 1.0)["top1"]
+    assert top1 >= 65.0, top1  # measured 79.2; with the labels shuffled 25.0 (chance)
+
+
+def test_flip_trains_on_each_image_and_its_mirror_and_fine_tuning_refuses_cached_views():
+    data = make_images(32, classes=4, seed=2)
+    seen = []
+    encoder = Pool()
+    encoder.register_forward_hook(lambda _m, args, _out: seen.append(args[0].clone()))
+    recipe = finetune.Recipe(epochs=2, batch_size=8, lr=0.1, augment="flip")
+    finetune.train(encoder, nn.Linear(2, 4), data, torch.arange(32), recipe, 16, fine_tune=False, seed=0)
+    whole = finetune.center_view(data.images, 16, 1.0, data.mean, data.std)  # [32, 1, 16, 16]
+    assert len(seen) == 2 and torch.equal(seen[0], whole) and torch.equal(seen[1], whole.flip(-1))
+    with pytest.raises(ValueError, match="fine-tuning needs augment 'crop'"):
+        finetune.train(encoder, nn.Linear(2, 4), data, torch.arange(32), recipe, 16, fine_tune=True, seed=0)
+    with pytest.raises(ValueError, match="augment 'mixup' is not one of"):
+        finetune.Recipe(epochs=1, batch_size=8, lr=0.1, augment="mixup")
+    # the crop recipes keep their protocol ids (no new key); without crops the crop range is not a setting
+    assert "augment" not in finetune.Recipe(epochs=1, batch_size=8, lr=0.1).params()
+    assert {"augment": "flip"}.items() <= recipe.params().items() and "crop_scale" not in recipe.params()
 
 
 def test_precise_bn_sets_the_statistics_of_the_tested_views_and_leaves_the_frozen_encoder():
@@ -153,20 +193,18 @@ def fmnist_encoder(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_embedded_recipes_measure_the_features(fmnist_encoder):
-    """Goyal's probe (the embedded lr, crops and Precise BN, on 1,000 images for the paper's 28
-    epochs: 84 steps) reaches 75 % of the fast probe on the same images, and SimCLR's
-    fine-tuning (a quarter of the embedded epochs) on 10 % of the labels is not worse than
-    on 1 %, beyond 3 points. Measured on this encoder (2026-12-03): the fast probe 73.7, the
-    probe 58.9-62.0 (0.80-0.84; SGD has not converged in 84 steps: 69.4 after 1,000 on the
-    cached features); the recipe before issue 13 (lr 0.01, 8-100 % crops, no Precise BN, the
-    87.5 % centre crop) 46.6 (0.63), and the embedded recipe with 12 steps 37.7 (0.51)."""
+    """Goyal's probe (the embedded recipe, 300 epochs on whole images, on 1,000 images: 900
+    steps) reaches 90 % of the fast probe on the same images, and SimCLR's fine-tuning (a
+    quarter of the embedded epochs) on 10 % of the labels is not worse than on 1 %, beyond 3
+    points. Measured on this encoder (2026-12-03): the fast probe 73.7; the probe 72.5 (0.98);
+    the 84 crop steps of the recipe before (28 epochs, lr 0.1, 50-100 % crops) 58.9-62.0
+    (0.80-0.84); the recipe before issue 13 (lr 0.01, 8-100 % crops, no Precise BN, the 87.5 %
+    centre crop) 46.6 (0.63), and 12 steps of the embedded crop recipe 37.7 (0.51)."""
     ginutil.parse(
         ginutil.run_files("supervised", "embedded", ["gin/table_finetune.gin"]),
         [
             "linear_goyal19/linear.PaperProbe.train_size = 1000",
             "linear_goyal19/linear.PaperProbe.test_size = 1000",
-            "linear_goyal19/linear.PaperProbe.epochs = 28",
-            "linear_goyal19/linear.PaperProbe.milestones = [8, 16, 24]",
             "semisup_simclr/semisup.SemiSupervised.epochs = [15, 1.25]",
             "semisup_simclr/semisup.SemiSupervised.test_size = 1000",
         ],
@@ -192,7 +230,8 @@ def test_embedded_recipes_measure_the_features(fmnist_encoder):
         }
     fast = LinearProbe()(feats["train"], feats["test"])["linear/top1"]
     paper = goyal.evaluate(ctx)["linear/goyal19/top1"]
-    assert paper >= 0.75 * fast, (paper, fast)
+    print(f"fast {fast:.1f} paper {paper:.1f} ratio {paper / fast:.3f}")
+    assert paper >= 0.9 * fast, (paper, fast)
     tuned = semisup.evaluate(ctx)
     assert tuned["semisup/simclr/10%/top1"] >= tuned["semisup/simclr/1%/top1"] - 3.0, tuned
     assert tuned["semisup/simclr/1%/top1"] > 50.0, tuned  # well above chance (10 %)

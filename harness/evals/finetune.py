@@ -27,6 +27,7 @@ from harness.views import eval_view, normalize, resized_crop
 
 OPTIMIZERS = ("sgd", "lars")
 SCHEDULES = ("cosine", "step", "constant")
+AUGMENTS = ("crop", "flip", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,11 @@ class Recipe:
         milestones: epochs (fractions allowed) at which the ``step`` schedule divides the lr by 10.
         warmup_epochs: linear warm-up before the schedule.
         crop_scale: area range of the random resized crop.
+        augment: the training views: ``crop`` (random resized crop of `crop_scale` and a
+            horizontal flip, the papers'), ``flip`` (the whole image or its mirror image) or
+            ``none`` (the whole image). Without crops a frozen encoder's features are computed
+            once (per view) and each step trains only the head, so a probe can take thousands
+            of steps for the cost of one or two feature passes; fine-tuning needs ``crop``.
         max_steps: cap on optimizer steps (smoke tests); None: epochs decide.
         precise_bn: after training, recompute the running statistics of the BatchNorm layers
             that trained (`refresh_bn`), weights unchanged, on the centre views that are tested.
@@ -65,6 +71,7 @@ class Recipe:
     crop_scale: Sequence[float] = (0.08, 1.0)
     max_steps: int | None = None
     precise_bn: bool = False
+    augment: str = "crop"
 
     def __post_init__(self) -> None:
         problems = []
@@ -78,6 +85,8 @@ class Recipe:
             problems.append(
                 f"epochs, batch_size and lr must be positive (got {self.epochs}, {self.batch_size}, {self.lr})"
             )
+        if self.augment not in AUGMENTS:
+            problems.append(f"augment {self.augment!r} is not one of {AUGMENTS}")
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             problems.append(f"crop_scale {tuple(self.crop_scale)} must be (lo, hi) with 0 < lo <= hi <= 1")
         if problems:
@@ -86,8 +95,11 @@ class Recipe:
     def params(self) -> dict:
         out = dataclasses.asdict(self)
         out["milestones"], out["crop_scale"] = list(self.milestones), list(self.crop_scale)
-        if not self.precise_bn:  # settings made before the switch existed keep their protocol ids
-            del out["precise_bn"]
+        for key, before in (("precise_bn", False), ("augment", "crop")):
+            if out[key] == before:  # settings made before the switch existed keep their protocol ids
+                del out[key]
+        if self.augment == "flip":  # no crops: the crop range changes nothing
+            del out["crop_scale"]
         return out
 
     def budget(self, images: int) -> dict[str, int]:
@@ -160,6 +172,10 @@ def train(
     Raises:
         optim.NonFiniteLoss: when the loss stops being finite (names the step and the lr).
     """
+    if recipe.augment != "crop" and fine_tune:
+        raise ValueError(
+            f"{desc}: augment {recipe.augment!r} caches a frozen encoder's features; fine-tuning needs augment 'crop'"
+        )
     n = len(index)
     budget = recipe.budget(n)
     batch, per_epoch, total = budget["batch"], n // budget["batch"], budget["steps"]
@@ -181,10 +197,23 @@ def train(
     kernel.prepare(head).train()
     loss = torch.zeros(())
     devices = [torch.device(device).index or 0] if torch.device(device).type == "cuda" else []
+    cached = (
+        None if recipe.augment == "crop" else _view_features(encoder, data, index, image_size, kernel, recipe.augment)
+    )
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         for step in tqdm(range(total), desc=desc, disable=not progress, dynamic_ncols=True, mininterval=1.0):
-            idx = index[optim.batch_indices(n, batch, seed, step)]  # [b]
+            pick = optim.batch_indices(n, batch, seed, step)  # [b] positions in `index`
+            idx = index[pick]  # [b]
+            if cached is not None:
+                h = cached[0][pick]  # [b, D]
+                if len(cached) == 2:  # augment 'flip'
+                    h = torch.where((torch.rand(len(pick)) < 0.5)[:, None], cached[1][pick], h)
+                h = h.to(device)
+                with kernel.autocast():
+                    loss = F.cross_entropy(head(h), data.labels[idx].to(device))
+                kernel.step(loss, step)
+                continue
             x = resized_crop(
                 data.images[idx].to(device).float().div_(255), image_size, recipe.crop_scale, (3 / 4, 4 / 3), 0.5
             )
@@ -195,6 +224,28 @@ def train(
                 loss = F.cross_entropy(head(h), data.labels[idx].to(device))
             kernel.step(loss, step)
     return {**budget, "final_loss": loss.item()}
+
+
+@torch.no_grad()
+def _view_features(
+    encoder: nn.Module,
+    data: ImageSet,
+    index: torch.Tensor,
+    image_size: int,
+    kernel: optim.Kernel,
+    augment: str,
+    batch_size: int = 512,
+) -> list[torch.Tensor]:
+    """The frozen encoder's features (eval mode) of ``data[index]``'s whole images and, for
+    ``augment='flip'``, of their mirror images: each ``[n, D]``, on the CPU."""
+    encoder.eval()
+    views: list[list[torch.Tensor]] = [[] for _ in range(2 if augment == "flip" else 1)]
+    for i in range(0, len(index), batch_size):
+        x = eval_view(data.images[index[i : i + batch_size]].to(kernel.device), image_size, data.mean, data.std)
+        with kernel.autocast():
+            for k, chunks in enumerate(views):
+                chunks.append(encoder(x.flip(-1) if k else x).flatten(1).float().cpu())  # [b, D]
+    return [torch.cat(chunks) for chunks in views]
 
 
 @torch.no_grad()

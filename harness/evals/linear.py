@@ -205,8 +205,9 @@ class PaperProbe:
         name: the protocol's name, also the prefix of its metrics (``<name>/top1``).
         image_size: side of the training crops and of the evaluation view (``%IMAGE_SIZE``).
         epochs, batch_size, lr, scale_lr, optimizer, momentum, nesterov, weight_decay, schedule,
-            milestones, warmup_epochs, crop_scale, max_steps, precise_bn: the training recipe
-            (`harness.evals.finetune.Recipe`; ``lr`` is at batch 256 when ``scale_lr``).
+            milestones, warmup_epochs, crop_scale, max_steps, precise_bn, augment: the training recipe
+            (`harness.evals.finetune.Recipe`; ``lr`` is at batch 256 when ``scale_lr``; ``augment='flip'``
+            trains on cached features of each image and its mirror image instead of random crops).
         norm: before the classifier, ``none``, ``bn`` (BatchNorm with affine parameters, as
             VISSL's linear head of Goyal et al. 2019) or ``bn_noaffine`` (MAE).
         eval_crop: central fraction of each test image that is evaluated (ImageNet: 224/256).
@@ -238,6 +239,7 @@ class PaperProbe:
         test_size: int | None = None,
         max_steps: int | None = None,
         precise_bn: bool = False,
+        augment: str = "crop",
     ) -> None:
         if norm not in NORMS or not 0 < eval_crop <= 1 or not name:
             raise ValueError(
@@ -261,6 +263,7 @@ class PaperProbe:
             crop_scale=tuple(crop_scale),
             max_steps=max_steps,
             precise_bn=precise_bn,
+            augment=augment,
         )
 
     def params(self) -> dict:
