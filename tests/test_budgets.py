@@ -85,6 +85,7 @@ def test_flip_trains_on_each_image_and_its_mirror_and_fine_tuning_refuses_cached
     # the crop recipes keep their protocol ids (no new key); without crops the crop range is not a setting
     assert "augment" not in finetune.Recipe(epochs=1, batch_size=8, lr=0.1).params()
     assert {"augment": "flip"}.items() <= recipe.params().items() and "crop_scale" not in recipe.params()
+    assert "crop_scale" not in finetune.Recipe(epochs=1, batch_size=8, lr=0.1, augment="none").params()
 
 
 def test_precise_bn_sets_the_statistics_of_the_tested_views_and_leaves_the_frozen_encoder():

@@ -98,7 +98,7 @@ class Recipe:
         for key, before in (("precise_bn", False), ("augment", "crop")):
             if out[key] == before:  # settings made before the switch existed keep their protocol ids
                 del out[key]
-        if self.augment == "flip":  # no crops: the crop range changes nothing
+        if self.augment != "crop":  # no crops: the crop range changes nothing
             del out["crop_scale"]
         return out
 
