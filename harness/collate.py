@@ -2,12 +2,15 @@
 
 Reads every ``<table_dir>/runs/<run_id>/run.json`` into one long DataFrame (a row per
 run and metric), reduces finished runs to mean ± std over seeds per method and swept
-setting, sets published numbers (``results/reference/*.csv``) beside them, and writes
-leaderboard.csv/.md/.png and failed.csv. Failed or unfinished runs are listed, never
+setting, sets published numbers beside them (``reference/published.csv`` and any
+``--reference`` files: matched on conditions with Δ and a verdict, else the nearest one,
+labelled with its conditions; `harness.published`), measures how well the table's ranking
+agrees with the published one (`harness.agreement`), and writes leaderboard.csv/.md/.png,
+rank_agreement.png and failed.csv. Failed or unfinished runs are listed, never
 averaged; nor are numbers of different protocol settings (run.json records each metric's
 protocol id; a metric made under two ids in one table becomes two columns, ``<metric>
 [<id>]``, and leaderboard.md lists every protocol's name, id and settings).
-Usage: ``python -m harness.collate results/table1 [--reference DIR]``.
+Usage: ``python -m harness.collate results/table1 [--reference DIR_OR_CSV ...]``.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import argparse
 import json
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +28,7 @@ import seaborn as sns
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from harness import store
+from harness import agreement, published, reference, store
 from harness.store import Status
 
 RUN_COLUMNS = [
@@ -42,7 +45,6 @@ RUN_COLUMNS = [
     "pretrain_s",
     "eval_s",
 ]
-REFERENCE_COLUMNS = ["table", "method", "metric", "value", "source"]
 SORT_METRIC = "linear/top1"
 PLOT_METRICS = ["linear/top1", "knn/top1@200"]
 STATS = {"mean": "mean", "std": "std", "count": "n"}  # pandas aggregation -> column suffix
@@ -140,8 +142,9 @@ def load_runs(table_dir: Path) -> pd.DataFrame:
     df = _split_protocols(df)
     df.attrs["skipped"] = len(folders) - len(records)
     df.attrs["outside_plan"] = len(outside)
-    df.attrs["protocols"] = {}
+    df.attrs["protocols"], df.attrs["conditions"] = {}, {}
     for run in (r for r in records if r.get("status") == Status.DONE.value):
+        df.attrs["conditions"].setdefault(run["method"], run.get("conditions") or {})
         cost = (run.get("timings") or {}).get("protocols") or {}
         for name, p in _protocols(run).items():
             entry = df.attrs["protocols"].setdefault(
@@ -233,18 +236,25 @@ def failed_runs(df: pd.DataFrame) -> pd.DataFrame:
     return failed[["method", "seed", *_keys(df)[1:], "run_id", "status", "error", "log"]]
 
 
-def load_reference(reference_dir: Path | None, table: str) -> pd.DataFrame:
-    """Reads published numbers for ``table`` from ``reference_dir/*.csv`` (empty if none)."""
-    frames = []
-    for path in sorted(Path(reference_dir).glob("*.csv")) if reference_dir else []:
-        try:
-            frames.append(pd.read_csv(path)[REFERENCE_COLUMNS])
-        except (OSError, ValueError, KeyError) as err:
-            warnings.warn(f"{path}: unreadable, needs columns {REFERENCE_COLUMNS} ({err}); skipped")
-    ref = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=REFERENCE_COLUMNS)
-    ref = ref[ref["table"].astype(str) == table]
-    ref = ref.assign(value=pd.to_numeric(ref["value"], errors="coerce"))
-    return ref.drop_duplicates(["method", "metric"], keep="last").reset_index(drop=True)
+def load_reference(paths: Sequence[Path] = (reference.SHIPPED,)) -> pd.DataFrame:
+    """The checked published numbers of `paths` (CSV files in ``reference/published.csv``'s
+    schema, or folders of them), batch size and epochs kept as strings.
+
+    Raises:
+        reference.ReferenceError: a file or folder is missing or a row is malformed (names file and line).
+    """
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += sorted(path.glob("*.csv"))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise reference.ReferenceError(f"{path}: no such reference file or folder")
+    frames = [reference.read(f) for f in files]
+    if not frames:
+        return pd.DataFrame(columns=reference.COLUMNS)
+    return pd.concat(frames, ignore_index=True)
 
 
 def _cell(mean: float, std: float = np.nan) -> str:
@@ -257,15 +267,44 @@ def _cell(mean: float, std: float = np.nan) -> str:
 def _markdown_board(board: pd.DataFrame) -> str:
     """Renders the leaderboard as a markdown table with ``mean ± std`` cells."""
     shown = board[_keys(board)].rename(columns=lambda c: c.removeprefix("swept:"))
-    for metric in (c.removesuffix(" mean") for c in board.columns if c.endswith(" mean")):
+    for metric in (c.removesuffix(" mean") for c in board.columns if c.endswith(" mean")):  # published: own section
         shown[metric] = [_cell(m, s) for m, s in zip(board[f"{metric} mean"], board[f"{metric} std"])]
-    for column in (c for c in board.columns if c.startswith("paper ")):
-        shown[f"{column}¹"] = board[column].map(_cell)
     shown["seeds"] = board["seeds"]
     shown["cost_s"] = board["cost_s"].map(lambda s: f"{s:.0f}" if pd.notna(s) else "")
     if "note" in board and board["note"].fillna("").astype(bool).any():
         shown["note"] = board["note"].fillna("").astype(str).str.replace("|", r"\|")
     return shown.to_markdown(index=False, disable_numparse=True)
+
+
+def _markdown_published(placed: pd.DataFrame, agreed: dict | None) -> list[str]:
+    """The published-numbers section: matched ones with Δ and verdict, the others as the nearest, labelled."""
+    lines = []
+    if not placed.empty:
+        matched = int(placed["matched"].sum())
+        shown = placed.assign(
+            ours=placed["ours"].map(_cell),
+            published=placed["published"].map(_cell),
+            Δ=[f"{d:+.1f}" if m else "" for d, m in zip(placed["Δ"], placed["matched"])],
+        ).drop(columns="matched")
+        shown = shown.apply(lambda col: col.astype(str).str.replace("|", r"\|"))
+        lines += [
+            "## Published numbers",
+            "",
+            f"{matched} of {len(placed)} published numbers below were measured under this table's conditions "
+            f"(dataset, backbone, pretraining epochs, protocol, metric): those have Δ (ours - published) and a "
+            f"verdict (reproduced within the source's spread, else ±{published.DEFAULT_TOLERANCE:g} points). The "
+            "others are the nearest published number of the same kind, under the conditions named beside it: "
+            "context, not a comparison. leaderboard.csv has them as columns.",
+            "",
+            shown.to_markdown(index=False, disable_numparse=True),
+            "",
+        ]
+    if agreed is not None:
+        lines += ["## Rank agreement", "", agreement.describe(agreed) + " rank_agreement.png plots it.", ""]
+        if agreed["n"]:
+            points = agreed["points"].assign(ours=agreed["points"]["ours"].map(_cell))
+            lines += [points.to_markdown(index=False, disable_numparse=True, floatfmt=".1f"), ""]
+    return lines
 
 
 def _markdown_protocols(protocols: dict) -> list[str]:
@@ -305,8 +344,10 @@ def _cpu_text(seconds: list[float]) -> str:
     return f"{mid:.0f}" if len(seconds) == 1 else f"{mid:.0f} ({lo:.0f}-{hi:.0f})"
 
 
-def render_markdown(df: pd.DataFrame, board: pd.DataFrame, ref: pd.DataFrame, table: str) -> str:
-    """Builds leaderboard.md: title, table, paper sources, protocols, failed runs, pending runs."""
+def render_markdown(
+    df: pd.DataFrame, board: pd.DataFrame, placed: pd.DataFrame, agreed: dict | None, table: str
+) -> str:
+    """Builds leaderboard.md: title, table, published numbers, rank agreement, protocols, failed and pending runs."""
     lines = [f"# {table} leaderboard", ""]
     if board.empty:
         lines += ["No finished runs yet, so there is nothing to average.", ""]
@@ -317,9 +358,7 @@ def render_markdown(df: pd.DataFrame, board: pd.DataFrame, ref: pd.DataFrame, ta
             _markdown_board(board),
             "",
         ]
-    if not ref.empty:
-        sources = ref.groupby("method")["source"].agg(lambda s: "; ".join(pd.unique(s.astype(str))))
-        lines += ["¹ Published numbers: " + "; ".join(f"{m}: {s}" for m, s in sources.items()) + ".", ""]
+    lines += _markdown_published(placed, agreed)
     lines += _markdown_protocols(df.attrs.get("protocols") or {})
     failed = failed_runs(df).fillna("").astype(str)
     if not failed.empty:
@@ -383,30 +422,37 @@ def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
         write(tmp)
 
 
-def collate(table_dir: Path, reference_dir: Path | None = None) -> pd.DataFrame:
-    """Writes a table's leaderboard.csv/.md/.png (and failed.csv) and returns the board.
+def collate(
+    table_dir: Path, references: Sequence[Path] = (reference.SHIPPED,), agree_on: str = SORT_METRIC
+) -> pd.DataFrame:
+    """Writes a table's leaderboard.csv/.md/.png, rank_agreement.png (and failed.csv) and returns the board.
 
     Args:
         table_dir: The table's results folder, holding ``runs/<run_id>/run.json``.
-        reference_dir: Folder of published-number csv files; None for no paper columns.
+        references: published-number CSVs or folders of them (`load_reference`); () for none.
+        agree_on: the metric whose ranking is set against the published one (`harness.agreement`).
 
     Returns:
-        The :func:`leaderboard` frame plus a ``paper <metric>`` column per referenced metric.
+        The :func:`leaderboard` frame plus the published columns of `harness.published.annotate`.
+    Raises:
+        reference.ReferenceError: a reference file is missing or malformed (before anything is written).
     """
     table_dir = Path(table_dir)
     if not table_dir.is_dir():
         raise FileNotFoundError(f"{table_dir}: no such table folder; pass e.g. results/table1")
+    ref = load_reference(references)
     df = load_runs(table_dir)
     table = str(df["table"].dropna().iloc[0]) if df["table"].notna().any() else table_dir.name
     board = leaderboard(df)
-    ref = load_reference(reference_dir, table)
-    ref = ref[ref["method"].isin(board["method"]) & ref["value"].notna()]
-    for metric, rows in ref.groupby("metric", sort=False):
-        board[f"paper {metric}"] = board["method"].map(rows.set_index("method")["value"])
+    made_by = df.dropna(subset=["metric", "protocol"]).drop_duplicates("metric").set_index("metric")["protocol"]
+    board, placed = published.annotate(board, df.attrs.get("conditions") or {}, made_by.to_dict(), ref)
+    agreed = agreement.agreement(board, ref, agree_on) if len(ref) else None
     _atomic_write(table_dir / "leaderboard.csv", lambda p: board.to_csv(p, index=False))
-    markdown = render_markdown(df, board, ref, table)
+    markdown = render_markdown(df, board, placed, agreed, table)
     _atomic_write(table_dir / "leaderboard.md", lambda p: p.write_text(markdown, encoding="utf-8"))
     plot_leaderboard(df, board, table_dir / "leaderboard.png", table)
+    if agreed is not None:
+        agreement.plot(agreed, table_dir / "rank_agreement.png", table)
     failed = failed_runs(df)
     if failed.empty:
         (table_dir / "failed.csv").unlink(missing_ok=True)
@@ -422,11 +468,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--reference",
         type=Path,
-        default=None,
-        help="folder of published numbers (*.csv); default results/reference if present",
+        action="append",
+        default=[],
+        help="a CSV of published numbers in reference/published.csv's schema, or a folder of them; adds to the "
+        "shipped reference/published.csv (repeatable)",
     )
     args = parser.parse_args(argv)
-    default = Path("results/reference")
     if not args.table_dir.is_dir():
         print(
             f"error: {args.table_dir}: no such table folder. Fix: pass a table's results folder, e.g. "
@@ -434,14 +481,11 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    if args.reference is not None and not args.reference.is_dir():
-        print(
-            f"error: --reference {args.reference}: no such folder. Fix: pass a folder of published-number *.csv "
-            "files, or drop --reference",
-            file=sys.stderr,
-        )
+    try:
+        collate(args.table_dir, [reference.SHIPPED, *args.reference])
+    except reference.ReferenceError as err:
+        print(f"error: {err}. Fix: correct that row (reference/README.md documents the columns)", file=sys.stderr)
         return 2
-    collate(args.table_dir, args.reference or (default if default.is_dir() else None))
     print((args.table_dir / "leaderboard.md").read_text(encoding="utf-8"))
     return 0
 

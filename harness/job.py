@@ -20,7 +20,7 @@ from torch import nn
 import gin
 from harness import backbone as backbone_lib
 from harness import data as data_lib
-from harness import ginutil, store
+from harness import ginutil, published, store
 from harness import trainer as trainer_lib
 from harness.data import ImageSet
 from harness.errors import Unsupported
@@ -141,6 +141,19 @@ def _pretrained(
         return pretrain(pre_dir, method, dataset, views, trainer, seed)
 
 
+def conditions(dataset, encoder: nn.Module, features: FrozenFeatures, trainer: Trainer) -> dict:
+    """What published numbers are matched on (`harness.published`): the dataset, the encoder as
+    the reference CSV names it, the view size, and the pretraining's epochs and batch size."""
+    spec = getattr(encoder, "sslbench_spec", None) or {"name": type(encoder).__name__.lower()}
+    return {
+        "dataset": getattr(dataset, "name", type(dataset).__name__),
+        "backbone": published.backbone_name(spec),
+        "image_size": features.image_size,
+        "pretrain_epochs": trainer.epochs,
+        "batch_size": trainer.batch_size,
+    }
+
+
 @gin.configurable(module="job", denylist=["spec"])
 def run(
     spec: RunSpec,
@@ -227,6 +240,7 @@ def _run(
         t0, cpu0 = time.time(), time.process_time()
         enc = encoder_for_eval(pre_dir, method, dataset.split("test"), pre)
         feats = features(enc, dataset, pre_dir / "features", trainer.device, trainer.progress)
+        record["conditions"] = conditions(dataset, enc, features, trainer)
         record["warnings"] = data_lib.warnings_for(dataset.split("train"))
         for w in record["warnings"]:
             print(f"warning: {w}", flush=True)

@@ -127,7 +127,8 @@ class Kernel:
         terms: Mapping[str, torch.Tensor] | None = None,
     ) -> float:
         """Checks `check` (default `loss`; e.g. its mean across ranks), raising `NonFiniteLoss` that names the step,
-        the lr, its source and the `terms` of the loss; sets the lr on every group, back-propagates, steps.
+        the lr, its source and the `terms` of the loss; sets the lr on every group (times its ``lr_scale``, when
+        it has one), back-propagates, steps.
         Returns the lr."""
         lr = self.lr * self.schedule(step)
         checked = loss if check is None else check
@@ -140,7 +141,7 @@ class Kernel:
             )
         if self.optimizer is not None:
             for g in self.optimizer.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * g.get("lr_scale", 1.0)  # a group's own factor: layer-wise lr decay
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()

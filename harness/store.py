@@ -70,6 +70,7 @@ class RunRecord(TypedDict, total=False):
     timings: dict[str, Any]  # (checked) pretrain_s, eval_s, their CPU seconds, per protocol
     artefacts: dict[str, dict]  # (checked) {path under the root: file_meta}, what the numbers depend on
     swept: dict[str, str]
+    conditions: dict[str, Any]  # dataset, backbone, image_size, pretrain_epochs, batch_size (`harness.published`)
     warnings: list[str]
     error: str | None
     traceback: str

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from harness import collate, ginutil, store
+from harness import collate, ginutil, reference, store
 from harness import launch as launch_lib
 from harness.data import DataError
 from harness.runspec import RunSpec
@@ -233,13 +233,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="with --dry-run: for each run, the value of KEY (e.g. trainer.Trainer.batch_size) and "
         "the file and line that set it",
     )
+    ap.add_argument(
+        "--reference",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="CSV_OR_DIR",
+        help="published numbers in reference/published.csv's schema (a CSV or a folder of them), added to the "
+        "shipped ones beside the leaderboard",
+    )
     args = ap.parse_args(argv)
+    references = [reference.SHIPPED, *args.reference]
     only = [m.strip() for m in args.only.split(",") if m.strip()] if args.only is not None else None
     notes: list[str] = []
     try:
         table, specs = plan(args.gin, args.bind, only, args.results, notes)
         ginutil.parse(args.gin, args.bind)
         launch = launch_lib.chosen()
+        collate.load_reference(references)  # a malformed reference stops the sweep before anything trains
     except (ginutil.GinError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -318,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "command again to resume them",
             file=sys.stderr,
         )
-        collate.collate(table_dir)
+        collate.collate(table_dir, references)
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -331,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"FAILED {s.method} seed={s.seed} run {s.run_id}: {rec.get('error') or str(e).splitlines()[-1]}",
             file=sys.stderr,
         )
-    collate.collate(table_dir)
+    collate.collate(table_dir, references)
     print((table_dir / "leaderboard.md").read_text())
     print(f"wrote {table_dir}/leaderboard.csv, leaderboard.md, leaderboard.png", file=sys.stderr)
     return 1 if failed else 0

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from harness.collate import collate, leaderboard, load_runs, main
+from harness.reference import COLUMNS
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -80,18 +81,12 @@ def table(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def reference(tmp_path: Path) -> Path:
-    """A reference folder with a published SimCLR number (and one for another table)."""
+    """A reference folder with a published SimCLR linear top-1 (reference/published.csv's schema)."""
     ref_dir = tmp_path / "reference"
     ref_dir.mkdir()
-    pd.DataFrame(
-        {
-            "table": ["table1", "table2"],
-            "method": ["simclr", "simclr"],
-            "metric": ["linear/top1", "linear/top1"],
-            "value": [69.3, 12.5],
-            "source": ["Chen et al. 2020, Table 6", "Other et al. 2021"],
-        }
-    ).to_csv(ref_dir / "simclr.csv", index=False)
+    row = ["simclr", "imagenet", "resnet50", "1000", "", "linear/mocov2", "linear/mocov2/top1", "69.3", "",
+           "Chen et al. 2020, Table 6", ""]  # fmt: skip
+    pd.DataFrame([row], columns=COLUMNS).to_csv(ref_dir / "simclr.csv", index=False)
     return ref_dir
 
 
@@ -107,7 +102,7 @@ def test_load_runs_skips_unreadable_folders(table: Path) -> None:
 
 def test_leaderboard_means_stds_and_order(table: Path, reference: Path) -> None:
     with pytest.warns(UserWarning):
-        board = collate(table, reference)
+        board = collate(table, [reference])
     assert list(board["method"]) == ["byol", "simclr"]  # moco failed/running: no row
     simclr = board.set_index("method").loc["simclr"]
     assert simclr["linear/top1 mean"] == pytest.approx(81.0)
@@ -116,8 +111,10 @@ def test_leaderboard_means_stds_and_order(table: Path, reference: Path) -> None:
     assert simclr["knn/top1@200 std"] == pytest.approx(math.sqrt(8.0))
     assert simclr["seeds"] == 2 and simclr["linear/top1 n"] == 2
     assert simclr["cost_s"] == pytest.approx(70.5)  # (60 + 10 + 61 + 10) / 2
-    assert simclr["paper linear/top1"] == pytest.approx(69.3)
-    assert pd.isna(board.set_index("method").loc["byol", "paper linear/top1"])
+    # no conditions recorded: the nearest published number, labelled with its conditions, never a Δ
+    assert simclr["published linear top-1: imagenet, resnet50"] == pytest.approx(69.3)
+    assert pd.isna(board.set_index("method").loc["byol", "published linear top-1: imagenet, resnet50"])
+    assert not [c for c in board.columns if c.startswith(("Δ", "verdict"))]
     saved = pd.read_csv(table / "leaderboard.csv")
     assert {"method", "linear/top1 mean", "linear/top1 std", "seeds", "cost_s"} <= set(saved.columns)
     assert saved["linear/top1 mean"].tolist() == pytest.approx([86.0, 81.0])
@@ -125,14 +122,15 @@ def test_leaderboard_means_stds_and_order(table: Path, reference: Path) -> None:
 
 def test_files_failed_section_and_reference(table: Path, reference: Path) -> None:
     with pytest.warns(UserWarning):
-        collate(table, reference)
+        collate(table, [reference])
     md = (table / "leaderboard.md").read_text(encoding="utf-8")
     board_part, failed_part = md.split("## Failed runs")
     assert "# table1 leaderboard" in md
     assert "81.0 ± 1.4" in board_part and "86.0 ± 1.4" in board_part
-    assert "moco" not in board_part.split("¹ Published")[0]
-    assert "69.3" in board_part and "Chen et al. 2020, Table 6" in board_part
-    assert "12.5" not in md and "Other et al." not in md  # other table's reference
+    assert "moco" not in board_part.split("## Published")[0]
+    published = board_part.split("## Published numbers")[1]
+    assert "69.3" in published and "Chen et al. 2020, Table 6" in published
+    assert "imagenet, resnet50, 1000 ep, linear/mocov2 linear/mocov2/top1" in published
     assert "m0" in failed_part and "ValueError: loss is NaN at step 12" in failed_part
     assert "/logs/m0/log.txt" in failed_part
     # r0 says "running" but no live process holds its lock: interrupted, with "killed" as the reason

@@ -23,11 +23,13 @@ from tqdm import tqdm
 
 from harness import optim
 from harness.data import ImageSet
+from harness.errors import Unsupported
 from harness.views import eval_view, normalize, resized_crop
 
-OPTIMIZERS = ("sgd", "lars")
+OPTIMIZERS = ("sgd", "lars", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
 AUGMENTS = ("crop", "flip", "none")
+HEAD_NORMS = ("none", "bn", "bn_noaffine")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,8 +41,9 @@ class Recipe:
         batch_size: images per step (clipped to the number of labelled images).
         lr: learning rate; at batch 256 when `scale_lr` (applied: ``lr * batch / 256``).
         scale_lr: Goyal et al. 2017's linear scaling rule.
-        optimizer: ``sgd`` (torch's) or ``lars`` (``harness.optim.LARS``).
+        optimizer: ``sgd`` (torch's), ``lars`` (``harness.optim.LARS``) or ``adamw`` (torch's).
         momentum: SGD / LARS momentum.
+        betas: AdamW's (beta1, beta2).
         nesterov: Nesterov momentum (SGD only).
         weight_decay: on weights; biases and norm parameters are exempt (and skip LARS).
         schedule: ``cosine`` (to zero), ``step`` (x0.1 at each of `milestones`) or ``constant``.
@@ -52,6 +55,11 @@ class Recipe:
             ``none`` (the whole image). Without crops a frozen encoder's features are computed
             once (per view) and each step trains only the head, so a probe can take thousands
             of steps for the cost of one or two feature passes; fine-tuning needs ``crop``.
+        layer_decay: layer-wise lr decay (Clark et al. 2020, ELECTRA; Bao et al. 2022, BEiT;
+            MAE's fine-tuning): block ``i`` of an ``L``-block ViT trains at ``lr * layer_decay **
+            (L - i)``, the patch embedding at ``layer_decay ** (L + 1)``, the final norm and the
+            head at ``lr``. 1.0: off. Below 1 it needs an encoder with ``blocks`` (a timm ViT).
+        label_smoothing: of the cross-entropy (Szegedy et al. 2016), 0: none.
         max_steps: cap on optimizer steps (smoke tests); None: epochs decide.
         precise_bn: after training, recompute the running statistics of the BatchNorm layers
             that trained (`refresh_bn`), weights unchanged, on the centre views that are tested.
@@ -63,6 +71,7 @@ class Recipe:
     scale_lr: bool = True
     optimizer: str = "sgd"
     momentum: float = 0.9
+    betas: Sequence[float] = (0.9, 0.999)
     nesterov: bool = False
     weight_decay: float = 0.0
     schedule: str = "cosine"
@@ -72,6 +81,8 @@ class Recipe:
     max_steps: int | None = None
     precise_bn: bool = False
     augment: str = "crop"
+    layer_decay: float = 1.0
+    label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -89,17 +100,30 @@ class Recipe:
             problems.append(f"augment {self.augment!r} is not one of {AUGMENTS}")
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             problems.append(f"crop_scale {tuple(self.crop_scale)} must be (lo, hi) with 0 < lo <= hi <= 1")
+        if not 0 < self.layer_decay <= 1 or not 0 <= self.label_smoothing < 1:
+            problems.append(
+                f"layer_decay must lie in (0, 1] and label_smoothing in [0, 1) (got {self.layer_decay}, "
+                f"{self.label_smoothing})"
+            )
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            problems.append(f"betas {tuple(self.betas)} must be (beta1, beta2), each in [0, 1)")
         if problems:
             raise ValueError("; ".join(problems))
 
     def params(self) -> dict:
         out = dataclasses.asdict(self)
-        out["milestones"], out["crop_scale"] = list(self.milestones), list(self.crop_scale)
-        for key, before in (("precise_bn", False), ("augment", "crop")):
+        out["milestones"], out["crop_scale"], out["betas"] = (
+            list(self.milestones),
+            list(self.crop_scale),
+            list(self.betas),
+        )
+        for key, before in (("precise_bn", False), ("augment", "crop"), ("layer_decay", 1.0), ("label_smoothing", 0.0)):
             if out[key] == before:  # settings made before the switch existed keep their protocol ids
                 del out[key]
         if self.augment != "crop":  # no crops: the crop range changes nothing
             del out["crop_scale"]
+        if self.optimizer != "adamw":  # only AdamW reads betas
+            del out["betas"]
         return out
 
     def budget(self, images: int) -> dict[str, int]:
@@ -122,14 +146,82 @@ def schedule(recipe: Recipe, per_epoch: int, total: int) -> Callable[[int], floa
     )
 
 
-def optimizer(recipe: Recipe, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    """The recipe's optimizer over `model`'s trainable parameters."""
-    groups = [g for g in optim.param_groups(model, recipe.weight_decay) if g["params"]]
+def layer_groups(encoder: nn.Module, head: nn.Module, weight_decay: float, decay: float) -> list[dict]:
+    """Parameter groups of a ViT encoder and its head with layer-wise lr decay: each group's
+    ``lr_scale`` is ``decay ** (L + 1 - layer)``, layer 0 the patch embedding, class token and
+    position embeddings, layer ``i + 1`` block ``i``, layer ``L + 1`` the rest (final norm, head);
+    decayed and exempt parameters (``ndim <= 1``, and the class token and position embeddings
+    that timm's ``no_weight_decay`` names, as MAE's fine-tuning) as `optim.param_groups`.
+
+    Raises:
+        Unsupported: when `encoder` has no ``blocks`` (layers are a ViT's blocks).
+    """
+    blocks = getattr(encoder, "blocks", None)
+    if not isinstance(blocks, nn.Sequential):
+        raise Unsupported(
+            f"layer-wise lr decay needs a ViT's blocks; {type(encoder).__name__} has none "
+            "(bind layer_decay = 1.0 for other encoders)"
+        )
+    top = len(blocks) + 1
+    named_exempt = set(getattr(encoder, "no_weight_decay", set)())  # timm: class token, position embeddings
+
+    def layer(name: str) -> int:
+        if name.startswith(("patch_embed", "cls_token", "pos_embed", "reg_token")):
+            return 0
+        return int(name.split(".")[1]) + 1 if name.startswith("blocks.") else top
+
+    groups: dict[tuple[int, bool], dict] = {}
+    named = [*encoder.named_parameters(), *(("head." + n, p) for n, p in head.named_parameters())]
+    for name, p in named:
+        if not p.requires_grad:
+            continue
+        exempt = p.ndim <= 1 or name in named_exempt
+        key = (layer(name), exempt)
+        group = groups.setdefault(
+            key,
+            {"params": [], "weight_decay": 0.0 if exempt else weight_decay, "lr_scale": decay ** (top - key[0])},
+        )
+        if exempt:
+            group["lars"] = False
+        group["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
+
+
+def optimizer(recipe: Recipe, model: nn.Module, lr: float, head: nn.Module | None = None) -> torch.optim.Optimizer:
+    """The recipe's optimizer over `model`'s trainable parameters (and `head`'s: with the
+    recipe's `layer_decay` below 1, `model` is the encoder and `head` trains at the full lr)."""
+    if recipe.layer_decay < 1:
+        groups = layer_groups(
+            model, head if head is not None else nn.Identity(), recipe.weight_decay, recipe.layer_decay
+        )
+    else:
+        whole = model if head is None else nn.ModuleList([model, head])
+        groups = [g for g in optim.param_groups(whole, recipe.weight_decay) if g["params"]]
+    if recipe.optimizer == "adamw":
+        return torch.optim.AdamW(
+            groups, lr=lr, betas=(recipe.betas[0], recipe.betas[1]), weight_decay=recipe.weight_decay
+        )
     if recipe.optimizer == "lars":
         return optim.LARS(groups, lr=lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay, eta=0.001)
     return torch.optim.SGD(
         groups, lr=lr, momentum=recipe.momentum, nesterov=recipe.nesterov, weight_decay=recipe.weight_decay
     )
+
+
+def classifier(dim: int, num_classes: int, norm: str = "none", std: float = 0.0) -> nn.Module:
+    """A linear classifier over `dim` features: weights ~ N(0, `std`) (0: zeros, SimCLR's
+    zero-initialised logits layer), zero bias, after the chosen normalisation: ``none``, ``bn``
+    (BatchNorm with affine parameters, VISSL's head for Goyal et al. 2019) or ``bn_noaffine``
+    (MAE's linear probe, He et al. 2022, sec. A.2: features whose scale differs between encoders,
+    such as a ViT's nearly constant class token, reach the linear layer standardised)."""
+    if norm not in HEAD_NORMS:
+        raise ValueError(f"head norm {norm!r} is not one of {HEAD_NORMS}")
+    linear = nn.Linear(dim, num_classes)
+    nn.init.normal_(linear.weight, std=std) if std > 0 else nn.init.zeros_(linear.weight)
+    nn.init.zeros_(linear.bias)
+    if norm == "none":
+        return linear
+    return nn.Sequential(nn.BatchNorm1d(dim, affine=norm == "bn"), linear)
 
 
 def feature_dim(encoder: nn.Module, data: ImageSet, image_size: int, device: torch.device | str) -> int:
@@ -182,7 +274,11 @@ def train(
     lr, source = optim.scaled_lr(recipe.lr, batch, recipe.scale_lr)
     for p in encoder.parameters():
         p.requires_grad_(fine_tune)
-    opt = optimizer(recipe, nn.ModuleList([encoder, head]) if fine_tune else head, lr)
+    opt = (
+        optimizer(recipe, encoder, lr, head)
+        if fine_tune
+        else optimizer(dataclasses.replace(recipe, layer_decay=1.0), head, lr)
+    )
     kernel = optim.Kernel(
         opt,
         lr,
@@ -211,7 +307,7 @@ def train(
                     h = torch.where((torch.rand(len(pick)) < 0.5)[:, None], cached[1][pick], h)
                 h = h.to(device)
                 with kernel.autocast():
-                    loss = F.cross_entropy(head(h), data.labels[idx].to(device))
+                    loss = F.cross_entropy(head(h), data.labels[idx].to(device), label_smoothing=recipe.label_smoothing)
                 kernel.step(loss, step)
                 continue
             x = resized_crop(
@@ -221,7 +317,7 @@ def train(
             with kernel.autocast():
                 with torch.set_grad_enabled(fine_tune):
                     h = encoder(x).flatten(1)  # [b, D]
-                loss = F.cross_entropy(head(h), data.labels[idx].to(device))
+                loss = F.cross_entropy(head(h), data.labels[idx].to(device), label_smoothing=recipe.label_smoothing)
             kernel.step(loss, step)
     return {**budget, "final_loss": loss.item()}
 

@@ -189,7 +189,7 @@ class LinearProbe:
         return out
 
 
-NORMS = ("none", "bn", "bn_noaffine")
+NORMS = finetune.HEAD_NORMS
 
 
 @gin.configurable(module="linear")
@@ -279,12 +279,7 @@ class PaperProbe:
 
     def head(self, dim: int, num_classes: int) -> nn.Module:
         """The classifier: weights ~ N(0, 0.01), zero bias, after the chosen normalisation."""
-        linear = nn.Linear(dim, num_classes)
-        nn.init.normal_(linear.weight, std=0.01)
-        nn.init.zeros_(linear.bias)
-        if self.norm == "none":
-            return linear
-        return nn.Sequential(nn.BatchNorm1d(dim, affine=self.norm == "bn"), linear)
+        return finetune.classifier(dim, num_classes, self.norm, std=0.01)
 
     def budget(self, train: ImageSet) -> dict[str, dict[str, int]]:
         """Batch, steps and images seen of the classifier's training on `train` (as `evaluate` runs)."""

@@ -16,10 +16,10 @@ the exported encoder and the frozen features other protocols read are never chan
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Sequence
 
 import torch
-from torch import nn
 
 import gin
 from harness.data import ImageSet
@@ -42,8 +42,12 @@ class SemiSupervised:
         subset_files: one file per percentage naming the labelled images (SimCLR's ImageNet
             lists), or None to draw class-balanced subsets; a None entry draws that one.
         subset_seed: seed of the class-balanced draws.
-        batch_size, lr, scale_lr, optimizer, momentum, nesterov, weight_decay, schedule,
-            warmup_epochs, crop_scale, max_steps, precise_bn: the recipe (`harness.evals.finetune.Recipe`).
+        batch_size, lr, scale_lr, optimizer, momentum, betas, nesterov, weight_decay, layer_decay,
+            label_smoothing, schedule, crop_scale, max_steps, precise_bn: the recipe
+            (`harness.evals.finetune.Recipe`).
+        warmup_epochs: linear warm-up, one value for every percentage or one per percentage.
+        norm: the head's normalisation before its zero-initialised linear layer
+            (`harness.evals.finetune.classifier`): ``none`` (SimCLR) or ``bn_noaffine`` (MAE's).
         eval_crop: central fraction of each test image that is evaluated (ImageNet: 224/256).
         test_size: test images (a fixed subset); None: all.
     """
@@ -63,52 +67,64 @@ class SemiSupervised:
         scale_lr: bool = True,
         optimizer: str = "sgd",
         momentum: float = 0.9,
+        betas: Sequence[float] = (0.9, 0.999),
         nesterov: bool = True,
         weight_decay: float = 0.0,
+        layer_decay: float = 1.0,
+        label_smoothing: float = 0.0,
         schedule: str = "cosine",
-        warmup_epochs: float = 0.0,
+        warmup_epochs: float | Sequence[float] = 0.0,
         crop_scale: Sequence[float] = (0.08, 1.0),
         eval_crop: float = 0.875,
         test_size: int | None = None,
         max_steps: int | None = None,
         precise_bn: bool = False,
+        norm: str = "none",
     ) -> None:
         files = list(subset_files) if subset_files is not None else [None] * len(percents)
-        if not percents or len(epochs) != len(percents) or len(files) != len(percents):
+        warmups = [warmup_epochs] * len(percents) if isinstance(warmup_epochs, (int, float)) else list(warmup_epochs)
+        if not percents or not len(epochs) == len(files) == len(warmups) == len(percents):
             raise ValueError(
-                f"semisup.SemiSupervised: percents, epochs and subset_files need one entry per labelled "
-                f"share (check its gin bindings); got {list(percents)}, {list(epochs)}, {files}"
+                f"semisup.SemiSupervised: percents, epochs, subset_files and warmup_epochs (when a list) need one "
+                f"entry per labelled share (check its gin bindings); got {list(percents)}, {list(epochs)}, {files}, "
+                f"{warmups}"
             )
-        if not all(0 < p <= 100 for p in percents) or not 0 < eval_crop <= 1:
+        if not all(0 < p <= 100 for p in percents) or not 0 < eval_crop <= 1 or norm not in finetune.HEAD_NORMS:
             raise ValueError(
-                f"semisup.SemiSupervised: percents must lie in (0, 100] and eval_crop in (0, 1]; got "
-                f"{list(percents)}, {eval_crop}"
+                f"semisup.SemiSupervised: percents must lie in (0, 100], eval_crop in (0, 1] and norm be one of "
+                f"{finetune.HEAD_NORMS}; got {list(percents)}, {eval_crop}, {norm!r}"
             )
         self.name, self.image_size, self.eval_crop = str(name), int(image_size), float(eval_crop)
         self.percents, self.epochs, self.subset_files = [float(p) for p in percents], [float(e) for e in epochs], files
+        self.warmups, self.norm = [float(w) for w in warmups], norm
         self.subset_seed, self.test_size = int(subset_seed), test_size
-        self.recipes = [
-            finetune.Recipe(
-                epochs=e,
-                batch_size=batch_size,
-                lr=lr,
-                scale_lr=scale_lr,
-                optimizer=optimizer,
-                momentum=momentum,
-                nesterov=nesterov,
-                weight_decay=weight_decay,
-                schedule=schedule,
-                warmup_epochs=warmup_epochs,
-                crop_scale=tuple(crop_scale),
-                max_steps=max_steps,
-                precise_bn=precise_bn,
-            )
-            for e in self.epochs
-        ]
+        base = finetune.Recipe(
+            epochs=self.epochs[0],
+            warmup_epochs=self.warmups[0],
+            batch_size=batch_size,
+            lr=lr,
+            scale_lr=scale_lr,
+            optimizer=optimizer,
+            momentum=momentum,
+            betas=tuple(betas),
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            layer_decay=layer_decay,
+            label_smoothing=label_smoothing,
+            schedule=schedule,
+            crop_scale=tuple(crop_scale),
+            max_steps=max_steps,
+            precise_bn=precise_bn,
+        )
+        self.recipes = [dataclasses.replace(base, epochs=e, warmup_epochs=w) for e, w in zip(self.epochs, self.warmups)]
 
     def params(self) -> dict:
         """Settings that change the numbers (JSON-serialisable)."""
         recipe = {k: v for k, v in self.recipes[0].params().items() if k not in ("epochs", "milestones")}
+        if len(set(self.warmups)) > 1:  # one warm-up per percentage (a single value keeps the old ids)
+            recipe["warmup_epochs"] = self.warmups
+        if self.norm != "none":  # settings made before heads had a norm keep their protocol ids
+            recipe["norm"] = self.norm
         return {
             "percents": self.percents,
             "epochs": self.epochs,
@@ -149,9 +165,8 @@ class SemiSupervised:
             tag = f"{percent:g}%"
             self.selected[tag] = {"images": len(index), "source": source}
             encoder = ctx.encoder()
-            head = nn.Linear(finetune.feature_dim(encoder, train, self.image_size, ctx.device), len(train.classes))
-            nn.init.zeros_(head.weight)  # SimCLR's zero-initialised logits layer
-            nn.init.zeros_(head.bias)
+            dim = finetune.feature_dim(encoder, train, self.image_size, ctx.device)
+            head = finetune.classifier(dim, len(train.classes), self.norm)  # zero-initialised logits (SimCLR)
             done = finetune.train(
                 encoder,
                 head,

@@ -1,0 +1,121 @@
+"""Published numbers beside a leaderboard (issue 15): a run whose conditions match a reference
+row gets Δ and a verdict, a mismatched one only the nearest number under a header naming its
+conditions; rank agreement (Spearman, Kendall, bootstrap) against scipy; bad references stop
+the collation before anything is written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.stats
+
+from harness import agreement, collate, published, reference
+from tests.test_collate import PNG_MAGIC
+
+HEADER = ",".join(reference.COLUMNS)
+ROWS = [  # method, dataset, backbone, epochs, batch, protocol, metric, value, spread, source, notes
+    'moco,imagenet,resnet50,200,256,linear/mocov2,linear/mocov2/top1,67.5,,"MoCo v2, Table 1",',
+    'moco,imagenet,resnet50,800,256,linear/mocov2,linear/mocov2/top1,71.1,,"MoCo v2, Table 2",',
+    'simclr,imagenet,resnet50,200,,linear/mocov2,linear/mocov2/top1,66.6,0.2,"SimSiam, Table C.1",',
+    'byol,imagenet,resnet50,300,,linear/mocov2,linear/mocov2/top1,72.5,,"SimSiam, Table C.1",',
+    'mae,imagenet,vit_b16,1600,,linear/mae,linear/mae/top1,68.0,,"MAE repo",',
+]
+IMAGENET = {"dataset": "imagenet", "backbone": "resnet50", "image_size": 224, "batch_size": 256}
+
+
+def write_ref(folder: Path, rows: list[str] = ROWS) -> Path:
+    folder.mkdir(exist_ok=True)
+    path = folder / "ref.csv"
+    path.write_text("\n".join([HEADER, *rows]) + "\n")
+    return path
+
+
+def write_run(table: Path, run_id: str, method: str, seed: int, value: float, conditions: dict) -> None:
+    folder = table / "runs" / run_id
+    folder.mkdir(parents=True)
+    protocol = {"id": "p1", "params": {}, "metrics": ["linear/mocov2/top1"]}
+    record = {
+        "run_id": run_id, "pretrain_id": f"p{run_id}", "table": "t", "artefacts": {}, "method": method, "seed": seed, "status": "done",
+        "metrics": {"linear/mocov2/top1": value}, "protocols": {"linear/mocov2": protocol},
+        "timings": {"pretrain_s": 1.0, "eval_s": 1.0}, "conditions": conditions,
+    }  # fmt: skip
+    (folder / "run.json").write_text(json.dumps(record))
+
+
+def test_family_names_what_a_metric_measures_whichever_recipe_made_it():
+    assert published.family("linear/top1") == published.family("linear/goyal19/top1") == "linear top-1"
+    assert published.family("semisup/mae/10%/top5") == "semi-supervised 10% top-5"
+    assert published.family("knn/top1@200") == "kNN top-1" and published.family("retrieval/cosine/mAP") is None
+    assert published.backbone_name({"name": "vit_base_patch16_224"}) == "vit_b16"
+    assert published.backbone_name({"name": "vit_tiny_patch16_224", "patch_size": 4, "depth": 6}) == "vit_t4-d6"
+    assert published.backbone_name({"name": "resnet18", "small_input": True}) == "resnet18+cifar-stem"
+
+
+def test_matching_conditions_get_delta_and_verdict_and_others_only_the_labelled_nearest(tmp_path):
+    table = tmp_path / "t"
+    for seed, value in ((0, 67.0), (1, 67.4)):  # mean 67.2: 0.3 under MoCo v2's 67.5 (no spread: ±1)
+        write_run(table, f"m{seed}", "moco", seed, value, {**IMAGENET, "pretrain_epochs": 200})
+    write_run(table, "s0", "simclr", 0, 66.0, {**IMAGENET, "pretrain_epochs": 200})  # 0.6 under, spread 0.2
+    write_run(table, "b0", "byol", 0, 60.0, {**IMAGENET, "pretrain_epochs": 100})  # no 100-epoch BYOL row
+    write_run(table, "e0", "exemplar", 0, 50.0, {**IMAGENET, "pretrain_epochs": 100})  # no row at all
+    board = collate.collate(table, [write_ref(tmp_path / "ref")]).set_index("method")
+    moco, simclr, byol = board.loc["moco"], board.loc["simclr"], board.loc["byol"]
+    assert moco["published linear/mocov2/top1"] == 67.5 and moco["verdict linear/mocov2/top1"] == "reproduced"
+    assert moco["Δ linear/mocov2/top1"] == pytest.approx(-0.3)
+    assert simclr["Δ linear/mocov2/top1"] == pytest.approx(-0.6) and simclr["verdict linear/mocov2/top1"] == "below"
+    assert pd.isna(byol["Δ linear/mocov2/top1"]) and pd.isna(byol["published linear/mocov2/top1"])
+    assert byol["published linear top-1: imagenet, resnet50"] == 72.5  # nearest, labelled: never a Δ
+    assert board.filter(like="published").loc["exemplar"].isna().all()
+    md = (table / "leaderboard.md").read_text()
+    assert "2 of 3 published numbers below were measured under this table's conditions" in md
+    assert "imagenet, resnet50, 300 ep, linear/mocov2 linear/mocov2/top1" in md
+
+
+def test_nearest_prefers_our_dataset_then_backbone_then_the_closest_schedule(tmp_path):
+    ref = reference.read(write_ref(tmp_path / "ref"))
+    near = published.nearest(
+        ref, "moco", "linear/top1", "linear/fast", {"dataset": "fashion_mnist", "pretrain_epochs": 20}
+    )
+    assert near is not None and near["pretrain_epochs"] == "200"  # imagenet (ours has none), closest to 20
+    assert published.nearest(ref, "moco", "linear/top1", None, {})["pretrain_epochs"] == "800"  # unknown: longest
+    assert published.nearest(ref, "mae", "linear/top1", None, {})["backbone"] == "vit_b16"  # no ResNet-50 row
+    assert published.nearest(ref, "moco", "knn/top1@200", None, {}) is None  # no kNN row for MoCo
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rank_coefficients_agree_with_scipy(seed):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=12).round(1)
+    y = (x + rng.normal(size=12)).round(0)  # ties in y
+    assert agreement.spearman(x, y) == pytest.approx(scipy.stats.spearmanr(x, y).statistic)
+    assert agreement.kendall(x, y) == pytest.approx(scipy.stats.kendalltau(x, y).statistic)  # tau-b
+
+
+def test_rank_agreement_reports_n_coefficients_and_intervals_and_draws_them(tmp_path):
+    board = pd.DataFrame({"method": ["moco", "simclr", "byol", "mae"], "linear/top1 mean": [70.0, 60.0, 80.0, 65.0]})
+    ref = reference.read(write_ref(tmp_path / "ref"))
+    result = agreement.agreement(board, ref, "linear/top1")
+    # published at imagenet-linear: byol 72.5, moco 71.1 (800 ep), mae 68.0 (ViT-B), simclr 66.6: the same order
+    assert result["n"] == 4 and result["spearman"] == pytest.approx(1.0) and result["kendall"] == pytest.approx(1.0)
+    assert result["spearman_ci"] == (1.0, 1.0)
+    assert list(result["points"].sort_values("published")["method"]) == ["simclr", "mae", "moco", "byol"]
+    lo, hi = agreement.bootstrap(np.arange(8.0), np.array([1, 0, 3, 2, 5, 4, 7, 6.0]), agreement.spearman)
+    assert lo < agreement.spearman(np.arange(8.0), np.array([1, 0, 3, 2, 5, 4, 7, 6.0])) <= hi <= 1.0
+    agreement.plot(result, tmp_path / "rank.png", "t")
+    assert (tmp_path / "rank.png").read_bytes()[:8] == PNG_MAGIC
+    assert "over 4 methods: Spearman's rho 1.00" in agreement.describe(result)
+
+
+def test_a_malformed_reference_stops_the_collation_naming_file_and_line(tmp_path, capsys):
+    table = tmp_path / "t"
+    write_run(table, "m0", "moco", 0, 67.0, {**IMAGENET, "pretrain_epochs": 200})
+    bad = write_ref(tmp_path / "ref", [ROWS[0], ROWS[1].replace("moco,", "mocov9,", 1)])
+    with pytest.raises(reference.ReferenceError, match=rf"{bad}:3: method 'mocov9'"):
+        collate.collate(table, [bad])
+    assert collate.main([str(table), "--reference", str(bad)]) == 2
+    assert f"{bad}:3" in capsys.readouterr().err
+    assert not (table / "leaderboard.csv").exists() and not (table / "leaderboard.md").exists()
