@@ -33,6 +33,7 @@ METRICS = {
     "linear/mocov2": r"linear/mocov2/top[15]",
     "linear/mae": r"linear/mae/top[15]",
     "semisup/simclr": r"semisup/simclr/\d+%/top[15]",
+    "semisup/mae": r"semisup/mae/\d+%/top[15]",
     "lowshot/logreg": r"lowshot/logreg/k\d+/top1",
     "retrieval/cosine": r"retrieval/cosine/(R@\d+|mAP)",
     "svm/voc07": r"svm/voc07/mAP",

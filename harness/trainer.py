@@ -9,8 +9,10 @@ Data parallel: inside an initialised process group (several tasks of a SLURM job
 any torch.distributed launch), the method is wrapped in DistributedDataParallel and
 each rank trains on its shard of the global batch; views are drawn for the whole
 batch on every rank, so a run on N processes follows a one-process run's trajectory
-(tests/test_ddp.py, gloo on CPU). On GPUs BatchNorm becomes SyncBatchNorm; on CPU
-(no SyncBatchNorm there) each rank normalises its own shard.
+(tests/test_ddp.py, gloo on CPU). A method runs on several processes only once its loss is
+the global batch's (``Method.data_parallel``; harness/dist.py, tests/test_ddp_losses.py);
+BatchNorm takes the global batch's statistics where the paper synchronises it
+(``Method.sync_bn``): SyncBatchNorm on GPUs, `harness.dist.GlobalBatchNorm` on CPU.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import gin
+from harness import dist as dist_lib
 from harness import store
 from harness.data import ImageSet
 from harness.optim import Kernel, NonFiniteLoss, batch_indices, param_groups, resolve_device, scaled_lr  # noqa: F401
@@ -243,9 +246,19 @@ class Trainer:
         rank, world = distributed()
         opt = kernel.optimizer
         model: torch.nn.Module = method
-        if world > 1 and opt is not None:  # gradients averaged across ranks
+        if world > 1 and not method.data_parallel:
+            raise ValueError(
+                f"{type(method).__name__}'s loss is not yet the global batch's on {world} processes (its samples "
+                "are compared, its randomness drawn or its state updated per rank; methods.base.Method."
+                "data_parallel, harness/dist.py). Fix: run it on one process (gin/launch/slurm.gin: "
+                "launch.Slurm.tasks_per_node = 1)"
+            )
+        if world > 1 and method.sync_bn:  # the global batch's statistics (torch's SyncBatchNorm runs on GPUs only)
             if self.device.type == "cuda":
                 model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+            else:
+                model = dist_lib.convert_global_bn(method)
+        if world > 1 and opt is not None:  # gradients averaged across ranks
             model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[torch.cuda.current_device()] if self.device.type == "cuda" else None
             )

@@ -38,11 +38,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import gin
+from harness import dist
 from methods.base import Batch, DataInfo, Encoder, Method, mlp
 
 
 def _uniform(b: int, lo: float, hi: float, device: torch.device) -> torch.Tensor:
-    return torch.rand(b, device=device) * (hi - lo) + lo
+    return dist.rand(b, device=device) * (hi - lo) + lo
 
 
 def affine_matrices(
@@ -93,10 +94,10 @@ def projective_matrices(
     multiple of 90 degrees, and each moved by up to +-`shift` of the side. ``[B, 3, 3]``."""
     device = torch.device(device)
     corners = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]], device=device)
-    k = torch.randint(0, 4, (b,), device=device)
+    k = dist.randint(0, 4, (b,), device=device)
     rot = torch.stack([torch.roll(corners, int(i), 0) for i in range(4)])[k]  # [B, 4, 2]: a 90-degree turn
     s = _uniform(b, scale[0], scale[1], device).view(b, 1, 1)
-    dst = rot * s + (torch.rand(b, 4, 2, device=device) * 2 - 1) * 2 * shift
+    dst = rot * s + (dist.rand(b, 4, 2, device=device) * 2 - 1) * 2 * shift
     return homography_from_points(corners.expand(b, 4, 2), dst)
 
 
@@ -200,6 +201,10 @@ class AET(Method):
 
     identity: torch.Tensor
 
+    data_parallel = (
+        True  # per-image transformation regression; transformations drawn for the global batch (harness/dist.py)
+    )
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -247,7 +252,7 @@ class AET(Method):
         z, zt = f[:b], f[b:]
         if self.feature_log_var is not None:  # reparameterization: z~ = mu + sigma * eps
             log_var = self.feature_log_var(zt).clamp(-LOG_VAR_BOUND, 0.0)  # [B, D]; noise std <= 1
-            zt = zt + torch.exp(0.5 * log_var) * torch.randn_like(zt)
+            zt = zt + torch.exp(0.5 * log_var) * dist.randn_like(zt)
         out = self.decoder(torch.cat([z, zt], 1))  # [B, K] or [B, 2K]
         target = entries(m, self.projective)  # [B, K]
         pred = self.identity + out[:, : len(self.identity)]  # offsets from the identity map

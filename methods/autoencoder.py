@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gin
+from harness import dist
 from methods.base import Batch, DataInfo, Encoder, Method
 from methods.decoder import Decoder, feature_map_shape
 
@@ -45,7 +46,7 @@ NOISES = ("masking", "gaussian", "salt_and_pepper")
 def random_pixels(b: int, h: int, w: int, fraction: float, device: torch.device | None = None) -> torch.Tensor:
     """Exactly ``round(fraction h w)`` random pixel positions per image: bool ``[B, 1, H, W]``."""
     k = round(fraction * h * w)
-    idx = torch.rand(b, h * w, device=device).argsort(1)[:, :k]  # [B, k] distinct positions
+    idx = dist.rand(b, h * w, device=device).argsort(1)[:, :k]  # [B, k] distinct positions
     return torch.zeros(b, h * w, dtype=torch.bool, device=device).scatter_(1, idx, True).view(b, 1, h, w)
 
 
@@ -62,12 +63,12 @@ def corrupt(
     """
     b, c, h, w = x.shape
     if noise == "gaussian":
-        return x + level * torch.randn_like(x)
+        return x + level * dist.randn_like(x)
     hit = random_pixels(b, h, w, level, x.device)  # [B, 1, H, W]
     if noise == "masking":
         return x.masked_fill(hit, 0.0)
     if noise == "salt_and_pepper":
-        salt = torch.rand(b, 1, h, w, device=x.device) < 0.5
+        salt = dist.rand(b, 1, h, w, device=x.device) < 0.5
         value = torch.where(
             salt,
             cast(torch.Tensor, white).view(1, c, 1, 1),  # this noise needs black and white
@@ -93,6 +94,8 @@ class AutoEncoder(Method):
 
     black: torch.Tensor | None  # buffers with noise='salt_and_pepper'
     white: torch.Tensor | None
+
+    data_parallel = True  # per-image reconstruction; noise drawn for the global batch (harness/dist.py)
 
     def __init__(
         self,

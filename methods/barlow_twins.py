@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 import gin
+from harness import dist
 from methods.base import Batch, DataInfo, Encoder, Method
 
 
@@ -67,6 +68,8 @@ class BarlowTwins(Method):
             (paper: 0.0048 / 0.2); 1 leaves them at the weights' lr.
     """
 
+    data_parallel = True  # the cross-correlation of the gathered global batch (harness/dist.py)
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -91,4 +94,4 @@ class BarlowTwins(Method):
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         v1, v2 = batch.views[:2]  # [B, C, S, S] each
         z1, z2 = self.projector(self.backbone(v1)), self.projector(self.backbone(v2))  # [B, proj_dim]
-        return {"loss": barlow_twins_loss(z1, z2, self.lambd)}
+        return {"loss": barlow_twins_loss(dist.gather(z1), dist.gather(z2), self.lambd)}  # C of the global batch

@@ -15,7 +15,7 @@ and resume. Training runs in float32: there is no mixed precision to choose.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, ClassVar, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -103,6 +103,13 @@ class Method(nn.Module):
     """
 
     pretrain_steps: int | None = None
+    # Data parallel (harness/dist.py): True once the method's loss on N ranks is the one-process
+    # loss of the global batch, with its gradients (tests/test_ddp_losses.py checks every such
+    # method); the trainer refuses to run any other on more than one process.
+    data_parallel: bool = False
+    # BatchNorm over the global batch under data parallel (the papers' SyncBN); False keeps each
+    # rank's statistics its own (MoCo's shuffled BN).
+    sync_bn: ClassVar[bool] = True
 
     def __init__(self, backbone: nn.Module):
         """Subclasses take ``(backbone, data: DataInfo, *, <settings>)`` (the module docstring)

@@ -72,6 +72,8 @@ class BYOL(Method):
         base_momentum: tau_base of the target EMA (paper: 0.996).
     """
 
+    data_parallel = True  # per-sample regression; BatchNorm over the global batch (sync_bn) (harness/dist.py)
+
     def __init__(
         self,
         backbone: nn.Module,

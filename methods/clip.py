@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gin
-from harness import store
+from harness import dist, store
 from harness.errors import Unsupported
 from methods.base import Batch, DataInfo, Encoder, Method
 
@@ -171,6 +171,8 @@ class CLIP(Method):
         max_scale: the logit scale is clipped to this (paper: 100).
     """
 
+    data_parallel = True  # the contrastive loss over every gathered image-text pair (harness/dist.py)
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -219,7 +221,7 @@ class CLIP(Method):
         image = self.image_proj(self.backbone(batch.views[0]))  # [B, embed_dim]
         text = self.text(self.tokens(batch.index))  # [B, embed_dim]
         scale = self.scale()
-        loss = clip_loss(image, text, scale)
+        loss = clip_loss(dist.gather(image), dist.gather(text), scale)  # every pair of the global batch
         with torch.no_grad():  # image -> text retrieval accuracy within the batch
             sim = F.normalize(image, dim=1) @ F.normalize(text, dim=1).T
             acc = (sim.argmax(1) == torch.arange(len(sim), device=sim.device)).float().mean()

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 import gin
+from harness import dist
 from methods.base import Batch, DataInfo, Encoder, Method
 from methods.color import (
     ab_bins,
@@ -107,6 +108,8 @@ class Colorization(Method):
     bins: torch.Tensor
     counts: torch.Tensor
 
+    data_parallel = True  # per-pixel loss; rebalancing counts of the global batch (harness/dist.py)
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -136,6 +139,7 @@ class Colorization(Method):
             flat_targets(lab[:, 1:], logits.shape[-2:]), self.bins, self.neighbours, self.sigma
         )  # [N, k] each, N = B h w
         seen = torch.bincount(index[:, 0], minlength=len(self.bins)).to(self.counts.dtype)  # [Q]
+        seen = dist.all_reduce_sum(seen)  # the global batch's counts: every rank's weights and buffer alike
         weights = rebalance_weights(self.counts + seen, self.bins, self.smoothing, self.rebalance)
         flat = flat_logits(logits)  # [N, Q]
         self._pending = seen

@@ -150,6 +150,8 @@ class ContextEncoder(Method):
         disc_width: the discriminator's first width (paper's code: 64).
     """
 
+    data_parallel = True  # per-image inpainting and adversarial terms (harness/dist.py)
+
     def __init__(
         self,
         backbone: nn.Module,

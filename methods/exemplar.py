@@ -60,6 +60,8 @@ class Exemplar(Method):
 
     surrogate_class: torch.Tensor
 
+    data_parallel = True  # per-image surrogate-class cross-entropy (harness/dist.py)
+
     def __init__(self, backbone: nn.Module, data: DataInfo, *, num_surrogate: int = 8000):
         super().__init__(backbone)
         num_images = data.num_images

@@ -31,6 +31,7 @@ from torch import nn
 from torch.func import functional_call
 
 import gin
+from harness import dist
 from methods.base import Batch, DataInfo, Encoder, Method
 
 
@@ -109,6 +110,8 @@ class GAN(Method):
         width: generator width (DCGAN: 64 at 64 px).
     """
 
+    data_parallel = True  # per-sample adversarial terms; noise drawn for the global batch (harness/dist.py)
+
     def __init__(
         self, backbone: nn.Module, data: DataInfo, *, image_size: int = gin.REQUIRED, z_dim: int = 100, width: int = 64
     ):
@@ -124,7 +127,7 @@ class GAN(Method):
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         x = batch.views[0]  # [B, C, S, S]
-        fake = self.generator(torch.randn(len(x), self.generator.z_dim, device=x.device))  # [B, C, S, S]
+        fake = self.generator(dist.randn(len(x), self.generator.z_dim, device=x.device))  # [B, C, S, S]
         real_logits = self._logits(x, real=True)
         d_loss = discriminator_loss(real_logits, self._logits(fake.detach(), real=False))
         g_loss = generator_loss(self._logits(fake, real=False, detach_params=True))

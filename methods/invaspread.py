@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gin
+from harness import dist
 from methods.base import Batch, DataInfo, Encoder, Method
 
 
@@ -60,6 +61,8 @@ class InvaSpread(Method):
         temperature: tau (paper: 0.1).
     """
 
+    data_parallel = True  # the instance loss over the gathered global batch (harness/dist.py)
+
     def __init__(self, backbone: nn.Module, data: DataInfo, *, out_dim: int = 128, temperature: float = 0.1):
         super().__init__(backbone)
         self.head = nn.Linear(cast(Encoder, backbone).num_features, out_dim)
@@ -69,7 +72,7 @@ class InvaSpread(Method):
         v1, v2 = batch.views[:2]  # [B, C, S, S] each
         z = self.head(self.backbone(torch.cat([v1, v2])))  # [2B, out_dim]
         z1, z2 = z.chunk(2)
-        loss = invariance_spreading(z1, z2, self.temperature)
+        loss = invariance_spreading(dist.gather(z1), dist.gather(z2), self.temperature)  # over the global batch
         with torch.no_grad():  # does each view pick its partner among the other 2B - 1?
             zn = F.normalize(z, dim=1)
             n = len(z1)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gin
+from harness import dist
 from methods.base import Batch, DataInfo, Encoder, Method, mlp
 from methods.tiles import jigsaw_tiles, jitter_crop
 
@@ -106,6 +107,10 @@ class Jigsaw(Method):
 
     permutations: torch.Tensor
 
+    data_parallel = (
+        True  # per-image permutation classification; permutations drawn for the global batch (harness/dist.py)
+    )
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -128,7 +133,7 @@ class Jigsaw(Method):
 
     def draw(self, b: int, device: torch.device) -> torch.Tensor:
         """Which permutation each image gets: ``[B]`` int64 (global RNG)."""
-        return torch.randint(0, len(self.permutations), (b,), device=device)
+        return dist.randint(0, len(self.permutations), (b,), device=device)
 
     def puzzle(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """The tiles of x in the order of permutation `index`, jittered and standardised.

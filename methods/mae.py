@@ -24,6 +24,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 import gin
+from harness import dist
 from methods.base import Batch, DataInfo, Method
 
 
@@ -46,7 +47,7 @@ def random_masking(
         mask: ``[B, N]``, 1 for masked patches, 0 for visible, in the original order.
     """
     k = int(n * (1 - ratio))
-    shuffle = torch.rand(b, n, device=device).argsort(1)  # [B, N]: random permutation per image
+    shuffle = dist.rand(b, n, device=device).argsort(1)  # [B, N]: random permutation per image
     restore = shuffle.argsort(1)
     mask = (restore >= k).float()
     return shuffle[:, :k], restore, mask
@@ -97,6 +98,8 @@ class MAE(Method):
     """
 
     decoder_pos: torch.Tensor
+
+    data_parallel = True  # per-image reconstruction; masks drawn for the global batch (harness/dist.py)
 
     def __init__(
         self,

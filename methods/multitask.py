@@ -11,7 +11,7 @@ Views: the gin file declares the union of every task's views (`views.Views`), an
 `inputs` says which of them each task reads, in its own order (e.g. RotNet ``[0]``,
 Exemplar ``[1, 2]``); None gives every task all views. Images: the paper trained each
 task on its own workers, so each task saw its own images; with ``split_batch`` each
-task gets a disjoint slice of the batch (one step costs about one task's step), else
+task gets a disjoint share of the batch (one step costs about one task's step), else
 every task sees the whole batch. Logged entries carry the task's name (``rotnet/acc``).
 A task that cannot run on the data (a colour-only task on grayscale images) raises
 `harness.errors.Unsupported`, and the whole run is skipped with its reason.
@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 import gin
+from harness import dist
 from harness.errors import Unsupported
 from methods.base import Batch, DataInfo, Method, build_method
 
@@ -45,7 +46,8 @@ class MultiTask(Method):
             `backbone` with `data` by `methods.base.build_method`, as the job builds a method.
         weights: one loss weight per task (default: all 1).
         inputs: per task, the indices of the views it reads; None: all views for every task.
-        split_batch: each task trains on its own disjoint slice of the batch.
+        split_batch: each task trains on its own share of the images: task t of k on the images at
+            positions t, t + k, ... of the global batch (under data parallel every shard holds its share).
     """
 
     def __init__(
@@ -78,6 +80,7 @@ class MultiTask(Method):
         self.weights = weights
         self.inputs = None if inputs is None else [list(i) for i in inputs]
         self.split_batch = split_batch
+        self.data_parallel = all(cast(Method, t).data_parallel for t in self.tasks)  # when every task's is
 
     def task_batches(self, batch: Batch) -> list[Batch]:
         """Each task's views (its `inputs`) and, with `split_batch`, its slice of the images."""
@@ -85,7 +88,8 @@ class MultiTask(Method):
         out = []
         for t in range(k):
             views = batch.views if self.inputs is None else [batch.views[i] for i in self.inputs[t]]
-            rows = slice(t * n // k, (t + 1) * n // k) if self.split_batch else slice(None)
+            # task t: the images at global batch positions t, t + k, ... (each shard: its share)
+            rows = dist.positions(n, batch.index.device) % k == t if self.split_batch else slice(None)
             out.append(Batch(views=[v[rows] for v in views], labels=batch.labels[rows], index=batch.index[rows]))
         return out
 

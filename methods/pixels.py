@@ -18,6 +18,8 @@ class Pixels(Method):
 
     pretrain_steps = 0
 
+    data_parallel = True  # no weights, no training
+
     def __init__(self, backbone: nn.Module, data: DataInfo):
         super().__init__(backbone)
         self.flatten = nn.Flatten()

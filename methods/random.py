@@ -32,6 +32,8 @@ class Random(Method):
         calibration_steps: batches used to estimate BatchNorm statistics.
     """
 
+    data_parallel = True  # no loss; BatchNorm statistics of the global batch (sync_bn, harness/dist.py)
+
     def __init__(self, backbone: nn.Module, data: DataInfo, *, calibration_steps: int = 50):
         super().__init__(backbone)
         self.pretrain_steps = calibration_steps

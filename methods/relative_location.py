@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gin
+from harness import dist
 from methods.base import Batch, DataInfo, Encoder, Method, mlp
 from methods.tiles import jigsaw_tiles, jitter_crop
 
@@ -61,11 +62,11 @@ def drop_colours(x: torch.Tensor, noise: float) -> torch.Tensor:
     n, c = x.shape[:2]
     if c == 1:
         return x
-    keep = torch.randint(0, c, (n,), device=x.device)  # [N]
+    keep = dist.randint(0, c, (n,), device=x.device)  # [N]
     kept = x[torch.arange(n, device=x.device), keep]  # [N, H, W]
     scale = kept.flatten(1).std(1).view(n, 1, 1, 1) * noise
     mask = F.one_hot(keep, c).to(x.dtype).view(n, c, 1, 1)
-    return mask * x + (1 - mask) * torch.randn_like(x) * scale
+    return mask * x + (1 - mask) * dist.randn_like(x) * scale
 
 
 def gray_project(x: torch.Tensor) -> torch.Tensor:
@@ -93,6 +94,8 @@ class RelativeLocation(Method):
         min_patch: patches smaller than this are resized up to it (0: never).
     """
 
+    data_parallel = True  # per-image patch-pair classification; draws for the global batch (harness/dist.py)
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -119,7 +122,7 @@ class RelativeLocation(Method):
 
     def draw(self, b: int, device: torch.device) -> torch.Tensor:
         """Which neighbour each image shows: ``[B]`` in 0..7 (global RNG)."""
-        return torch.randint(0, 8, (b,), device=device)
+        return dist.randint(0, 8, (b,), device=device)
 
     def geometry(self, size: int) -> tuple[int, int]:
         """(patch side, largest jitter) in pixels for a ``size``-px view."""

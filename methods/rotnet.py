@@ -36,6 +36,8 @@ class RotNet(Method):
         hidden_dim: width of the classifier's hidden layer; 0 for a linear classifier.
     """
 
+    data_parallel = True  # per-image rotation classification (harness/dist.py)
+
     def __init__(self, backbone: nn.Module, data: DataInfo, *, hidden_dim: int = 0):
         super().__init__(backbone)
         width = cast(Encoder, backbone).num_features

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gin
+from harness import dist
 from methods.base import Batch, DataInfo, Encoder, Method, mlp
 
 
@@ -46,6 +47,8 @@ class SimCLR(Method):
         temperature: NT-Xent tau (paper: 0.1 at batch 4096, Table 5 / B.7).
     """
 
+    data_parallel = True  # NT-Xent over the gathered global batch (harness/dist.py)
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -63,7 +66,7 @@ class SimCLR(Method):
         v1, v2 = batch.views[:2]  # [B, C, S, S] each
         z = self.head(self.backbone(torch.cat([v1, v2])))  # [2B, out_dim]
         z1, z2 = z.chunk(2)
-        loss = nt_xent(z1, z2, self.temperature)
+        loss = nt_xent(dist.gather(z1), dist.gather(z2), self.temperature)  # the global batch's 2N - 2 negatives
         with torch.no_grad():  # contrastive accuracy: does each view find its partner?
             zn = F.normalize(z, dim=1)
             sim = (zn @ zn.T).fill_diagonal_(-2)

@@ -71,6 +71,8 @@ class SimSiam(Method):
         pred_dim: predictor bottleneck width (paper: 512; the predictor maps 2048 -> 512 -> 2048).
     """
 
+    data_parallel = True  # per-sample regression; BatchNorm over the global batch (sync_bn) (harness/dist.py)
+
     def __init__(self, backbone: nn.Module, data: DataInfo, *, proj_dim: int = 2048, pred_dim: int = 512):
         super().__init__(backbone)
         self.projector = projection_mlp(cast(Encoder, backbone).num_features, proj_dim, proj_dim)

@@ -11,9 +11,10 @@ locations.
 DEVIATION from the paper, stated plainly: the paper splits the network into two disjoint
 half-width towers, one seeing L and one seeing ab, and concatenates their features.
 Here one shared backbone (the one `encoder()` exports) serves both directions, so the
-representation has the width of every other method's (equal terms): in each batch the
-first half of the images (the loader's order is random) shows the network only L and
-two small heads predict ab, the second half shows only ab and predicts L.
+representation has the width of every other method's (equal terms): in each batch half
+the images (those at even positions of the global batch; the loader's order is random)
+show the network only L and two small heads predict ab, the other half shows only ab and
+predicts L.
 
 Choices, stated: the exported encoder takes ordinary normalised RGB images, so an L-only
 input is shown as the gray RGB image of that lightness (ab zeroed) and an ab-only input
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gin
+from harness import dist
 from methods.base import Batch, DataInfo, Encoder, Method
 from methods.color import (
     ab_bins,
@@ -93,6 +95,8 @@ class SplitBrain(Method):
 
     bins: torch.Tensor
 
+    data_parallel = True  # per-pixel losses; the L/ab halves split by global batch position (harness/dist.py)
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -115,7 +119,10 @@ class SplitBrain(Method):
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         lab = rgb_to_lab(to_unit_rgb(batch.views[0], self.mean, self.std))  # [B, 3, S, S]
-        h = len(lab) // 2  # images [0, h) show L, [h, B) show ab
+        # images at even positions of the global batch show L, at odd ones ab (every shard: half each)
+        shows_l = dist.positions(len(lab), lab.device) % 2 == 0  # [B]
+        lab = torch.cat([lab[shows_l], lab[~shows_l]])  # [B, 3, S, S]: the L-images first
+        h = int(shows_l.sum())
         x = from_unit_rgb(torch.cat([gray_input(lab[:h]), colour_input(lab[h:])]), self.mean, self.std)
         feats = cast(Encoder, self.backbone).forward_features(x)  # [B, D, h', w']
         ab_logits, l_logits = self.ab_head(feats[:h]), self.l_head(feats[h:])  # [h, Q, ...], [B-h, L, ...]

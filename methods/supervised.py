@@ -25,6 +25,8 @@ class Supervised(Method):
         label_smoothing: cross-entropy label smoothing.
     """
 
+    data_parallel = True  # per-sample cross-entropy: each shard's mean (harness/dist.py)
+
     def __init__(self, backbone: nn.Module, data: DataInfo, *, label_smoothing: float = 0.0):
         super().__init__(backbone)
         self.classifier = nn.Linear(cast(Encoder, backbone).num_features, data.num_classes)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from harness import dist
+
 
 def jigsaw_tiles(x: torch.Tensor, grid: int) -> torch.Tensor:
     """Cuts the central ``grid * (S // grid)`` square into non-overlapping cells, row-major.
@@ -27,7 +29,7 @@ def jigsaw_tiles(x: torch.Tensor, grid: int) -> torch.Tensor:
 def shuffle_tiles(tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A random permutation per image: ``out[b, k] = tiles[b, perm[b, k]]``. Returns (out, perm)."""
     b, k = tiles.shape[:2]
-    perm = torch.rand(b, k, device=tiles.device).argsort(1)  # [B, K]
+    perm = dist.rand(b, k, device=tiles.device).argsort(1)  # [B, K]
     return tiles[torch.arange(b, device=tiles.device)[:, None], perm], perm
 
 
@@ -43,9 +45,9 @@ def jitter_crop(tiles: torch.Tensor, size: int, max_shift: int | None = None) ->
     b, k, c, t, _ = tiles.shape
     dev = tiles.device
     if max_shift is None:
-        oy, ox = torch.randint(0, t - size + 1, (2, b, k), device=dev)  # [B, K] each
+        oy, ox = dist.randint(0, t - size + 1, (2, b, k), dim=1, device=dev)  # [B, K] each
     else:
-        shift = torch.randint(-max_shift, max_shift + 1, (2, b, k), device=dev)
+        shift = dist.randint(-max_shift, max_shift + 1, (2, b, k), dim=1, device=dev)
         oy, ox = ((t - size) // 2 + shift).clamp(0, t - size)
     ar = torch.arange(size, device=dev)
     rows = (oy[..., None] + ar)[:, :, :, None]  # [B, K, size, 1]

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gin
+from harness import dist
 from methods.base import Batch, DataInfo, Encoder, Method
 from methods.decoder import Decoder
 
@@ -109,12 +110,15 @@ class VAE(Method):
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         x = batch.views[0]  # [B, C, S, S]
         mu, logvar = self.posterior(self.backbone(x)).chunk(2, dim=1)  # [B, D] each
-        z = mu + (0.5 * logvar).exp() * torch.randn_like(mu)  # reparameterisation
+        z = mu + (0.5 * logvar).exp() * dist.randn_like(mu)  # reparameterisation
         out = self.decoder(z[:, :, None, None])  # [B, C, S, S]
         logs = {}
         if self.likelihood == "gaussian":
             if self.sigma is None:  # the batch's maximum-likelihood sigma
-                sigma = F.mse_loss(out, x).detach().sqrt()
+                err = dist.all_reduce_sum(
+                    torch.stack([(out - x).detach().pow(2).sum(), torch.tensor(float(x.numel()))])
+                )
+                sigma = (err[0] / err[1]).sqrt()  # over the global batch
             else:
                 sigma = torch.tensor(self.sigma, device=x.device)
             nll = gaussian_nll(out, x, sigma.log())  # [B]

@@ -106,6 +106,8 @@ class VQVAE(Method):
     ema_count: torch.Tensor
     ema_sum: torch.Tensor
 
+    data_parallel = True  # per-image reconstruction and codebook terms (harness/dist.py)
+
     def __init__(
         self,
         backbone: nn.Module,
