@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from harness import dist
+
 
 def random_unit(n: int, dim: int) -> torch.Tensor:
     """``n`` points drawn uniformly on the unit sphere in ``dim`` dimensions (global RNG). ``[n, dim]``"""
@@ -45,7 +47,9 @@ class MemoryBank(nn.Module):
 
     @torch.no_grad()
     def update(self, index: torch.Tensor, feats: torch.Tensor) -> None:
-        """Mixes `feats` (``[B, D]``) into the rows at `index` (``[B]``, distinct) and re-normalises them."""
+        """Mixes `feats` (``[B, D]``) into the rows at `index` (``[B]``, distinct) and re-normalises them;
+        under data parallel, every rank's (`harness.dist`): each rank's bank holds the global batch's update."""
+        index, feats = dist.gather_detached(index), dist.gather_detached(feats)  # [W * B], [W * B, D]
         mixed = self.momentum * self.bank[index] + (1 - self.momentum) * feats.to(self.bank.dtype)  # [B, D]
         self.bank[index] = F.normalize(mixed, dim=1)
 
@@ -73,7 +77,9 @@ class Queue(nn.Module):
 
     @torch.no_grad()
     def push(self, keys: torch.Tensor) -> None:
-        """Enqueues `keys` (``[B, D]``, oldest first) and drops as many of the oldest; wraps around the end."""
+        """Enqueues `keys` (``[B, D]``, oldest first) and drops as many of the oldest; wraps around the end.
+        Under data parallel every rank's keys, in rank order (`harness.dist`): the global batch's."""
+        keys = dist.gather_detached(keys)  # [W * B, D]
         size = len(self.keys)
         keys = keys[-size:].to(self.keys.dtype)  # a batch larger than the queue keeps its newest keys
         slots = (self.ptr + torch.arange(len(keys), device=self.keys.device)) % size  # [B]

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gin
+from harness import dist
 from methods.base import Batch, DataInfo, Encoder, Method, mlp
 from methods.memory import Queue
 
@@ -87,8 +88,9 @@ def _grouped_bn(bn: nn.modules.batchnorm._BatchNorm, splits: int, x: torch.Tenso
     if track:
         with torch.no_grad():
             tracked.add_(1)
-            running_mean.copy_(cast(torch.Tensor, mean).view(splits, c).mean(0))
-            running_var.copy_(cast(torch.Tensor, var).view(splits, c).mean(0))
+            groups = splits * dist.world()[1]  # every rank's sub-batches
+            running_mean.copy_(dist.all_reduce_sum(cast(torch.Tensor, mean).view(splits, c).sum(0)) / groups)
+            running_var.copy_(dist.all_reduce_sum(cast(torch.Tensor, var).view(splits, c).sum(0)) / groups)
     return y.reshape(b // splits, splits, c, *rest).transpose(0, 1).reshape(x.shape)
 
 
@@ -135,6 +137,9 @@ class MoCo(Method):
         bn_splits: sub-batches for shuffled BN (paper: 8 GPUs); 1 turns shuffling off.
     """
 
+    data_parallel = True  # the global batch's keys queued, shuffled across ranks (harness/dist.py)
+    sync_bn = False  # shuffled BN: each sub-batch (the paper's GPU) its own statistics
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -157,13 +162,29 @@ class MoCo(Method):
         self.temperature, self.momentum, self.bn_splits = temperature, momentum, bn_splits
         self._keys: torch.Tensor | None = None  # this step's keys, enqueued in after_step
 
+    def _splits(self, batch: int, world: int) -> int:
+        """Sub-batches of the global `batch` (the paper's GPUs): at most `bn_splits`, >= 2 images each,
+        dividing the batch, a multiple of the processes (each rank normalises its own sub-batches)."""
+        fits = [s for s in range(1, min(self.bn_splits, batch // 2) + 1) if batch % s == 0 and s % world == 0]
+        if not fits:
+            raise ValueError(
+                f"moco.MoCo.bn_splits = {self.bn_splits}: the global batch of {batch} cannot be split into BatchNorm "
+                f"sub-batches of >= 2 images that {world} processes share evenly. Fix: bind moco.MoCo.bn_splits to a "
+                f"multiple of {world}"
+            )
+        return max(fits)
+
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         xq, xk = batch.views[:2]  # [B, C, S, S] each
-        splits = max(s for s in range(1, min(self.bn_splits, len(xq) // 2) + 1) if len(xq) % s == 0)  # even, >= 2 each
-        q = F.normalize(split_forward(nn.Sequential(self.backbone, self.head), xq, splits), dim=1)  # [B, D]
-        with torch.no_grad():
-            perm = torch.randperm(len(xk), device=xk.device)  # shuffle, encode per sub-batch, unshuffle
-            k = F.normalize(split_forward(self.key_encoder, xk[perm], splits), dim=1)[torch.argsort(perm)]  # [B, D]
+        world = dist.world()[1]
+        local = self._splits(len(xq) * world, world) // world  # this rank's sub-batches
+        q = F.normalize(split_forward(nn.Sequential(self.backbone, self.head), xq, local), dim=1)  # [B, D]
+        with torch.no_grad():  # shuffle the global batch, encode each rank's sub-batches, unshuffle
+            xk_all = dist.gather_detached(xk)  # [W * B, C, S, S]
+            perm = torch.randperm(len(xk_all), device=xk.device)  # the same on every rank
+            mine = dist.local_rows(len(xk_all))
+            k = F.normalize(split_forward(self.key_encoder, xk_all[perm][mine], local), dim=1)  # [B, D]
+            k = dist.gather_detached(k)[torch.argsort(perm)][mine]  # [B, D]: the keys of this rank's images
         loss = info_nce(q, k, self.queue.keys, self.temperature)
         self._keys = k
         with torch.no_grad():

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gin
+from harness import dist
 from methods.base import Batch, DataInfo, Encoder, Method
 from methods.memory import MemoryBank
 
@@ -73,6 +74,8 @@ class NPID(Method):
 
     log_z: torch.Tensor
 
+    data_parallel = True  # memory bank updated with the global batch; noise drawn for it (harness/dist.py)
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -104,11 +107,12 @@ class NPID(Method):
             acc = logits.detach().argmax(1).eq(batch.index).float().mean()  # finds its own bank entry
             log_z = self.log_z
         else:
-            noise = torch.randint(n, (len(f), self.num_negatives), device=f.device)  # [B, m] uniform P_n
+            noise = dist.randint(0, n, (len(f), self.num_negatives), device=f.device)  # [B, m] uniform P_n
             neg = torch.einsum("bd,bmd->bm", f, bank[noise]) / self.temperature  # [B, m]
             pos = (f * v).sum(1) / self.temperature  # [B]
             with torch.no_grad():  # Z is a constant: the first batch's estimate, kept afterwards
-                log_z = torch.where(torch.isnan(self.log_z), estimate_log_z(neg, n), self.log_z)
+                first = estimate_log_z(dist.gather_detached(neg), n)  # over the global batch's noise logits
+                log_z = torch.where(torch.isnan(self.log_z), first, self.log_z)
             inst = nce_loss(pos, neg, log_z, n)
             acc = (pos.detach() > neg.detach().amax(1)).float().mean()  # own entry above all m noise entries
             out["log_z"] = log_z

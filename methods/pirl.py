@@ -71,6 +71,8 @@ class PIRL(Method):
         min_tile: tiles smaller than this are resized up to it (no-op at paper scale).
     """
 
+    data_parallel = True  # memory bank updated with the global batch; shared negatives (harness/dist.py)
+
     def __init__(
         self,
         backbone: nn.Module,

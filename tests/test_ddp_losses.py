@@ -24,11 +24,18 @@ LOSS_RTOL, RTOL = 1e-5, 1e-4  # summation order only (per tensor: |a - b| <= RTO
 
 
 def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.isnan().any() or b.isnan().any():
+        return bool(torch.equal(a.isnan(), b.isnan())) and close(a.nan_to_num(), b.nan_to_num())
     return bool((a - b).norm() <= RTOL * b.norm() + 1e-6)  # 1e-6: gradients that are 0 up to rounding (~1e-8)
 
 
+# moco: sub-batches of 4 images for its shuffled BN (the default 8 of a 16-image batch leave 2
+# images each, whose statistics amplify rounding past the tolerance: 1.9e-4 measured).
+BINDINGS = {"moco": ["moco.MoCo.bn_splits = 4"], "moco_v1": ["moco.MoCo.bn_splits = 4"]}
+
+
 def _build(name: str):
-    parse_method(name)
+    parse_method(name, *BINDINGS.get(name, []))
     for data in (make_images(32, classes=4), make_colour_images(32)):
         try:
             torch.manual_seed(0)
@@ -44,9 +51,9 @@ def declared() -> list[str]:
 
 
 NO_PARAMETERS = ("pixels", "external")  # nothing to compare (external: a trained encoder, no method to run)
-# Not yet (issue 14): their samples meet in a queue, a memory bank, Sinkhorn's sums, k-means
+# Not yet (issue 14): their samples meet in Sinkhorn's sums and a queue of features, k-means
 # pseudo-labels or CPC's negatives, or (vae) its gradients differ by 3e-3 relative, cause open.
-PENDING = {"moco", "moco_v1", "npid", "pirl", "cpc", "swav", "deepcluster", "sela", "vae"}
+PENDING = {"cpc", "swav", "deepcluster", "sela", "vae"}
 
 
 def _step(name: str) -> dict:
@@ -66,6 +73,7 @@ def _step(name: str) -> dict:
     loss = model(batch)["loss"]
     if loss.requires_grad:  # random: statistics only
         loss.backward()
+    method.after_step(0, 10)  # banks, queues, EMA targets: their updates are compared too
     value = loss.detach().clone()
     if world > 1:
         dist.all_reduce(value)
@@ -83,9 +91,9 @@ def _rank(rank: int, folder: str, port: int, names: list[str]) -> None:
     dist.init_process_group("gloo")
     try:
         out = {name: _step(name) for name in names}
-        method, views, data = _build("moco")  # a method that has not declared data_parallel
+        method, views, data = _build("swav")  # a method that has not declared data_parallel
         try:
-            Trainer(max_steps=1, batch_size=8, progress=False).fit(method, data, views, Path(folder) / "moco", seed=0)
+            Trainer(max_steps=1, batch_size=8, progress=False).fit(method, data, views, Path(folder) / "swav", seed=0)
             out["refused"] = ""
         except ValueError as err:
             out["refused"] = str(err)
@@ -122,7 +130,7 @@ def test_two_ranks_give_the_global_batchs_loss_gradients_and_statistics(results,
 
 
 def test_a_method_not_made_data_parallel_is_refused_on_two_processes(results):
-    assert "MoCo's loss is not yet the global batch's on 2 processes" in results[1]["refused"]
+    assert "SwAV's loss is not yet the global batch's on 2 processes" in results[1]["refused"]
     assert "tasks_per_node = 1" in results[1]["refused"]
 
 
