@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gin
+from harness import dist
 from methods.base import Batch, DataInfo, Encoder, Method
 
 
@@ -62,13 +63,13 @@ def augment_patches(p: torch.Tensor) -> torch.Tensor:
     """Independent per-patch flip, brightness/contrast jitter and (RGB) colour dropping. p: ``[P, C, h, w]``."""
     n, c = p.shape[:2]
     dev = p.device
-    p = torch.where(torch.rand(n, 1, 1, 1, device=dev) < 0.5, p.flip(3), p)
+    p = torch.where(dist.rand(n, 1, 1, 1, device=dev) < 0.5, p.flip(3), p)
     mean = p.mean((1, 2, 3), keepdim=True)
-    contrast = torch.rand(n, 1, 1, 1, device=dev) * 0.8 + 0.6  # [0.6, 1.4]
-    shift = torch.rand(n, 1, 1, 1, device=dev) * 0.8 - 0.4  # [-0.4, 0.4] in normalised units
+    contrast = dist.rand(n, 1, 1, 1, device=dev) * 0.8 + 0.6  # [0.6, 1.4]
+    shift = dist.rand(n, 1, 1, 1, device=dev) * 0.8 - 0.4  # [-0.4, 0.4] in normalised units
     p = (p - mean) * contrast + mean + shift
     if c == 3:
-        keep = torch.randint(0, 3, (n,), device=dev)
+        keep = dist.randint(0, 3, (n,), device=dev)
         p = p[torch.arange(n, device=dev), keep][:, None].expand(-1, 3, -1, -1)
     return p
 
@@ -102,6 +103,8 @@ class CPC(Method):
         context_hidden: their hidden width (None: a quarter of the code width).
         patch_augment: per-patch augmentation (CPC v2).
     """
+
+    data_parallel = True  # every rank's codes are candidates; patch jitter drawn for the global batch (harness/dist.py)
 
     def __init__(
         self,
@@ -150,7 +153,9 @@ class CPC(Method):
         for r, context, maps in zip(rotations, self.context, self.predict):
             zr = torch.rot90(z, r, dims=(2, 3))  # direction r: predict downwards in the rotated grid
             c = context(zr)  # [B, D, G, G]; row i sees rows <= i
-            cand = zr.permute(0, 2, 3, 1).reshape(-1, d)  # [B*G*G, D], row b*G*G + i*G + j
+            # every rank's codes are candidates (the global batch's negatives): [W*B*G*G, D], row b*G*G + i*G + j
+            cand = dist.gather(zr.permute(0, 2, 3, 1).reshape(-1, d))
+            first = dist.world()[0] * b * g * g  # this rank's first row among them
             for k, w in enumerate(cast(nn.ModuleList, maps), start=1):
                 pred = w(c[:, :, : g - k].permute(0, 2, 3, 1).reshape(-1, d))  # [B*(G-k)*G, D] from rows i < G-k
                 bi, ii, jj = torch.meshgrid(
@@ -159,7 +164,7 @@ class CPC(Method):
                     torch.arange(g, device=dev),
                     indexing="ij",
                 )
-                target = (bi * g * g + (ii + k) * g + jj).reshape(-1)  # [B*(G-k)*G] the code at row i + k
+                target = first + (bi * g * g + (ii + k) * g + jj).reshape(-1)  # [B*(G-k)*G] the code at row i + k
                 loss, acc = info_nce(pred, cand, target)
                 losses.append(loss)
                 accs.append(acc)

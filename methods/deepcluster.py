@@ -44,6 +44,7 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 
 import gin
+from harness import dist
 from methods.base import Batch, DataInfo, Encoder, Method
 
 
@@ -124,6 +125,8 @@ class DeepCluster(Method):
     pca_proj: torch.Tensor
     clusterings: torch.Tensor
 
+    data_parallel = True  # the bank takes every rank's features: one k-means on every rank (harness/dist.py)
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -160,8 +163,8 @@ class DeepCluster(Method):
     def _nearest(self, f: torch.Tensor) -> torch.Tensor:
         """Nearest non-empty centroid of features ``[n, D]`` -> ``[n]``."""
         c = self.centroids
-        dist = torch.cdist(self._project(f), c).masked_fill(self.sizes[None] == 0, float("inf"))  # [n, K]
-        return dist.argmin(1)
+        gap = torch.cdist(self._project(f), c).masked_fill(self.sizes[None] == 0, float("inf"))  # [n, K]
+        return gap.argmin(1)
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         with torch.no_grad():
@@ -185,6 +188,8 @@ class DeepCluster(Method):
             return
         index, f, labels = self._stash
         self._stash = None
+        index, f = dist.gather_detached(index), dist.gather_detached(f)  # every rank's: one bank, one k-means
+        labels = None if labels is None else dist.gather_detached(labels)
         self.bank[index], self.fresh[index] = f, True
         if labels is not None:
             self.labels[index] = labels

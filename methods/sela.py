@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gin
+from harness import dist
 from methods.base import Batch, DataInfo, Encoder, Method
 from methods.sinkhorn import sinkhorn_scalings
 
@@ -85,6 +86,8 @@ class SeLa(Method):
     log_col: torch.Tensor
     updates: torch.Tensor
 
+    data_parallel = True  # the bank takes every rank's features: one label optimisation on every rank (harness/dist.py)
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -130,7 +133,7 @@ class SeLa(Method):
     @torch.no_grad()
     def after_step(self, step: int, total: int) -> None:
         if self._stash is not None:
-            index, f = self._stash
+            index, f = dist.gather_detached(self._stash[0]), dist.gather_detached(self._stash[1])  # every rank's
             self.bank[index], self.filled[index] = f, True
             self._stash = None
         if step in self.update_steps(total) and step + 1 < total and bool(self.filled.any()):

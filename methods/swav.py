@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gin
+from harness import dist
 from methods.base import Batch, DataInfo, Encoder, Method, mlp
 from methods.sinkhorn import sinkhorn
 
@@ -84,6 +85,8 @@ class SwAV(Method):
     queue: torch.Tensor
     queue_filled: torch.Tensor
 
+    data_parallel = True  # Sinkhorn over the gathered global batch; the queue takes every rank's (harness/dist.py)
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -120,19 +123,23 @@ class SwAV(Method):
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         b, g = len(batch.views[0]), self.num_global_crops
+        world = dist.world()[1]  # the codes, the queue and the epoch are the global batch's
         z = torch.cat(
             [F.normalize(self.head(self.backbone(torch.cat(group))), dim=1) for group in _same_size_groups(batch.views)]
         )  # [V*B, out_dim]
-        frozen = int(self.steps_done) < min(self.freeze_prototypes_steps, self.num_images // b)
+        frozen = int(self.steps_done) < min(self.freeze_prototypes_steps, self.num_images // (b * world))
         w = self.prototypes.weight.detach() if frozen else self.prototypes.weight  # [K, out_dim]
         scores = (z @ w.T).split(b)  # V x [B, K]
         codes = []
         with torch.no_grad():
-            rows = self._queue_rows(b)
+            rows = self._queue_rows(b * world)
+            mine = slice(rows + dist.world()[0] * b, rows + (dist.world()[0] + 1) * b)  # this rank's rows of s
             for i in range(g):
-                s = torch.cat([self.queue[i, :rows] @ w.T, scores[i]]) if rows else scores[i]  # [rows+B, K]
-                codes.append(sinkhorn(s.detach(), self.epsilon, self.iterations)[-b:] * len(s))  # [B, K]
-        self._stash = z[: g * b].detach().view(g, b, -1)
+                every = dist.gather_detached(scores[i].detach())  # [W*B, K]: Sinkhorn over the global batch
+                s = torch.cat([self.queue[i, :rows] @ w.T, every]) if rows else every  # [rows+W*B, K]
+                codes.append(sinkhorn(s, self.epsilon, self.iterations)[mine] * len(s))  # [B, K]
+        stash = dist.gather_detached(z[: g * b].detach().view(g, b, -1).transpose(0, 1))  # [W*B, G, out_dim]
+        self._stash = stash.transpose(0, 1)  # [G, W*B, out_dim]: every rank's, in batch order
         loss = swapped_prediction(scores, codes, self.temperature)
         with torch.no_grad():  # do the two first crops agree on their top prototype?
             agree = (scores[0].argmax(1) == scores[min(1, len(scores) - 1)].argmax(1)).float().mean()
