@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from typing import Callable, ContextManager, Iterable, Mapping, Sequence, cast
 
@@ -26,11 +27,17 @@ class NonFiniteLoss(FloatingPointError):
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
-    """Indices of `step`'s batch: epoch-wise permutations, drop-last, a pure function."""
+    """Indices of `step`'s batch: epoch-wise permutations, drop-last, a pure function of its arguments.
+    The epoch's permutation is drawn once and kept (`_epoch_permutation`): a step costs O(batch), not
+    O(n) (ImageNet's 1.28 M: 29 ms per step before, BENCHMARKS.md)."""
     per_epoch = n // batch_size
     epoch, j = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-    return perm[j * batch_size : (j + 1) * batch_size]
+    return _epoch_permutation(n, seed, epoch)[j * batch_size : (j + 1) * batch_size].clone()  # callers own it
+
+
+@functools.lru_cache(maxsize=4)  # the current epoch's of a few loops (pretraining, a probe); read-only
+def _epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
 def param_groups(model: nn.Module, weight_decay: float, norms_only: bool = False) -> list[dict]:

@@ -52,3 +52,14 @@ def test_batch_order_is_a_pure_function_of_seed_and_step():
     assert torch.equal(a, batch_indices(100, 30, seed=1, step=4))
     epoch = torch.cat([batch_indices(90, 30, 1, s) for s in range(3)])
     assert sorted(epoch.tolist()) == list(range(90))  # one epoch visits every item once
+
+
+def test_batch_order_keeps_its_draws_while_each_epoch_permutation_is_drawn_once():
+    """The cached epoch permutation gives the very batches the per-step draw gave (results and
+    resume unchanged), and a caller that edits its batch cannot change another's."""
+    for step in (0, 3, 4, 9):  # steps of epochs 0, 1 and 3 (3 batches of 30 an epoch of 100)
+        epoch, j = divmod(step, 3)
+        drawn = torch.randperm(100, generator=torch.Generator().manual_seed(1 * 100_003 + epoch))
+        assert torch.equal(batch_indices(100, 30, seed=1, step=step), drawn[j * 30 : (j + 1) * 30])
+    batch_indices(100, 30, seed=1, step=5).fill_(-1)
+    assert (batch_indices(100, 30, seed=1, step=5) >= 0).all()
