@@ -158,6 +158,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         self._check_input_dim(x)
         if not self.training or world()[1] == 1:
             return super().forward(x)
+        dtype, x = x.dtype, x.float()  # statistics in float32 under bf16 autocast, as SyncBatchNorm keeps them
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
         count = all_reduce_sum(torch.tensor([x.numel() // x.shape[1]], dtype=x.dtype, device=x.device))  # [1]
@@ -175,7 +176,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         y = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + self.eps)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
-        return y
+        return y.to(dtype)
 
 
 def convert_global_bn(module: nn.Module) -> nn.Module:

@@ -22,6 +22,9 @@ for _cls in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW):
 NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
 class NonFiniteLoss(FloatingPointError):
     """The loss became NaN or infinite; the message names the step, the lr and where the lr comes from."""
 
@@ -98,11 +101,13 @@ def resolve_device(device: str) -> torch.device:
 
 @dataclasses.dataclass
 class Kernel:
-    """One optimisation step of a training loop, and the one place where its numerics are decided: `device`
-    (`prepare` places models), `precision` (``fp32`` only: bf16 belongs in `autocast`, channels_last and
-    torch.compile in `prepare`, so that every loop gets them at once). `optimizer` None: only the loss is checked.
-    `lr` (after `scaled_lr`) times ``schedule(step)`` is the step's lr; `total`, `source` (of `lr`), `fix` and `name`
-    (a prefix) word the `NonFiniteLoss` message."""
+    """One optimisation step of a training loop, and the one place where its numerics are decided:
+    `device` (`prepare` places models) and `precision` (``fp32``, or ``bf16``: forward passes under
+    bf16 autocast, the losses marked `methods.base.fp32` in float32, weights and optimizer state in
+    float32); channels_last and torch.compile belong in `prepare`, so that every loop gets them at
+    once. `optimizer` None: only the loss is checked. `lr` (after `scaled_lr`) times
+    ``schedule(step)`` is the step's lr; `total`, `source` (of `lr`), `fix` and `name` (a prefix)
+    word the `NonFiniteLoss` message."""
 
     optimizer: torch.optim.Optimizer | None
     lr: float
@@ -115,15 +120,17 @@ class Kernel:
     precision: str = "fp32"
 
     def __post_init__(self) -> None:
-        if self.precision != "fp32":
-            raise ValueError(f"Kernel: precision {self.precision!r} is not supported (only 'fp32')")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"Kernel: precision {self.precision!r} is not one of {PRECISIONS}")
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """`model` on the device (parameters keep their identity: an optimizer on them stays valid)."""
         return model.to(self.device)
 
     def autocast(self) -> ContextManager:
-        """The context of forward passes: nothing in fp32; the hook for bf16 autocast."""
+        """The context of forward passes: nothing in fp32; bf16 autocast on the kernel's device in bf16."""
+        if self.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def step(

@@ -34,7 +34,15 @@ import gin
 from harness import dist as dist_lib
 from harness import store
 from harness.data import ImageSet
-from harness.optim import Kernel, NonFiniteLoss, batch_indices, param_groups, resolve_device, scaled_lr  # noqa: F401
+from harness.optim import (  # noqa: F401
+    PRECISIONS,
+    Kernel,
+    NonFiniteLoss,
+    batch_indices,
+    param_groups,
+    resolve_device,
+    scaled_lr,
+)
 from harness.views import Views
 from methods.base import Batch, Method
 
@@ -128,6 +136,8 @@ class Trainer:
         checkpoint_every: steps between checkpoints (and one at the end).
         log_every: steps between JSON-lines log records.
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
+        precision: ``fp32``, ``bf16`` (autocast for the networks, the losses in float32:
+            `methods.base.fp32`) or ``auto``: bf16 on CUDA, fp32 on CPU.
         progress: show a progress bar.
     """
 
@@ -144,6 +154,7 @@ class Trainer:
         checkpoint_every: int = 100,
         log_every: int = 1,
         device: str = "auto",
+        precision: str = "auto",
         progress: bool = True,
     ):
         self.epochs, self.batch_size, self.optimizer = epochs, batch_size, optimizer
@@ -152,6 +163,9 @@ class Trainer:
         self.schedule = schedule or (lambda step, total: 1.0)
         self.checkpoint_every, self.log_every, self.progress = checkpoint_every, log_every, progress
         self.device = resolve_device(device)
+        self.precision = ("bf16" if self.device.type == "cuda" else "fp32") if precision == "auto" else precision
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"trainer.Trainer.precision = {precision!r} is not one of {('auto', *PRECISIONS)}")
 
     def total_steps(self, method: Method, n: int) -> int:
         if method.pretrain_steps is not None:
@@ -187,6 +201,7 @@ class Trainer:
             self.lr_source,
             "lower trainer.Trainer.base_lr or check the method",
             device=self.device,
+            precision=self.precision,
         )
         kernel.prepare(method).train()
         folder.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,7 @@ from torch import nn
 
 import gin
 from harness import dist
-from methods.base import Batch, DataInfo, Encoder, Method, mlp
+from methods.base import Batch, DataInfo, Encoder, Method, fp32, mlp
 
 
 def _uniform(b: int, lo: float, hi: float, device: torch.device) -> torch.Tensor:
@@ -162,6 +162,7 @@ def rotation_angle(r1: torch.Tensor, r2: torch.Tensor, eps: float = 1e-12) -> to
     return torch.atan2(sin, cos)
 
 
+@fp32
 def geodesic_loss(pred: torch.Tensor, target: torch.Tensor, stretch_weight: float = 1.0) -> torch.Tensor:
     """AETv2-style distance between homographies ``[B, 3, 3]`` (module docstring): mean over the
     batch of angle(R^, R)^2 + stretch_weight * ||S^ - S||_F^2, with M / cbrt(det M) = R S."""

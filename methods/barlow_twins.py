@@ -30,9 +30,10 @@ from torch import nn
 
 import gin
 from harness import dist
-from methods.base import Batch, DataInfo, Encoder, Method
+from methods.base import Batch, DataInfo, Encoder, Method, fp32
 
 
+@fp32
 def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float, eps: float = 1e-5) -> torch.Tensor:
     """``sum_i (1 - C_ii)^2 + lambd * sum_{i != j} C_ij^2`` (paper eq. 1 and 2).
 

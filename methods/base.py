@@ -9,15 +9,18 @@ the paper's settings as keyword arguments, the only parameters gin binds.
 A method only says what its loss is and what to update after each step (EMA, queues,
 banks). Everything else belongs to the trainer (`harness.trainer`): the device and data
 parallelism, the optimizer and its learning-rate schedule (`harness.optim`), checkpoints
-and resume. Training runs in float32: there is no mixed precision to choose.
+and resume, and the precision: float32, or bf16 autocast for the networks (``trainer.Trainer.
+precision``) with every loss function marked `fp32` computed in float32.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Callable, ClassVar, Protocol, Sequence
+import functools
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol, Sequence, TypeVar, cast
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from harness.errors import Unsupported
@@ -25,7 +28,35 @@ from harness.errors import Unsupported
 if TYPE_CHECKING:
     from harness.data import ImageSet
 
-__all__ = ["Batch", "DataInfo", "Encoder", "Method", "Unsupported", "build_method", "mlp"]
+__all__ = ["Batch", "DataInfo", "Encoder", "Method", "Unsupported", "build_method", "cross_entropy", "fp32", "mlp"]
+
+LossFn = TypeVar("LossFn", bound=Callable[..., Any])
+
+
+def fp32(loss: LossFn) -> LossFn:
+    """Marks a loss function that runs in float32 under bf16 autocast: its floating-point tensor
+    arguments are cast to float32 and autocast is off inside. Every method's loss function carries
+    it: they exponentiate or normalise similarities (softmax over thousands of negatives, Sinkhorn,
+    NCE), standardise along the batch (Barlow Twins) or sum many squared errors, where bf16's 8 bits
+    of mantissa lose the differences the gradient is made of. The networks before it run in bf16."""
+
+    @functools.wraps(loss)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        def up(x: Any) -> Any:  # a tensor, or a list or tuple of them (SwAV's scores per crop)
+            if isinstance(x, (list, tuple)):
+                return type(x)(up(v) for v in x)
+            return x.float() if isinstance(x, torch.Tensor) and x.dtype in (torch.bfloat16, torch.float16) else x
+
+        flat = [v for a in (*args, *kwargs.values()) for v in (a if isinstance(a, (list, tuple)) else [a])]
+        tensors = [a for a in flat if isinstance(a, torch.Tensor)]
+        device = tensors[0].device.type if tensors else "cpu"
+        with torch.autocast(device_type=device, enabled=False):
+            return loss(*map(up, args), **{k: up(v) for k, v in kwargs.items()})
+
+    return cast(LossFn, wrapped)
+
+
+cross_entropy = fp32(F.cross_entropy)  # for losses that are one cross-entropy (RotNet, Jigsaw, ...)
 
 
 @dataclasses.dataclass(frozen=True)

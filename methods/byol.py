@@ -32,9 +32,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import gin
-from methods.base import Batch, DataInfo, Encoder, Method, mlp
+from methods.base import Batch, DataInfo, Encoder, Method, fp32, mlp
 
 
+@fp32
 def byol_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
     """Symmetrised BYOL loss (paper eq. 2 plus its view-swapped twin).
 

@@ -33,7 +33,7 @@ from torch import nn
 import gin
 from harness import dist, store
 from harness.errors import Unsupported
-from methods.base import Batch, DataInfo, Encoder, Method
+from methods.base import Batch, DataInfo, Encoder, Method, fp32
 
 SPECIALS = ("<pad>", "<unk>", "<sot>", "<eot>")  # ids 0-3
 PAD, UNK, SOT, EOT = range(4)
@@ -91,6 +91,7 @@ class Tokenizer:
         return " ".join(out)
 
 
+@fp32
 def clip_loss(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Symmetric cross-entropy over the scaled cosine similarities (CLIP, Fig. 3).
 

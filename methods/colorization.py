@@ -37,7 +37,7 @@ from torch import nn
 
 import gin
 from harness import dist
-from methods.base import Batch, DataInfo, Encoder, Method
+from methods.base import Batch, DataInfo, Encoder, Method, fp32
 from methods.color import (
     ab_bins,
     colour_views,
@@ -74,6 +74,7 @@ def rebalance_weights(counts: torch.Tensor, bins: torch.Tensor, sigma: float = 5
     return w / (smooth * w).sum()
 
 
+@fp32
 def colorization_loss(
     logits: torch.Tensor, index: torch.Tensor, soft: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:

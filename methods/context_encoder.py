@@ -46,7 +46,7 @@ from torch import nn
 from torch.func import functional_call
 
 import gin
-from methods.base import Batch, DataInfo, Encoder, Method
+from methods.base import Batch, DataInfo, Encoder, Method, fp32
 from methods.decoder import Decoder, feature_map_shape
 
 MASKS = ("center", "block", "region")
@@ -89,6 +89,7 @@ def ring(mask: torch.Tensor, width: int) -> torch.Tensor:
     return grown & ~mask
 
 
+@fp32
 def inpainting_loss(
     recon: torch.Tensor,
     x: torch.Tensor,

@@ -32,7 +32,7 @@ from torch import nn
 
 import gin
 from harness import dist
-from methods.base import Batch, DataInfo, Encoder, Method
+from methods.base import Batch, DataInfo, Encoder, Method, fp32
 
 
 def patch_grid(x: torch.Tensor, grid: int, patch: int) -> torch.Tensor:
@@ -44,6 +44,7 @@ def patch_grid(x: torch.Tensor, grid: int, patch: int) -> torch.Tensor:
     return u[:, :, starts][:, :, :, starts].permute(0, 2, 3, 1, 4, 5)
 
 
+@fp32
 def info_nce(pred: torch.Tensor, candidates: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """InfoNCE (CPC eq. 4): -log softmax over all candidates of the dot-product scores.
 

@@ -45,9 +45,10 @@ from torch import nn
 
 import gin
 from harness import dist
-from methods.base import Batch, DataInfo, Encoder, Method
+from methods.base import Batch, DataInfo, Encoder, Method, fp32
 
 
+@fp32
 def uniform_cluster_loss(logits: torch.Tensor, labels: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
     """Cross-entropy weighted as if clusters were sampled uniformly.
 

@@ -26,11 +26,10 @@ from __future__ import annotations
 from typing import cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import gin
-from methods.base import Batch, DataInfo, Encoder, Method
+from methods.base import Batch, DataInfo, Encoder, Method, cross_entropy
 
 
 def surrogate_labels(classes: torch.Tensor, index: torch.Tensor, num_views: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,5 +77,5 @@ class Exemplar(Method):
             return {"loss": zero, "acc": zero.detach(), "seeds": zero.detach()}
         x = torch.cat(batch.views)[keep]  # [K, C, S, S]
         logits = self.classifier(self.backbone(x))  # [K, N]
-        loss = F.cross_entropy(logits, y)
+        loss = cross_entropy(logits, y)
         return {"loss": loss, "acc": (logits.argmax(1) == y).float().mean(), "seeds": torch.tensor(float(y.numel()))}

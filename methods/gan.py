@@ -32,7 +32,7 @@ from torch.func import functional_call
 
 import gin
 from harness import dist
-from methods.base import Batch, DataInfo, Encoder, Method
+from methods.base import Batch, DataInfo, Encoder, Method, fp32
 
 
 def upsampling_plan(size: int) -> tuple[int, int]:
@@ -88,11 +88,13 @@ def _call(module: nn.Module, x: torch.Tensor, detach_params: bool) -> torch.Tens
     return functional_call(module, state, (x,))
 
 
+@fp32
 def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
     """-log sigmoid(D(x)) - log(1 - sigmoid(D(G(z)))), averaged. ``[B]`` each."""
     return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
 
 
+@fp32
 def generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     """Non-saturating generator loss -log sigmoid(D(G(z))). ``[B]``."""
     return F.softplus(-fake_logits).mean()

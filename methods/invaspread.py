@@ -26,9 +26,10 @@ from torch import nn
 
 import gin
 from harness import dist
-from methods.base import Batch, DataInfo, Encoder, Method
+from methods.base import Batch, DataInfo, Encoder, Method, fp32
 
 
+@fp32
 def invariance_spreading(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
     """Ye et al. eq. 7 over both views: ``-(sum_a log P(pos(a)|a) + sum_a sum_{j != a, pos(a)} log(1 - P(j|a))) / 2B``.
 

@@ -25,7 +25,7 @@ from torch import nn
 
 import gin
 from harness import dist
-from methods.base import Batch, DataInfo, Method
+from methods.base import Batch, DataInfo, Method, fp32
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -70,6 +70,7 @@ def sincos_pos_embed(dim: int, grid: tuple[int, int]) -> torch.Tensor:
     return torch.cat([embed(ys), embed(xs)], 1).float()
 
 
+@fp32
 def masked_patch_loss(
     pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix: bool = True, eps: float = 1e-6
 ) -> torch.Tensor:

@@ -47,10 +47,11 @@ from torch import nn
 
 import gin
 from harness import dist
-from methods.base import Batch, DataInfo, Encoder, Method, mlp
+from methods.base import Batch, DataInfo, Encoder, Method, fp32, mlp
 from methods.memory import Queue
 
 
+@fp32
 def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
     """MoCo eq. 1: cross-entropy with the positive at logit index 0.
 

@@ -30,10 +30,11 @@ from torch import nn
 
 import gin
 from harness import dist
-from methods.base import Batch, DataInfo, Encoder, Method
+from methods.base import Batch, DataInfo, Encoder, Method, cross_entropy, fp32
 from methods.memory import MemoryBank
 
 
+@fp32
 def nce_loss(pos: torch.Tensor, neg: torch.Tensor, log_z: torch.Tensor, num_images: int) -> torch.Tensor:
     """NCE of Wu et al. eq. 5-7: the data sample against m uniform noise samples.
 
@@ -103,7 +104,7 @@ class NPID(Method):
         out: dict[str, torch.Tensor] = {}
         if self.exact:
             logits = f @ bank.T / self.temperature  # [B, N]
-            inst = F.cross_entropy(logits, batch.index)
+            inst = cross_entropy(logits, batch.index)
             acc = logits.detach().argmax(1).eq(batch.index).float().mean()  # finds its own bank entry
             log_z = self.log_z
         else:

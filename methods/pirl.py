@@ -28,11 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import gin
-from methods.base import Batch, DataInfo, Encoder, Method
+from methods.base import Batch, DataInfo, Encoder, Method, fp32
 from methods.memory import MemoryBank
 from methods.tiles import jigsaw_tiles, jitter_crop, shuffle_tiles
 
 
+@fp32
 def pirl_nce(query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, tau: float) -> torch.Tensor:
     """PIRL's NCE loss (eqs. 2-3), averaged over the batch.
 

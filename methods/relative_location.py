@@ -37,7 +37,7 @@ from torch import nn
 
 import gin
 from harness import dist
-from methods.base import Batch, DataInfo, Encoder, Method, mlp
+from methods.base import Batch, DataInfo, Encoder, Method, cross_entropy, mlp
 from methods.tiles import jigsaw_tiles, jitter_crop
 
 NEIGHBOURS = (0, 1, 2, 3, 5, 6, 7, 8)  # label -> cell of the row-major 3x3 grid (4 is the centre)
@@ -142,4 +142,4 @@ class RelativeLocation(Method):
             flat = F.interpolate(flat, size=(self.min_patch, self.min_patch), mode="bilinear", align_corners=False)
         f = self.patch_fc(self.backbone(flat))  # [2B, patch_dim]
         logits = self.classifier(f.reshape(len(x), -1))  # [B, 8]
-        return {"loss": F.cross_entropy(logits, labels), "acc": (logits.argmax(1) == labels).float().mean()}
+        return {"loss": cross_entropy(logits, labels), "acc": (logits.argmax(1) == labels).float().mean()}

@@ -12,11 +12,10 @@ from __future__ import annotations
 from typing import cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import gin
-from methods.base import Batch, DataInfo, Encoder, Method, mlp
+from methods.base import Batch, DataInfo, Encoder, Method, cross_entropy, mlp
 
 
 def rotate_all(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,4 +46,4 @@ class RotNet(Method):
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         x, y = rotate_all(batch.views[0])  # [4B, C, S, S], [4B]
         logits = self.classifier(self.backbone(x))  # [4B, 4]
-        return {"loss": F.cross_entropy(logits, y), "acc": (logits.argmax(1) == y).float().mean()}
+        return {"loss": cross_entropy(logits, y), "acc": (logits.argmax(1) == y).float().mean()}

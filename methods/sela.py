@@ -37,10 +37,11 @@ from torch import nn
 
 import gin
 from harness import dist
-from methods.base import Batch, DataInfo, Encoder, Method
+from methods.base import Batch, DataInfo, Encoder, Method, fp32
 from methods.sinkhorn import sinkhorn_scalings
 
 
+@fp32
 def heads_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean over heads of the cross-entropy. logits: ``[H, B, K]``; labels: ``[H, B]``."""
     return F.cross_entropy(logits.flatten(0, 1), labels.flatten())

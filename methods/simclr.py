@@ -16,9 +16,10 @@ from torch import nn
 
 import gin
 from harness import dist
-from methods.base import Batch, DataInfo, Encoder, Method, mlp
+from methods.base import Batch, DataInfo, Encoder, Method, fp32, mlp
 
 
+@fp32
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
     """Normalized-temperature cross-entropy over both directions (SimCLR eq. 1).
 

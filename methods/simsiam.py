@@ -26,9 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import gin
-from methods.base import Batch, DataInfo, Encoder, Method, mlp
+from methods.base import Batch, DataInfo, Encoder, Method, fp32, mlp
 
 
+@fp32
 def simsiam_loss(p1: torch.Tensor, p2: torch.Tensor, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
     """Symmetrised negative cosine similarity with stop-gradient (paper eq. 3 and 4):
     ``D(p1, stopgrad(z2)) / 2 + D(p2, stopgrad(z1)) / 2`` with ``D(p, z) = -cos(p, z)``

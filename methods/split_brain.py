@@ -37,7 +37,7 @@ from torch import nn
 
 import gin
 from harness import dist
-from methods.base import Batch, DataInfo, Encoder, Method
+from methods.base import Batch, DataInfo, Encoder, Method, fp32
 from methods.color import (
     ab_bins,
     colour_input,
@@ -59,6 +59,7 @@ def l_bin(lightness: torch.Tensor, bins: int) -> torch.Tensor:
     return (lightness / 100 * bins).floor().clamp(0, bins - 1).long()
 
 
+@fp32
 def split_brain_loss(
     ab_logits: torch.Tensor,
     ab_index: torch.Tensor,

@@ -8,11 +8,10 @@ from __future__ import annotations
 from typing import cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import gin
-from methods.base import Batch, DataInfo, Encoder, Method
+from methods.base import Batch, DataInfo, Encoder, Method, cross_entropy
 
 
 @gin.configurable(module="supervised")
@@ -34,5 +33,5 @@ class Supervised(Method):
 
     def loss(self, batch: Batch) -> dict[str, torch.Tensor]:
         logits = self.classifier(self.backbone(batch.views[0]))  # [B, classes]
-        loss = F.cross_entropy(logits, batch.labels, label_smoothing=self.label_smoothing)
+        loss = cross_entropy(logits, batch.labels, label_smoothing=self.label_smoothing)
         return {"loss": loss, "acc": (logits.argmax(1) == batch.labels).float().mean()}

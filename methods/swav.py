@@ -29,10 +29,11 @@ from torch import nn
 
 import gin
 from harness import dist
-from methods.base import Batch, DataInfo, Encoder, Method, mlp
+from methods.base import Batch, DataInfo, Encoder, Method, fp32, mlp
 from methods.sinkhorn import sinkhorn
 
 
+@fp32
 def swapped_prediction(
     scores: Sequence[torch.Tensor], codes: Sequence[torch.Tensor], temperature: float
 ) -> torch.Tensor:

@@ -14,6 +14,7 @@ from harness import optim, trainer
 from harness.evals import finetune
 from harness.evals.voc_detection import Detection
 from harness.optim import Kernel, NonFiniteLoss, lr_factor, param_groups, scaled_lr, warmup_cosine
+from methods.base import cross_entropy
 from tests.conftest import REPO
 
 # --- the schedule by hand -----------------------------------------------------------------
@@ -203,14 +204,33 @@ def test_a_nonfinite_loss_raises_with_the_step_lr_and_source_and_does_not_step()
     assert trainer.batch_indices is optim.batch_indices and trainer.param_groups is param_groups
 
 
-def test_fp32_is_the_only_precision_and_its_hooks_change_nothing():
+def test_fp32_hooks_change_nothing_and_bf16_autocasts_the_networks_not_the_losses():
     net = nn.Linear(3, 2)
     kernel = _kernel(net)
     assert kernel.prepare(net) is net and net.weight.device.type == "cpu"
     with kernel.autocast():
         assert net(torch.ones(1, 3)).dtype == torch.float32
-    with pytest.raises(ValueError, match="precision 'bf16'"):
-        _kernel(net, precision="bf16")
+    with _kernel(net, precision="bf16").autocast():
+        out = net(torch.ones(4, 3))
+        assert out.dtype == torch.bfloat16 and net.weight.dtype == torch.float32  # weights stay float32
+        assert cross_entropy(out, torch.zeros(4, dtype=torch.long)).dtype == torch.float32  # an `fp32` loss
+    with pytest.raises(ValueError, match="precision 'fp16' is not one of"):
+        _kernel(net, precision="fp16")
+
+
+def test_an_fp32_loss_is_closer_to_float32_than_the_same_loss_in_bf16():
+    """The `fp32` mark matters: NT-Xent on bf16 embeddings computed in bf16 is further from
+    the float32 loss than when the marked function computes it in float32."""
+    from methods.simclr import nt_xent
+
+    torch.manual_seed(0)
+    z1, z2 = torch.randn(64, 32), torch.randn(64, 32)
+    exact = nt_xent(z1, z2, 0.1).item()
+    b1, b2 = z1.bfloat16(), z2.bfloat16()
+    marked = nt_xent(b1, b2, 0.1).item()  # cast to float32 inside
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        unmarked = nt_xent.__wrapped__(b1, b2, 0.1).float().item()  # the same body in bf16
+    assert abs(marked - exact) < abs(unmarked - exact), (exact, marked, unmarked)
 
 
 def test_evaluations_do_not_import_the_trainer():

@@ -14,6 +14,7 @@ import torch
 import methods
 import methods.base
 from harness import errors, ginutil, job
+from harness.optim import PRECISIONS, Kernel
 from methods.base import Batch, DataInfo, Method, Unsupported, build_method
 from methods.supervised import Supervised
 from tests.conftest import METHODS, REPO, make_colour_images, make_images, parse_method
@@ -68,16 +69,20 @@ def _batch(views, data, n: int = 32) -> Batch:
     return Batch(views=views(data.images[:n]), labels=data.labels[:n], index=torch.arange(n))
 
 
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("name", TRAINED)
-def test_loss_finite_and_every_parameter_gets_a_gradient(name, tiny_data):
+def test_loss_finite_and_every_parameter_gets_a_gradient(name, precision, tiny_data):
+    """In float32 and under bf16 autocast (the networks in bf16, the `fp32` losses in float32)."""
     method, views, data = _build_on_what_it_accepts(name, tiny_data, bindings=GRADIENT_BINDINGS)
     method.train()
     batch = _batch(views, data)
     _warm_up(name, method, batch)
     opt = torch.optim.SGD(method.parameters(), lr=0.01)
+    kernel = Kernel(opt, 0.01, lambda step: 1.0, 2, "lr = 0.01", "-", precision=precision)
     for _ in range(2):  # a step first: zero-initialised residual BNs block gradients at init
-        out = method.loss(batch)
-        assert torch.isfinite(out["loss"])
+        with kernel.autocast():
+            out = method.loss(batch)
+        assert torch.isfinite(out["loss"]) and out["loss"].dtype == torch.float32
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
