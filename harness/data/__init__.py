@@ -2,6 +2,7 @@
 
 Fashion-MNIST (Xiao et al. 2017) is the embedded default: the IDX files of Debian's
 ``dataset-fashion-mnist`` package, else a configured folder, else torchvision's download.
+`CIFAR10` and `CIFAR100` read torchvision's pickled batches (``cifar-10-batches-py/``).
 `ImageFolder` reads ImageNet-style ``split/class/image`` trees, decoding on demand.
 Image-text data: `ImageCaptions` reads a CSV of image paths and captions; `Captioned`
 gives any labelled dataset captions made from its class names and prompt templates.
@@ -22,6 +23,7 @@ from harness.data.captions import (
     read_caption_csv,
     with_captions,
 )
+from harness.data.cifar import CIFAR10, CIFAR100, read_batch
 from harness.data.files import (
     IMAGE_EXTENSIONS,
     IMAGENET_MEAN,
@@ -37,6 +39,9 @@ from harness.data.files import (
 from harness.data.fmnist import FMNIST_CLASSES, FMNIST_FILES, SYSTEM_DIRS, FashionMNIST, read_idx
 
 __all__ = [
+    "CIFAR10",
+    "CIFAR100",
+    "read_batch",
     "CachedSplits",
     "DataError",
     "Dataset",
