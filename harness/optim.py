@@ -9,7 +9,8 @@ import contextlib
 import dataclasses
 import functools
 import math
-from typing import Callable, ContextManager, Iterable, Mapping, Sequence, cast
+import warnings
+from typing import Callable, ContextManager, Iterable, Iterator, Mapping, Sequence, cast
 
 import torch
 from torch import nn
@@ -99,6 +100,21 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
 
 
+@contextlib.contextmanager
+def _without_onednn() -> Iterator[None]:
+    """oneDNN off for the block (its flags' TF32 notice, irrelevant on CPU, silenced)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
+        flags = torch.backends.mkldnn.flags(enabled=False)
+        flags.__enter__()
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
+            flags.__exit__(None, None, None)
+
+
 @dataclasses.dataclass
 class Kernel:
     """One optimisation step of a training loop, and the one place where its numerics are decided:
@@ -129,8 +145,19 @@ class Kernel:
 
     def autocast(self) -> ContextManager:
         """The context of forward passes: nothing in fp32; bf16 autocast on the kernel's device in bf16."""
-        if self.precision == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        if self.precision != "bf16":
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.autocast(device_type=self.device.type, dtype=torch.bfloat16))
+        stack.enter_context(self._cpu_bf16_kernels())
+        return stack
+
+    def _cpu_bf16_kernels(self) -> ContextManager:
+        """On CPU in bf16, torch's own convolution kernels instead of oneDNN's: oneDNN's bf16 convolution
+        backward gives non-finite weight gradients intermittently (a ResNet's 1 x 1 maps, 2 threads: 13
+        of 40 steps here, 0 of 40 without it; BENCHMARKS.md), forward and backward alike."""
+        if self.precision == "bf16" and self.device.type == "cpu":
+            return _without_onednn()
         return contextlib.nullcontext()
 
     def step(
@@ -157,7 +184,8 @@ class Kernel:
             for g in self.optimizer.param_groups:
                 g["lr"] = lr * g.get("lr_scale", 1.0)  # a group's own factor: layer-wise lr decay
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            with self._cpu_bf16_kernels():
+                loss.backward()
             self.optimizer.step()
         return lr
 
