@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -133,6 +133,15 @@ class Recipe:
         steps = max(1, math.ceil(self.epochs * (images // batch)))
         steps = min(steps, self.max_steps) if self.max_steps else steps
         return {"batch": batch, "steps": steps, "images_seen": steps * batch}
+
+
+def recipe_of(settings: Mapping[str, Any], **fixed: Any) -> Recipe:
+    """The `Recipe` of a protocol's constructor arguments (`settings`, e.g. its ``locals()``): every
+    argument named like a Recipe field, sequences as tuples, then `fixed` on top (what the protocol
+    derives itself, such as one percentage's epochs)."""
+    names = {f.name for f in dataclasses.fields(Recipe)}
+    chosen = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items() if k in names}
+    return Recipe(**{**chosen, **fixed})
 
 
 def schedule(recipe: Recipe, per_epoch: int, total: int) -> Callable[[int], float]:

@@ -248,23 +248,7 @@ class PaperProbe:
             )
         self.name, self.image_size, self.norm, self.eval_crop = str(name), int(image_size), norm, float(eval_crop)
         self.train_size, self.test_size = train_size, test_size
-        self.recipe = finetune.Recipe(
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            scale_lr=scale_lr,
-            optimizer=optimizer,
-            momentum=momentum,
-            nesterov=nesterov,
-            weight_decay=weight_decay,
-            schedule=schedule,
-            milestones=tuple(milestones),
-            warmup_epochs=warmup_epochs,
-            crop_scale=tuple(crop_scale),
-            max_steps=max_steps,
-            precise_bn=precise_bn,
-            augment=augment,
-        )
+        self.recipe = finetune.recipe_of(locals())
 
     def params(self) -> dict:
         """Settings that change the numbers (JSON-serialisable)."""

@@ -98,24 +98,7 @@ class SemiSupervised:
         self.percents, self.epochs, self.subset_files = [float(p) for p in percents], [float(e) for e in epochs], files
         self.warmups, self.norm = [float(w) for w in warmups], norm
         self.subset_seed, self.test_size = int(subset_seed), test_size
-        base = finetune.Recipe(
-            epochs=self.epochs[0],
-            warmup_epochs=self.warmups[0],
-            batch_size=batch_size,
-            lr=lr,
-            scale_lr=scale_lr,
-            optimizer=optimizer,
-            momentum=momentum,
-            betas=tuple(betas),
-            nesterov=nesterov,
-            weight_decay=weight_decay,
-            layer_decay=layer_decay,
-            label_smoothing=label_smoothing,
-            schedule=schedule,
-            crop_scale=tuple(crop_scale),
-            max_steps=max_steps,
-            precise_bn=precise_bn,
-        )
+        base = finetune.recipe_of(locals(), epochs=self.epochs[0], warmup_epochs=self.warmups[0])
         self.recipes = [dataclasses.replace(base, epochs=e, warmup_epochs=w) for e, w in zip(self.epochs, self.warmups)]
 
     def params(self) -> dict:
