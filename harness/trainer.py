@@ -97,11 +97,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def distributed() -> tuple[int, int]:
-    """``(rank, world size)`` of the initialised process group, or ``(0, 1)``."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+distributed = dist_lib.world  # ``(rank, world size)``, or ``(0, 1)`` outside a process group
 
 
 def _mean_across_ranks(v: torch.Tensor) -> torch.Tensor:
