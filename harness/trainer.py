@@ -7,9 +7,11 @@ weights of an uninterrupted one (tests/test_trainer.py).
 
 Data parallel: inside an initialised process group (several tasks of a SLURM job, or
 any torch.distributed launch), the method is wrapped in DistributedDataParallel and
-each rank trains on its shard of the global batch; views are drawn for the whole
-batch on every rank, so a run on N processes follows a one-process run's trajectory
-(tests/test_ddp.py, gloo on CPU). A method runs on several processes only once its loss is
+each rank trains on its shard of the global batch. In-memory data: views are drawn for
+the whole batch on every rank, so a run on N processes follows a one-process run's
+trajectory (tests/test_ddp.py, gloo on CPU). Image files: each rank decodes and crops
+only its shard, in worker processes (`harness.data.pipeline`), so a run is
+deterministic per world size (tests/test_pipeline.py). A method runs on several processes only once its loss is
 the global batch's (``Method.data_parallel``; harness/dist.py, tests/test_ddp_losses.py);
 BatchNorm takes the global batch's statistics where the paper synchronises it
 (``Method.sync_bn``): SyncBatchNorm on GPUs, `harness.dist.GlobalBatchNorm` on CPU.
@@ -17,13 +19,14 @@ BatchNorm takes the global batch's statistics where the paper synchronises it
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import os
 import random
 from pathlib import Path
-from typing import Any, Callable, cast
+from typing import Any, Callable, Generator, cast
 
 import numpy as np
 import torch
@@ -34,6 +37,7 @@ import gin
 from harness import dist as dist_lib
 from harness import store
 from harness.data import ImageSet
+from harness.data.pipeline import Pipeline, file_backed
 from harness.optim import (  # noqa: F401
     PRECISIONS,
     Kernel,
@@ -135,6 +139,8 @@ class Trainer:
         precision: ``fp32``, ``bf16`` (autocast for the networks, the losses in float32:
             `methods.base.fp32`) or ``auto``: bf16 on CUDA, fp32 on CPU.
         progress: show a progress bar.
+        pipeline: how file-backed data is read, decoded and cropped (`harness.data.pipeline`:
+            workers, prefetch, decoder); None: ``data.Pipeline()`` with its gin bindings.
     """
 
     def __init__(
@@ -152,6 +158,7 @@ class Trainer:
         device: str = "auto",
         precision: str = "auto",
         progress: bool = True,
+        pipeline: Pipeline | None = None,
     ):
         self.epochs, self.batch_size, self.optimizer = epochs, batch_size, optimizer
         self.lr, self.lr_source = scaled_lr(base_lr, batch_size, scale_lr, key="trainer.Trainer.base_lr")
@@ -159,6 +166,7 @@ class Trainer:
         self.schedule = schedule or (lambda step, total: 1.0)
         self.checkpoint_every, self.log_every, self.progress = checkpoint_every, log_every, progress
         self.device = resolve_device(device)
+        self.pipeline = pipeline if pipeline is not None else Pipeline()
         self.precision = ("bf16" if self.device.type == "cuda" else "fp32") if precision == "auto" else precision
         if self.precision not in PRECISIONS:
             raise ValueError(f"trainer.Trainer.precision = {precision!r} is not one of {('auto', *PRECISIONS)}")
@@ -231,13 +239,39 @@ class Trainer:
             mininterval=1.0,
         )
         global _training, _pending
-        _training = True
+        _training, self.decoded = True, 0
         try:
             self._loop(method, kernel, data, views, bar, total, start, seed, ckpt_path, log_path, stop_after)
         finally:
             _training, _pending = False, None
         bar.close()
-        return {"steps": total, "resumed_from": resumed, "final_loss": self.last_loss}
+        summary = {"steps": total, "resumed_from": resumed, "final_loss": self.last_loss}
+        if file_backed(data):  # this process's decoded images: its shards of the steps it ran
+            summary["images_decoded"] = self.decoded
+        return summary
+
+    def batches(self, data: ImageSet, views: Views, seed: int, start: int, total: int) -> Generator[Batch, None, None]:
+        """This rank's `Batch` of each step from `start`, views drawn. In memory: the global batch's views on every
+        rank, then its shard (N ranks follow the one-process trajectory); files: the rank's shard alone, decoded and
+        cropped ahead in `pipeline`'s workers, the batched augmentations here (deterministic per world size)."""
+        rank, world = distributed()
+        if file_backed(data):
+            crops = views.crops()
+            for item in self.pipeline.batches(
+                data, crops, self.batch_size, seed, start, total, self.device, rank, world
+            ):
+                self.decoded += item["decoded"]
+                yield Batch(views=views.from_crops(item["views"]), labels=item["labels"], index=item["index"])
+            return
+        shard = slice(rank * self.batch_size // world, (rank + 1) * self.batch_size // world)
+        for step in range(start, total):
+            idx = batch_indices(len(data), self.batch_size, seed, step)
+            all_views = views(data.images[idx].to(self.device))
+            yield Batch(
+                views=[v[shard] for v in all_views],
+                labels=data.labels[idx][shard].to(self.device),
+                index=idx[shard].to(self.device),
+            )
 
     def _loop(
         self,
@@ -273,18 +307,9 @@ class Trainer:
             model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[torch.cuda.current_device()] if self.device.type == "cuda" else None
             )
-        shard = slice(rank * self.batch_size // world, (rank + 1) * self.batch_size // world)
-        with open(log_path, "a") if rank == 0 else open(os.devnull, "w") as log:
-            for step in bar:
-                idx = batch_indices(len(data), self.batch_size, seed, step)
-                # Views of the whole global batch on every rank, then this rank's shard: the
-                # augmentations (and the RNG) stay identical to a one-process run.
-                all_views = views(data.images[idx].to(self.device))
-                batch = Batch(
-                    views=[v[shard] for v in all_views],
-                    labels=data.labels[idx][shard].to(self.device),
-                    index=idx[shard].to(self.device),
-                )
+        batches = self.batches(data, views, seed, start, total)
+        with contextlib.closing(batches), open(log_path, "a") if rank == 0 else open(os.devnull, "w") as log:
+            for step, batch in zip(bar, batches):
                 with kernel.autocast():
                     out = model(batch)
                 loss = out["loss"]

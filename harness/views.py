@@ -4,10 +4,11 @@ A method's gin file declares what the loader hands it (two SimCLR crops, one Rot
 crop, ...), so each paper's augmentation protocol is configuration. Every op draws
 its own random parameters per sample from torch's global RNG (saved in checkpoints).
 
-Crops are taken from the stored image (Fashion-MNIST: 28x28; image folders: the
-loader's resized copy) with one ``grid_sample`` per batch, flips folded into the
-same affine map. Colour jitter applies brightness, contrast, saturation and hue in
-a fixed order (torchvision shuffles the order per image).
+Crops of in-memory images (Fashion-MNIST: 28x28, CIFAR) are taken with one
+``grid_sample`` per batch, flips folded into the same affine map; image files are
+cropped from the full decoded image where they are decoded (`harness.data.pipeline`),
+and only the ops after the crop (`Augment.after_crop`) run here. Colour jitter applies
+brightness, contrast, saturation and hue in a fixed order (torchvision shuffles the order per image).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import gin
+from harness.data.pipeline import Crop
 
 
 def _uniform(n: int, lo: float, hi: float, device: torch.device) -> torch.Tensor:
@@ -126,7 +128,14 @@ class Augment:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: float [B, C, H, W] in [0, 1] -> [B, C, size, size] in [0, 1]."""
-        x = resized_crop(x, self.size, self.scale, self.ratio, self.flip)
+        return self.after_crop(resized_crop(x, self.size, self.scale, self.ratio, self.flip))
+
+    def crop(self) -> Crop:
+        """The crop and flip of this view, for a pipeline that cuts them where it decodes (`harness.data.pipeline`)."""
+        return Crop(self.size, (self.scale[0], self.scale[1]), (self.ratio[0], self.ratio[1]), self.flip)
+
+    def after_crop(self, x: torch.Tensor) -> torch.Tensor:
+        """The rest of the view on a cropped batch: float [B, C, size, size] in [0, 1] -> the same shape."""
         if self.jitter > 0 and self.strength > 0:
             s = self.strength
             x = color_jitter(x, self.jitter, 0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)
@@ -162,6 +171,17 @@ class Views:
         """images: uint8 [B, C, H, W] -> list of float [B, C, S, S], normalised."""
         x = images.float().div_(255)
         return [normalize(a(x), self.mean, self.std) for a in self.augmentations]
+
+    def crops(self) -> list[Crop]:
+        """Each view's crop, for a pipeline that cuts them from the decoded files (`harness.data.pipeline`)."""
+        return [a.crop() for a in self.augmentations]
+
+    def from_crops(self, crops: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """`__call__` for views already cropped and flipped where decoded: uint8 [B, C, S, S] per view -> float,
+        the batched augmentations applied and normalised."""
+        return [
+            normalize(a.after_crop(c.float().div_(255)), self.mean, self.std) for a, c in zip(self.augmentations, crops)
+        ]
 
 
 def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
