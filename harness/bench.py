@@ -4,6 +4,9 @@
     python -m harness.bench methods [TABLE.gin] [NAMES]  # s/step of each method of a table
     python -m harness.bench table gin/table1.gin  # wall time of a whole table (fresh results)
     python -m harness.bench runs results/table1   # timings the runs of a table recorded
+    python -m harness.bench decode                # img/s per core of each JPEG decode path
+    python -m harness.bench pipeline              # a step fed by data.Pipeline vs an in-memory batch
+    python -m harness.bench shards                # images each of 2 gloo ranks decodes per step
 
 Each writes ``benchmarks/<command>.json`` (machine, versions, numbers) and prints
 a markdown table; BENCHMARKS.md quotes them.
@@ -206,7 +209,7 @@ def runs(table_dirs: Sequence[str]) -> list[dict]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m harness.bench", description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=["throughput", "methods", "table", "runs"])
+    ap.add_argument("what", choices=["throughput", "methods", "table", "runs", "decode", "pipeline", "shards"])
     ap.add_argument(
         "args",
         nargs="*",
@@ -221,6 +224,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = methods([a for a in args.args if not a.endswith(".gin")], tables)
     elif args.what == "runs":
         rows = runs(args.args or ["results/table1"])
+    elif args.what in ("decode", "pipeline", "shards"):
+        from harness import bench_data
+
+        rows = getattr(bench_data, args.what)(*args.args)
     else:
         rows = table(args.args or ["gin/table1.gin"])
     OUT.mkdir(exist_ok=True)

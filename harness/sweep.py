@@ -13,7 +13,7 @@ import shutil
 import signal
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence, cast
 
 from harness import collate, ginutil, reference, store
 from harness import launch as launch_lib
@@ -120,34 +120,38 @@ def plan(
 
 
 # Per run id, what the preflight checks need from its parsed config (kept from `plan`: gin is
-# cleared between runs): the dataset object (unloaded), batch size, whether it pretrains.
-_facts: dict[str, tuple[object | None, int | None, bool]] = {}
+# cleared between runs): the dataset object (unloaded), batch size, whether it pretrains, the
+# trainer's input pipeline.
+_facts: dict[str, tuple[object | None, int | None, bool, object | None]] = {}
 
 
-def _run_facts() -> tuple[object | None, int | None, bool]:
+def _run_facts() -> tuple[object | None, int | None, bool, object | None]:
     try:
         dataset = ginutil.reference("job.run.dataset")
     except ValueError:
-        return None, None, False
+        return None, None, False, None
     method = ginutil.reference("job.run.method")
     pretrains = getattr(method, "pretrain_steps", None) is None
     try:
         trainer = ginutil.reference("job.run.trainer")
     except ValueError:
         trainer = None
-    return dataset, getattr(trainer, "batch_size", None), pretrains
+    return dataset, getattr(trainer, "batch_size", None), pretrains, getattr(trainer, "pipeline", None)
 
 
 def preflight(specs: Sequence[RunSpec]) -> None:
     """Checks, before any job starts, that each run's data exists and can fill a batch.
 
     Raises:
-        DataError: a data folder or file missing (its message names the key and the fix).
+        DataError: a data folder or file missing, or an input pipeline that cannot run here (its message
+            names the key and the fix).
         ValueError: a batch larger than the pretraining images.
     """
     counts: dict[int, int] = {}
     for spec in specs:
-        dataset, batch, pretrains = _facts.get(spec.run_id, (None, None, False))
+        dataset, batch, pretrains, pipeline = _facts.get(spec.run_id, (None, None, False, None))
+        if pretrains and hasattr(pipeline, "check"):
+            cast(Any, pipeline).check()  # e.g. the DALI decoder without CUDA or DALI
         if dataset is None or not hasattr(dataset, "check"):
             continue
         if id(dataset) not in counts:

@@ -116,8 +116,9 @@ def test_a_corrupt_file_stops_the_run_with_its_path(tree, tmp_path):
     train = _train_split(root)
     method, views = _build(train)
     trainer = Trainer(max_steps=3, batch_size=24, progress=False, pipeline=Pipeline(workers=1))
-    with pytest.raises(DataError, match="n01_0.JPEG: cannot decode image"):
+    with pytest.raises(DataError, match="n01_0.JPEG: cannot decode image") as err:
         trainer.fit(method, train, views, tmp_path / "run", seed=0)
+    assert str(err.value).startswith(str(bad)) and "Traceback" not in str(err.value)
 
 
 def test_dali_without_cuda_is_a_clear_error():
@@ -154,3 +155,26 @@ def test_two_gloo_ranks_decode_their_shards_and_repeat_their_trajectory(tree, tm
         assert [i["images_decoded"] for i in infos] == [4 * 4, 4 * 4]  # 4 steps x its half of 8
     logs = [(tmp_path / run / "log.jsonl").read_text() for run in ("a", "b")]
     assert logs[0] == logs[1] and len(logs[0].splitlines()) == 4
+
+
+def test_the_sweep_refuses_dali_without_cuda_before_writing_anything(tree, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine may run DALI")
+    results = tmp_path / "results"
+    binds = [
+        "table.Table.seeds = [0]",
+        "job.run.dataset = @data.ImageFolder()",
+        f"data.ImageFolder.root = '{tree}'",
+        "data.Pipeline.decoder = 'dali'",
+    ]
+    cmd = [sys.executable, "-m", "harness.sweep", "gin/table1.gin", "gin/scale/smoke.gin", "--only", "simclr"]
+    cmd += [a for b in binds for a in ("--bind", b)] + ["--results", str(results)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "data.Pipeline.decoder = 'dali'" in proc.stderr and "Fix: bind data.Pipeline.decoder" in proc.stderr
+    assert not results.exists()

@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import warnings
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -215,13 +216,14 @@ class Pipeline:
     """How file-backed pretraining data reaches the device (in-memory datasets ignore it).
 
     Args:
-        workers: DataLoader worker processes decoding ahead of training (0: in the training process).
+        workers: DataLoader worker processes decoding ahead of training (0: in the training process);
+            ``auto``: one per CPU this process may use, less one for training, at most 8 (`auto_workers`).
         prefetch: batches each worker keeps ready.
         decoder: one of `DECODERS`.
         pin_memory: page-locked host batches for non-blocking copies; ``auto``: on CUDA.
     """
 
-    workers: int = 4
+    workers: int | str = "auto"
     prefetch: int = 2
     decoder: str = "torchvision"
     pin_memory: str | bool = "auto"
@@ -230,8 +232,12 @@ class Pipeline:
         """Raises `DataError` (key and fix) for a decoder that cannot run here; checked before any job starts."""
         if self.decoder not in DECODERS:
             raise DataError(f"`data.Pipeline.decoder = {self.decoder!r}` is not one of {', '.join(DECODERS)}")
-        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
-            raise DataError(f"`data.Pipeline.workers = {self.workers!r}`: a number of processes >= 0 is needed")
+        if self.workers != "auto" and (
+            isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0
+        ):
+            raise DataError(
+                f"`data.Pipeline.workers = {self.workers!r}`: a number of processes >= 0 is needed, or 'auto'"
+            )
         if self.decoder == "dali":
             from harness.data import dali
 
@@ -263,23 +269,43 @@ class Pipeline:
             files.paths, data.labels, files.channels, crops, batch_size, seed, rank, world, self.decoder
         )
         pin = device.type == "cuda" if self.pin_memory == "auto" else bool(self.pin_memory)
+        workers = auto_workers() if self.workers == "auto" else int(self.workers)
         loader = torch.utils.data.DataLoader(
             items,
             batch_size=None,
             sampler=_Steps(start, total),
-            num_workers=self.workers,
-            prefetch_factor=self.prefetch if self.workers else None,
-            persistent_workers=self.workers > 0,
+            num_workers=workers,
+            prefetch_factor=self.prefetch if workers else None,
+            persistent_workers=workers > 0,
             pin_memory=pin,
             generator=torch.Generator().manual_seed(seed),  # workers' seeds: never drawn from the global RNG
         )
-        for item in loader:
+        for item in _worker_errors(loader):
             yield {
                 "index": item["index"].to(device, non_blocking=pin),
                 "labels": item["labels"].to(device, non_blocking=pin),
                 "views": [v.to(device, non_blocking=pin) for v in item["views"]],
                 "decoded": item["decoded"],
             }
+
+
+def auto_workers() -> int:
+    """Worker processes for ``workers = 'auto'``: the CPUs this process may use (a SLURM task's allocation)
+    less one for the training loop, between 0 and 8."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(8, cpus - 1))
+
+
+def _worker_errors(loader: Iterable[dict]) -> Iterator[dict]:
+    """The loader's items; a `DataError` raised in a worker comes out as itself, without the traceback text
+    the DataLoader wraps around it (a corrupt file's message names the file and the fix)."""
+    try:
+        yield from loader
+    except DataError as err:
+        text = str(err)
+        if "Original Traceback" in text:
+            raise DataError(text.rsplit("DataError: ", 1)[-1].strip()) from None
+        raise
 
 
 def file_backed(data: ImageSet) -> bool:
