@@ -134,14 +134,28 @@ class Kernel:
     name: str = ""
     device: torch.device = torch.device("cpu")
     precision: str = "fp32"
+    channels_last: bool = False
+    compile: str | None = None
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"Kernel: precision {self.precision!r} is not one of {PRECISIONS}")
+        self._first_bad: torch.Tensor | None = None  # the first unchecked step whose loss was not finite
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        """`model` on the device (parameters keep their identity: an optimizer on them stays valid)."""
-        return model.to(self.device)
+        """`model` on the device, its 4-d weights channels-last when `channels_last` (parameters keep their
+        identity: an optimizer on them stays valid)."""
+        model = model.to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """An image batch in the memory format the prepared model expects (``[B, C, H, W]`` either way)."""
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.ndim == 4 else x
+
+    def compiled(self, model: nn.Module) -> nn.Module:
+        """`model` through ``torch.compile`` with backend `compile` (``inductor``: the default; ``eager``
+        traces only, for tests), or itself when `compile` is None. Its parameters are `model`'s."""
+        return cast(nn.Module, torch.compile(model, backend=self.compile)) if self.compile else model
 
     def autocast(self) -> ContextManager:
         """The context of forward passes: nothing in fp32; bf16 autocast on the kernel's device in bf16."""
@@ -166,19 +180,26 @@ class Kernel:
         step: int,
         check: torch.Tensor | None = None,
         terms: Mapping[str, torch.Tensor] | None = None,
+        sync: bool = True,
     ) -> float:
         """Checks `check` (default `loss`; e.g. its mean across ranks), raising `NonFiniteLoss` that names the step,
         the lr, its source and the `terms` of the loss; sets the lr on every group (times its ``lr_scale``, when
-        it has one), back-propagates, steps.
+        it has one), back-propagates, steps. `sync` False: no host synchronisation (a GPU runs ahead); the check
+        is kept on the device and made at the next synchronised step, which names the first bad step.
         Returns the lr."""
         lr = self.lr * self.schedule(step)
-        checked = loss if check is None else check
-        if not torch.isfinite(checked):
-            parts = "; " + ", ".join(f"{k} {v.item():.4g}" for k, v in terms.items()) if terms else ""
+        checked = (loss if check is None else check).detach()
+        bad_here = torch.where(torch.isfinite(checked), torch.inf, float(step))
+        first = bad_here if self._first_bad is None else torch.minimum(self._first_bad, bad_here)
+        self._first_bad = first
+        if sync and bool(torch.isfinite(first)):  # the one host synchronisation of a step
+            bad = int(first.item())
+            parts = "; " + ", ".join(f"{k} {v.item():.4g}" for k, v in terms.items()) if terms and bad == step else ""
             where = f"{self.name}: " if self.name else ""
+            value = f"{checked.item()}" if bad == step else f"not finite (first at step {bad}; checked at {step})"
             raise NonFiniteLoss(
-                f"{where}loss is {checked.item()} at step {step} of {self.total} (lr {lr:.4g}, from "
-                f"{self.source}, times the schedule{parts}); {self.fix}"
+                f"{where}loss is {value} at step {bad} of {self.total} (lr {self.lr * self.schedule(bad):.4g}, "
+                f"from {self.source}, times the schedule{parts}); {self.fix}"
             )
         if self.optimizer is not None:
             for g in self.optimizer.param_groups:

@@ -138,6 +138,9 @@ class Trainer:
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
         precision: ``fp32``, ``bf16`` (autocast for the networks, the losses in float32:
             `methods.base.fp32`) or ``auto``: bf16 on CUDA, fp32 on CPU.
+        channels_last: weights and image batches in channels-last memory format (faster convolutions with
+            tensor cores); ``auto``: on CUDA.
+        compile: a ``torch.compile`` backend for the method's forward (``inductor``), or None.
         progress: show a progress bar.
         pipeline: how file-backed data is read, decoded and cropped (`harness.data.pipeline`:
             workers, prefetch, decoder); None: ``data.Pipeline()`` with its gin bindings.
@@ -159,6 +162,8 @@ class Trainer:
         precision: str = "auto",
         progress: bool = True,
         pipeline: Pipeline | None = None,
+        channels_last: bool | str = "auto",
+        compile: str | None = None,
     ):
         self.epochs, self.batch_size, self.optimizer = epochs, batch_size, optimizer
         self.lr, self.lr_source = scaled_lr(base_lr, batch_size, scale_lr, key="trainer.Trainer.base_lr")
@@ -167,6 +172,8 @@ class Trainer:
         self.checkpoint_every, self.log_every, self.progress = checkpoint_every, log_every, progress
         self.device = resolve_device(device)
         self.pipeline = pipeline if pipeline is not None else Pipeline()
+        self.channels_last = self.device.type == "cuda" if channels_last == "auto" else bool(channels_last)
+        self.compile = compile
         self.precision = ("bf16" if self.device.type == "cuda" else "fp32") if precision == "auto" else precision
         if self.precision not in PRECISIONS:
             raise ValueError(f"trainer.Trainer.precision = {precision!r} is not one of {('auto', *PRECISIONS)}")
@@ -206,6 +213,8 @@ class Trainer:
             "lower trainer.Trainer.base_lr or check the method",
             device=self.device,
             precision=self.precision,
+            channels_last=self.channels_last,
+            compile=self.compile,
         )
         kernel.prepare(method).train()
         folder.mkdir(parents=True, exist_ok=True)
@@ -307,23 +316,31 @@ class Trainer:
             model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[torch.cuda.current_device()] if self.device.type == "cuda" else None
             )
+        model = kernel.compiled(model)
         batches = self.batches(data, views, seed, start, total)
         with contextlib.closing(batches), open(log_path, "a") if rank == 0 else open(os.devnull, "w") as log:
             for step, batch in zip(bar, batches):
+                batch.views = [kernel.inputs(v) for v in batch.views]
                 with kernel.autocast():
                     out = model(batch)
                 loss = out["loss"]
                 if world > 1:  # the logged and checked loss is the global batch's
                     out = {k: _mean_across_ranks(v) for k, v in out.items()}
-                lr = kernel.step(loss, step, check=out["loss"])
+                done = step + 1
+                logged = step % self.log_every == 0 or done == total
+                saved = done % self.checkpoint_every == 0 or done == total or _pending is not None
+                stopping = stop_after is not None and done - start >= stop_after
+                # The host waits for the device only on steps that log, checkpoint or stop (the loss is checked
+                # on the device in between, and any non-finite step named then: Kernel.step).
+                lr = kernel.step(loss, step, check=out["loss"], sync=logged or saved or stopping)
                 method.after_step(step, total)
-                self.last_loss = out["loss"].item()
-                if step % self.log_every == 0 or step == total - 1:
+                if logged or saved or stopping:
+                    self.last_loss = out["loss"].item()
+                if logged:
                     rec = {"step": step, "lr": lr, **{k: round(float(v.detach()), 6) for k, v in out.items()}}
                     log.write(json.dumps(rec) + "\n")
                     bar.set_postfix(loss=f"{self.last_loss:.4f}", refresh=False)
-                done = step + 1
-                if (done % self.checkpoint_every == 0 or done == total or _pending is not None) and rank == 0:
+                if saved and rank == 0:
                     log.flush()
                     self._checkpoint(ckpt_path, done, method, opt, self.last_loss)
                 if _pending is not None:  # preempted: checkpoint saved, now requeue and exit

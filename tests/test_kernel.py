@@ -204,6 +204,39 @@ def test_a_nonfinite_loss_raises_with_the_step_lr_and_source_and_does_not_step()
     assert trainer.batch_indices is optim.batch_indices and trainer.param_groups is param_groups
 
 
+def test_unsynchronised_steps_keep_the_check_and_the_next_synchronised_one_names_the_first_bad_step():
+    net = nn.Linear(3, 2)
+    kernel = _kernel(net)
+    x = torch.ones(1, 3)
+    kernel.step(net(x).sum(), 0, sync=False)
+    nan = net(torch.full((1, 3), float("nan"))).sum()
+    kernel.step(nan, 1, sync=False)  # not raised: the host did not wait for the device
+    with pytest.raises(
+        NonFiniteLoss, match=r"^loss is not finite \(first at step 1; checked at 3\) at step 1 of 4 \(lr 0\.25,"
+    ):
+        kernel.step(torch.tensor(1.0, requires_grad=True), 3)
+
+
+def test_channels_last_and_compile_give_the_same_steps():
+    from harness.backbone import create
+
+    torch.manual_seed(0)
+    nets = [create("test_resnet", in_chans=3) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    init = [p.detach().clone() for p in nets[0].parameters()]
+    x = torch.randn(4, 3, 16, 16)
+    for net, kw in zip(nets, [{}, {"channels_last": True, "compile": "eager"}]):
+        kernel = _kernel(net, lr=0.05, **kw)
+        model = kernel.compiled(kernel.prepare(net))
+        conv = next(p for p in net.parameters() if p.ndim == 4)
+        assert conv.is_contiguous(memory_format=torch.channels_last) == bool(kw)
+        assert kernel.inputs(x).is_contiguous(memory_format=torch.channels_last) == bool(kw)
+        for step in range(2):
+            kernel.step(model(kernel.inputs(x)).square().mean(), step)
+    assert all(torch.allclose(p, q, rtol=1e-4, atol=1e-6) for p, q in zip(nets[0].parameters(), nets[1].parameters()))
+    assert not all(torch.equal(p, q) for p, q in zip(nets[0].parameters(), init))  # they trained
+
+
 def test_fp32_hooks_change_nothing_and_bf16_autocasts_the_networks_not_the_losses():
     net = nn.Linear(3, 2)
     kernel = _kernel(net)
