@@ -37,7 +37,7 @@ def decode(images: int = 96) -> list[dict]:
     from harness.data.pipeline import Crop, crops_of, decode_full, sample_rng
 
     torch.set_num_threads(1)
-    rows = []
+    rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         paths = _tree(Path(tmp), images // len(CLASSES))
         paths_cycle = paths * 2
@@ -60,14 +60,22 @@ def decode(images: int = 96) -> list[dict]:
                 r = rate(lambda p, i, d=decoder, c=crop: crops_of(p, 3, [c], sample_rng(0, 0, i), d))
                 what = "torchvision full decode" if decoder == "torchvision" else "PIL with DCT-scaled decode"
                 rows.append({"path": f"{what} + RandomResizedCrop to {size}", "img_s": round(r, 1)})
-    for r in rows:
-        r["vs_old"] = round(r["img_s"] / old, 2)
-        print(r, flush=True)
+    for row in rows:
+        row["vs_old"] = round(float(row["img_s"]) / old, 2)
+        print(row, flush=True)
     return rows
 
 
-def pipeline(batch: int = 64, size: int = 64, steps: int = 24, decoder: str = "torchvision") -> list[dict]:
-    """Steps/s of a ResNet-18 step fed by the file pipeline (1 worker; 0 = serial) vs an in-memory batch."""
+def pipeline(
+    backbone_name: str = "resnet18",
+    size: int | str = 64,
+    batch: int | str = 64,
+    steps: int | str = 24,
+    decoder: str = "torchvision",
+) -> list[dict]:
+    """Steps/s of a training step (`backbone_name` on `size`-px crops, one view, one thread) fed by the file
+    pipeline (1 worker; 0 = serial) vs an in-memory batch. CLI: ``pipeline [BACKBONE [SIZE [BATCH [STEPS]]]]``."""
+    size, batch, steps = int(size), int(batch), int(steps)
     from harness import backbone
     from harness.data import ImageSet
     from harness.data.pipeline import Pipeline
@@ -76,7 +84,7 @@ def pipeline(batch: int = 64, size: int = 64, steps: int = 24, decoder: str = "t
     torch.set_num_threads(1)
     augment = Augment(size=size)  # SimCLR's: jitter, grayscale after the crop
     crop = augment.crop()
-    net = backbone.create("resnet18", in_chans=3)
+    net = backbone.create(backbone_name, in_chans=3)
     head = torch.nn.Linear(net.num_features, len(CLASSES))
     opt = torch.optim.SGD([*net.parameters(), *head.parameters()], lr=0.01, momentum=0.9)
 
@@ -87,7 +95,7 @@ def pipeline(batch: int = 64, size: int = 64, steps: int = 24, decoder: str = "t
         loss.backward()
         opt.step()
 
-    rows = []
+    rows: list[dict] = [{"backbone": backbone_name, "crop": size, "batch": batch, "steps": steps}]
     with tempfile.TemporaryDirectory() as tmp:
         from harness.data.files import ImageFiles
 
