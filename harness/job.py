@@ -6,6 +6,7 @@ method's gin file binds its method and views; everything else is a ``@reference`
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -22,6 +23,7 @@ from harness import backbone as backbone_lib
 from harness import data as data_lib
 from harness import ginutil, published, store
 from harness import trainer as trainer_lib
+from harness.curves import Curves
 from harness.data import ImageSet
 from harness.errors import Unsupported
 from harness.evals import Context
@@ -284,6 +286,9 @@ def _run(
             **{str(p.relative_to(root)): meta for p, meta in getattr(features, "used", {}).items()},
         }
         record.update({"status": store.Status.DONE.value, "finished": store.now()})
+        with contextlib.closing(Curves(out_dir, getattr(trainer, "tensorboard", True))) as curves:
+            numbers = {k: v for k, v in record["metrics"].items() if isinstance(v, (int, float))}
+            curves.add(int(pre.get("steps", 0)), numbers, "eval")  # at the pretraining's last step
         store.write_text(out_dir / "config.gin", gin.operative_config_str())
         store.write_json(out_dir / "run.json", record)
         return record

@@ -36,6 +36,7 @@ from tqdm import tqdm
 import gin
 from harness import dist as dist_lib
 from harness import store
+from harness.curves import Curves
 from harness.data import ImageSet
 from harness.data.pipeline import Pipeline, file_backed
 from harness.optim import (  # noqa: F401
@@ -141,6 +142,7 @@ class Trainer:
         channels_last: weights and image batches in channels-last memory format (faster convolutions with
             tensor cores); ``auto``: on CUDA.
         compile: a ``torch.compile`` backend for the method's forward (``inductor``), or None.
+        tensorboard: also write the logged curves to ``<folder>/tensorboard`` (`harness.curves`).
         progress: show a progress bar.
         pipeline: how file-backed data is read, decoded and cropped (`harness.data.pipeline`:
             workers, prefetch, decoder); None: ``data.Pipeline()`` with its gin bindings.
@@ -164,6 +166,7 @@ class Trainer:
         pipeline: Pipeline | None = None,
         channels_last: bool | str = "auto",
         compile: str | None = None,
+        tensorboard: bool = True,
     ):
         self.epochs, self.batch_size, self.optimizer = epochs, batch_size, optimizer
         self.lr, self.lr_source = scaled_lr(base_lr, batch_size, scale_lr, key="trainer.Trainer.base_lr")
@@ -173,7 +176,7 @@ class Trainer:
         self.device = resolve_device(device)
         self.pipeline = pipeline if pipeline is not None else Pipeline()
         self.channels_last = self.device.type == "cuda" if channels_last == "auto" else bool(channels_last)
-        self.compile = compile
+        self.compile, self.tensorboard = compile, tensorboard
         self.precision = ("bf16" if self.device.type == "cuda" else "fp32") if precision == "auto" else precision
         if self.precision not in PRECISIONS:
             raise ValueError(f"trainer.Trainer.precision = {precision!r} is not one of {('auto', *PRECISIONS)}")
@@ -318,7 +321,12 @@ class Trainer:
             )
         model = kernel.compiled(model)
         batches = self.batches(data, views, seed, start, total)
-        with contextlib.closing(batches), open(log_path, "a") if rank == 0 else open(os.devnull, "w") as log:
+        curves = Curves(log_path.parent, self.tensorboard and rank == 0, purge_from=start or None)
+        with (
+            contextlib.closing(batches),
+            contextlib.closing(curves),
+            open(log_path, "a") if rank == 0 else open(os.devnull, "w") as log,
+        ):
             for step, batch in zip(bar, batches):
                 batch.views = [kernel.inputs(v) for v in batch.views]
                 with kernel.autocast():
@@ -339,6 +347,7 @@ class Trainer:
                 if logged:
                     rec = {"step": step, "lr": lr, **{k: round(float(v.detach()), 6) for k, v in out.items()}}
                     log.write(json.dumps(rec) + "\n")
+                    curves.add(step, {k: v for k, v in rec.items() if k != "step"}, "pretrain")
                     bar.set_postfix(loss=f"{self.last_loss:.4f}", refresh=False)
                 if saved and rank == 0:
                     log.flush()

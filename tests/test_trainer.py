@@ -63,3 +63,23 @@ def test_batch_order_keeps_its_draws_while_each_epoch_permutation_is_drawn_once(
         assert torch.equal(batch_indices(100, 30, seed=1, step=step), drawn[j * 30 : (j + 1) * 30])
     batch_indices(100, 30, seed=1, step=5).fill_(-1)
     assert (batch_indices(100, 30, seed=1, step=5) >= 0).all()
+
+
+def test_curves_go_to_tensorboard_as_logged_and_a_resume_purges_the_redone_steps(tmp_path):
+    from harness import curves
+    from tests.conftest import assert_resumes_exactly, make_images, parse_method
+
+    parse_method("simclr")
+    data = make_images(64)
+
+    def make():
+        from harness import ginutil, job
+
+        return job.build(ginutil.reference("job.run.method"), ginutil.reference("job.run.views"), data, 0)
+
+    done = assert_resumes_exactly(make, data, tmp_path, steps=5, stop_after=3, checkpoint_every=2)
+    logged = [json.loads(ln) for ln in (done.folder / "log.jsonl").read_text().splitlines()]
+    series = curves.read(done.folder)
+    assert [s for s, _ in series["pretrain/loss"]] == [r["step"] for r in logged] == [0, 1, 2, 3, 4]
+    assert [v for _, v in series["pretrain/loss"]] == pytest.approx([r["loss"] for r in logged], rel=1e-6)
+    assert [v for _, v in series["pretrain/lr"]] == pytest.approx([r["lr"] for r in logged])
