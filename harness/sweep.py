@@ -173,13 +173,13 @@ def _print_budgets(spec: RunSpec) -> None:
     protocols = [e for e in (evaluations if isinstance(evaluations, list) else []) if hasattr(e, "budget")]
     if not protocols:
         return
-    try:
-        train = ginutil.reference("job.run.dataset").split("train")
+    try:  # the data, and what the protocols read beside it (e.g. subset files)
+        lines = protocol_lib.budget_lines(protocols, ginutil.reference("job.run.dataset").split("train"))
     except (DataError, OSError) as err:
         print(f"protocol budgets: need the data ({str(err).splitlines()[0]})")
         return
     print(f"protocol budgets ({spec.method} seed={spec.seed}; the same for every run of these settings):")
-    for line in protocol_lib.budget_lines(protocols, train):
+    for line in lines:
         print(f"  {line}")
 
 

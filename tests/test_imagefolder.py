@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from harness.data import DataError, ImageFolder
+from harness.data import DataError, ImageFolder, read_class_file
 from harness.data import main as data_main
 from tests.conftest import REPO
 
@@ -218,3 +218,64 @@ def test_a_single_class_train_split_warns_and_runs(tmp_path):
     write_tree(tmp_path / "three", per_class=1)
     (warning,) = warnings_for(ImageFolder(root=str(tmp_path / "three")).split("train"))
     assert "no images of 1 of its 3 classes ('empty')" in warning
+
+
+# --- a class list from a file, and a larger tree read through it --------------------------
+
+
+def test_classes_file_gives_the_labels_and_skips_comments(tmp_path):
+    write_tree(tmp_path / "data", classes=("a", "b"), per_class=2)
+    listing = tmp_path / "classes.txt"
+    listing.write_text("# two classes, b first\n\nb\n  a  \n")
+    assert read_class_file(listing) == ["b", "a"]
+    ds = ImageFolder(root=str(tmp_path / "data"), load_size=8, classes_file=str(listing))
+    assert ds.split("train").classes == ["b", "a"] and ds.split("train").labels.tolist() == [1, 1, 0, 0]
+    assert read_class_file("gin/scale/imagenet100_classes.txt")[0] == "n02869837"  # relative: the repository's
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (None, r"class list file not found: .*classes.txt\. Fix: bind `data.ImageFolder.classes_file` to a text file"),
+        ("# only a comment\n\n", r"classes.txt: lists no class names\. Fix: bind `data.ImageFolder.classes_file`"),
+        (
+            "a\nn01440764 tench\n",
+            r"classes.txt, line 2: 'n01440764 tench' is not one class folder name\. Fix: one name a line",
+        ),
+        ("train/a\n", r"classes.txt, line 1: 'train/a' is not one class folder name"),
+        ("a\nb\na\n", r"classes.txt, line 3: 'a' is listed twice \(first on line 1\)\. Fix: remove the repeated line"),
+    ],
+)
+def test_a_missing_or_malformed_classes_file_names_the_file_and_the_fix(tmp_path, text, expected):
+    listing = tmp_path / "classes.txt"
+    if text is not None:
+        listing.write_text(text)
+    with pytest.raises(DataError, match=expected):
+        ImageFolder(root=str(tmp_path), classes_file=str(listing))
+
+
+def test_classes_and_classes_file_together_or_subset_only_without_a_list_are_refused(tmp_path):
+    (tmp_path / "c.txt").write_text("a\n")
+    with pytest.raises(ValueError, match=r"classes and data.ImageFolder.classes_file .* both bound\. Fix: bind one"):
+        ImageFolder(root=str(tmp_path), classes=["a"], classes_file=str(tmp_path / "c.txt"))
+    with pytest.raises(ValueError, match=r"subset_only = True reads only the listed classes, but no list is bound"):
+        ImageFolder(root=str(tmp_path), subset_only=True)
+
+
+def test_subset_only_reads_the_listed_classes_of_a_larger_tree(tmp_path):
+    write_tree(tmp_path, classes=("a", "b", "c"), per_class=2)
+    listing = tmp_path / "two.txt"
+    listing.write_text("c\na\n")
+    with pytest.raises(DataError) as err:  # without subset_only a larger tree is an error, as before
+        ImageFolder(root=str(tmp_path), load_size=8, classes_file=str(listing)).split("train")
+    msg = str(err.value)
+    assert "'b' is not in `data.ImageFolder.classes_file (" in msg and "data.ImageFolder.subset_only = True" in msg
+    ds = ImageFolder(root=str(tmp_path), load_size=8, classes_file=str(listing), subset_only=True)
+    train, test = ds.split("train"), ds.split("test")
+    assert train.classes == test.classes == ["c", "a"]
+    assert train.labels.tolist() == test.labels.tolist() == [1, 1, 0, 0]
+    assert not any("/b/" in p for p in train.images.paths + test.images.paths)
+    assert ds.check() == 4
+    listing.write_text("x\ny\n")  # none of the tree's folders is listed
+    with pytest.raises(DataError, match=r"none of its 3 class folders .* is among the 2 listed classes"):
+        ImageFolder(root=str(tmp_path), classes_file=str(listing), subset_only=True).split("train")

@@ -33,6 +33,7 @@ from harness.data.files import (
     class_dirs,
     decode,
     main,
+    read_class_file,
     scan_folder,
     verify,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "class_dirs",
     "decode",
     "main",
+    "read_class_file",
     "scan_folder",
     "verify",
     "FMNIST_CLASSES",

@@ -13,6 +13,7 @@ import torch
 import gin
 from harness.data.base import CachedSplits, DataError, ImageSet, names
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 VERIFY_HINT = "`python -m harness.data verify <folder>` lists every unreadable image"
@@ -94,12 +95,14 @@ def scan_folder(
     folder: Path,
     classes: Sequence[str] | None = None,
     fix: str = "move the folder out, or add the class to the class list",
+    skip_unknown: bool = False,
 ) -> tuple[list[str], list[int], list[str]]:
     """``(paths, labels, classes)`` of a ``class/image`` tree.
 
     `classes` gives the labels (its order); None: the folder's own subfolders, sorted by name. A
-    subfolder not in `classes` is a `DataError` ending in `fix`. A class with no subfolder here
-    keeps its label (a split may miss classes).
+    subfolder not in `classes` is a `DataError` ending in `fix`, or, with `skip_unknown`, left out
+    (a full tree read through a subset's class list). A class with no subfolder here keeps its
+    label (a split may miss classes).
     """
     if not folder.is_dir():
         what = "is a file, not a folder" if folder.exists() else "not found"
@@ -111,7 +114,15 @@ def scan_folder(
     classes = found if classes is None else list(classes)
     index = {c: i for i, c in enumerate(classes)}
     unknown = [c for c in found if c not in index]
-    if unknown:
+    if unknown and skip_unknown:
+        found = [c for c in found if c in index]
+        if not found:
+            raise DataError(
+                f"{folder}: none of its {len(unknown)} class folders ({names(unknown)}) is among the "
+                f"{len(classes)} listed classes ({names(classes)}). Fix: bind `data.ImageFolder.root` to the "
+                "tree that holds them, or check the class list"
+            )
+    elif unknown:
         raise DataError(
             f"{folder / unknown[0]}: class folder {unknown[0]!r} is not among the {len(classes)} classes "
             f"({names(classes)}){f' (nor are {names(unknown[1:])})' if unknown[1:] else ''}. Fix: {fix}"
@@ -134,13 +145,56 @@ def scan_folder(
     return paths, labels, classes
 
 
+def read_class_file(path: str | Path, key: str = "data.ImageFolder.classes_file") -> list[str]:
+    """The class folder names a class-list file gives, in its order: one name a line, blank lines
+    and lines starting with ``#`` skipped. A relative path is the repository's.
+
+    Raises:
+        DataError: naming the file (and line), `key` and the fix, when the file is missing or
+            unreadable, a line holds more than one name or a path, a name repeats, or none is given.
+    """
+    given = Path(path).expanduser()
+    file = given if given.is_absolute() else REPO_ROOT / given
+    fix = (
+        f"Fix: bind `{key}` to a text file of class folder names, one a line (# starts a comment), "
+        "e.g. gin/scale/imagenet100_classes.txt"
+    )
+    if not file.is_file():
+        what = "is a folder, not a file" if file.exists() else "not found"
+        raise DataError(f"class list file {what}: {file}. {fix}")
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{file}: unreadable class list ({err}). {fix}") from err
+    first: dict[str, int] = {}  # name -> its line
+    for line_no, line in enumerate(lines, start=1):
+        name = line.strip()
+        if not name or name.startswith("#"):
+            continue
+        if len(name.split()) > 1 or "/" in name or "\\" in name:
+            raise DataError(
+                f"{file}, line {line_no}: {name!r} is not one class folder name. Fix: one name a line, "
+                "such as n01440764 (put notes on lines starting with #)"
+            )
+        if name in first:
+            raise DataError(
+                f"{file}, line {line_no}: {name!r} is listed twice (first on line {first[name]}). "
+                "Fix: remove the repeated line"
+            )
+        first[name] = line_no
+    if not first:
+        raise DataError(f"{file}: lists no class names. {fix}")
+    return list(first)
+
+
 @gin.configurable(module="data")
 class ImageFolder(CachedSplits):
     """A ``root/<split>/<class>/<image>`` tree (ImageNet's layout), decoded on demand.
 
     Every split uses one class list, so a class keeps its label in every split: by default
     the train split's subfolders, sorted by name. Another split may miss classes, but a
-    class subfolder unknown to the list is an error (a probe could never predict it).
+    class subfolder unknown to the list is an error (a probe could never predict it), unless
+    `subset_only` reads the listed classes out of a larger tree (ImageNet-100 out of ImageNet).
 
     Args:
         root: the dataset folder.
@@ -148,6 +202,11 @@ class ImageFolder(CachedSplits):
         test_dir: subfolder of the evaluation split (ImageNet: ``val``).
         classes: the class names, their order giving the labels; the train folder must hold
             these subfolders or some of them. None: the train folder's subfolders, sorted.
+        classes_file: the same list read from a text file (`read_class_file`: one name a line, ``#``
+            comments; a relative path is the repository's), e.g. ``gin/scale/imagenet100_classes.txt``.
+            Bind it or `classes`, not both.
+        subset_only: True: class subfolders not in the list are left out of every split instead of
+            being an error, so a full ImageNet tree is read through a subset's list.
         load_size: side of the stored copy the views crop from (shorter side resize + centre crop).
         channels: 3 (RGB) or 1 (grayscale).
         pretrain_size: images used for pretraining (a fixed subset of train); None: all.
@@ -165,6 +224,8 @@ class ImageFolder(CachedSplits):
         train_dir: str = "train",
         test_dir: str = "val",
         classes: Sequence[str] | None = None,
+        classes_file: str | None = None,
+        subset_only: bool = False,
         load_size: int = 256,
         channels: int = 3,
         pretrain_size: int | None = None,
@@ -176,8 +237,24 @@ class ImageFolder(CachedSplits):
             raise ValueError(
                 f"data.ImageFolder.classes = {classes!r}: a list of class folder names is needed, e.g. ['{classes}']"
             )
+        if classes is not None and classes_file is not None:
+            raise ValueError(
+                f"data.ImageFolder.classes and data.ImageFolder.classes_file = {classes_file!r} are both bound. "
+                "Fix: bind one of them (the other to None)"
+            )
         self.root, self.dirs = Path(root), {"train": train_dir, "test": test_dir}
         self.classes = None if classes is None else list(classes)
+        self._list_key = "data.ImageFolder.classes"  # what the error messages call the list
+        if classes_file is not None:
+            self.classes = read_class_file(classes_file)
+            self._list_key = f"data.ImageFolder.classes_file ({classes_file})"
+        if subset_only and self.classes is None:
+            raise ValueError(
+                "data.ImageFolder.subset_only = True reads only the listed classes, but no list is bound. Fix: "
+                "bind data.ImageFolder.classes_file (e.g. 'gin/scale/imagenet100_classes.txt') or "
+                "data.ImageFolder.classes, or bind subset_only = False"
+            )
+        self.subset_only = subset_only
         self.load_size, self.channels, self.pretrain_size, self.threads = load_size, channels, pretrain_size, threads
         self.mean, self.std = tuple(mean), tuple(std)
         self._classes: list[str] | None = None
@@ -203,8 +280,8 @@ class ImageFolder(CachedSplits):
         )
 
     def class_list(self) -> list[str]:
-        """The classes of every split: `classes` if bound (checked against the train folder), else the
-        train folder's subfolders sorted by name."""
+        """The classes of every split: `classes` (or `classes_file`) if bound, checked against the train
+        folder unless `subset_only`, else the train folder's subfolders sorted by name."""
         if self._classes is None:
             train = self._folder("train")
             found = class_dirs(train)
@@ -219,12 +296,13 @@ class ImageFolder(CachedSplits):
                         f"or bind it to None for the subfolders of {train}"
                     )
                 extra = [c for c in found if c not in set(self.classes)]
-                if extra:
+                if extra and not self.subset_only:
                     raise DataError(
                         f"{train / extra[0]}: train subfolder {extra[0]!r} is not in "
-                        f"`data.ImageFolder.classes` ({names(self.classes)})"
+                        f"`{self._list_key}` ({names(self.classes)})"
                         f"{f' (nor are {names(extra[1:])})' if extra[1:] else ''}. Fix: add it to "
-                        f"data.ImageFolder.classes, or move the folder out of {train}"
+                        f"{self._list_key}, or move the folder out of {train}, or bind "
+                        "data.ImageFolder.subset_only = True to read only the listed classes"
                     )
                 self._classes = list(self.classes)
         return self._classes
@@ -234,13 +312,13 @@ class ImageFolder(CachedSplits):
         classes = self.class_list()
         folder = self._folder(which)
         fix = (
-            f"add it to `data.ImageFolder.classes` (and its images to {self.dirs['train']}/ so that a probe "
+            f"add it to `{self._list_key}` (and its images to {self.dirs['train']}/ so that a probe "
             f"can learn it), or move the folder out of {folder}"
             if self.classes is not None
             else f"add it to {self.dirs['train']}/ (with training images) or bind data.ImageFolder.classes, "
             f"or move the folder out of {folder}"
         )
-        paths, labels, classes = scan_folder(folder, classes, fix)
+        paths, labels, classes = scan_folder(folder, classes, fix, skip_unknown=self.subset_only)
         return ImageSet(
             ImageFiles(paths, self.load_size, self.channels, self.threads),
             torch.tensor(labels, dtype=torch.long),
