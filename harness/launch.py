@@ -246,10 +246,11 @@ class Slurm:
     Args:
         partition: ``--partition``.
         time_min: per-job time limit in minutes (a job past it is requeued and resumes).
-        gpus_per_node: GPUs per job.
+        gpus_per_node: GPUs per node of a job.
         cpus_per_task: CPUs per task.
         mem_gb: memory per job.
-        tasks_per_node: processes per job (DDP ranks).
+        tasks_per_node: processes per node (DDP ranks); None: one per GPU (at least one).
+        nodes: nodes per job: a run's DDP spans ``nodes x tasks_per_node`` ranks.
         array_parallelism: tasks of the array running at once.
         account: ``--account``.
         qos: ``--qos``.
@@ -267,7 +268,8 @@ class Slurm:
         gpus_per_node: int = 0,
         cpus_per_task: int = 8,
         mem_gb: float | None = None,
-        tasks_per_node: int = 1,
+        tasks_per_node: int | None = None,
+        nodes: int = 1,
         array_parallelism: int = 64,
         account: str | None = None,
         qos: str | None = None,
@@ -282,7 +284,8 @@ class Slurm:
             "timeout_min": time_min,
             "gpus_per_node": gpus_per_node,
             "cpus_per_task": cpus_per_task,
-            "tasks_per_node": tasks_per_node,
+            "tasks_per_node": max(1, gpus_per_node) if tasks_per_node is None else tasks_per_node,
+            "nodes": nodes,
             "mem_gb": mem_gb,
             "slurm_array_parallelism": array_parallelism,
             "slurm_partition": partition,

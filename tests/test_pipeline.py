@@ -178,3 +178,18 @@ def test_the_sweep_refuses_dali_without_cuda_before_writing_anything(tree, tmp_p
     assert proc.returncode == 2, proc.stderr
     assert "data.Pipeline.decoder = 'dali'" in proc.stderr and "Fix: bind data.Pipeline.decoder" in proc.stderr
     assert not results.exists()
+
+
+def test_slurm_runs_one_ddp_rank_per_gpu_unless_told_otherwise():
+    from harness import ginutil
+    from harness.launch import Slurm
+
+    params = Slurm(gpus_per_node=8, nodes=2).params
+    assert (params["tasks_per_node"], params["nodes"]) == (8, 2)
+    assert Slurm(gpus_per_node=0).params["tasks_per_node"] == 1  # CPU jobs: one process
+    assert Slurm(gpus_per_node=8, tasks_per_node=1).params["tasks_per_node"] == 1
+    ginutil.parse(["gin/launch/slurm.gin"], ["launch.Slurm.gpus_per_node = 4"])
+    import gin
+
+    assert gin.query_parameter("launch.Slurm.tasks_per_node") is None
+    assert Slurm().params["tasks_per_node"] == 4
