@@ -246,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="published numbers in reference/published.csv's schema (a CSV or a folder of them), added to the "
         "shipped ones beside the leaderboard",
     )
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # gin files may follow options: ... --bind "k = v" gin/launch/slurm.gin
     references = [reference.SHIPPED, *args.reference]
     only = [m.strip() for m in args.only.split(",") if m.strip()] if args.only is not None else None
     notes: list[str] = []
