@@ -82,7 +82,12 @@ def plan(
         run_files = tuple(ginutil.run_files(method, table.scale, files))
         for seed in table.seeds:
             for point in table.points():
-                binds = (f"job.run.seed = {seed}", *(f"{k} = {v}" for k, v in point), *bindings)
+                binds = (
+                    f"job.run.seed = {seed}",
+                    *(f"{k} = {v}" for k, v in point),
+                    *table.method_bindings.get(method, ()),
+                    *bindings,
+                )
                 ginutil.parse(run_files, binds)
                 pre, run = ginutil.ids()
                 if seed == table.seeds[0]:
