@@ -10,7 +10,9 @@ rank_agreement.png and failed.csv. Failed or unfinished runs are listed, never
 averaged; nor are numbers of different protocol settings (run.json records each metric's
 protocol id; a metric made under two ids in one table becomes two columns, ``<metric>
 [<id>]``, and leaderboard.md lists every protocol's name, id and settings).
-Usage: ``python -m harness.collate results/table1 [--reference DIR_OR_CSV ...]``.
+A paper table (``gin/paper/*.gin``) is also written in the paper's layout, paper_table.md/.csv
+(`harness.paper`), from the layout the sweep left in ``layout.json`` or from ``--layout``.
+Usage: ``python -m harness.collate results/table1 [--reference DIR_OR_CSV ...] [--layout GIN_OR_JSON]``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import seaborn as sns
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from harness import agreement, published, reference, store
+from harness import agreement, ginutil, paper, published, reference, store
 from harness.store import Status
 
 RUN_COLUMNS = [
@@ -118,7 +120,9 @@ def load_runs(table_dir: Path) -> pd.DataFrame:
         Only the runs of the table's current plan (``plan.json``, written by the sweep) when it
         has one: runs of older settings stay on disk, out of the means (``attrs["outside_plan"]``).
         ``attrs["skipped"]`` counts run folders without a readable run.json; ``attrs["protocols"]``
-        maps (name, id) of the finished runs' protocols to their settings and metrics.
+        maps (name, id) of the finished runs' protocols to their settings and metrics;
+        ``attrs["conditions"]`` maps a method to its first finished run's conditions and
+        ``attrs["run_conditions"]`` a finished run's id to its own.
     """
     runs_dir = Path(table_dir) / "runs"
     folders = sorted(p for p in runs_dir.iterdir() if p.is_dir()) if runs_dir.is_dir() else []
@@ -142,9 +146,10 @@ def load_runs(table_dir: Path) -> pd.DataFrame:
     df = _split_protocols(df)
     df.attrs["skipped"] = len(folders) - len(records)
     df.attrs["outside_plan"] = len(outside)
-    df.attrs["protocols"], df.attrs["conditions"] = {}, {}
+    df.attrs["protocols"], df.attrs["conditions"], df.attrs["run_conditions"] = {}, {}, {}
     for run in (r for r in records if r.get("status") == Status.DONE.value):
         df.attrs["conditions"].setdefault(run["method"], run.get("conditions") or {})
+        df.attrs["run_conditions"][run["run_id"]] = run.get("conditions") or {}
         cost = (run.get("timings") or {}).get("protocols") or {}
         for name, p in _protocols(run).items():
             entry = df.attrs["protocols"].setdefault(
@@ -423,24 +428,32 @@ def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
 
 
 def collate(
-    table_dir: Path, references: Sequence[Path] = (reference.SHIPPED,), agree_on: str = SORT_METRIC
+    table_dir: Path,
+    references: Sequence[Path] = (reference.SHIPPED,),
+    agree_on: str = SORT_METRIC,
+    layout: paper.Layout | None = None,
 ) -> pd.DataFrame:
-    """Writes a table's leaderboard.csv/.md/.png, rank_agreement.png (and failed.csv) and returns the board.
+    """Writes a table's leaderboard.csv/.md/.png, rank_agreement.png (and failed.csv) and returns the board;
+    for a paper table, also paper_table.md/.csv in the paper's layout (`harness.paper.render`).
 
     Args:
         table_dir: The table's results folder, holding ``runs/<run_id>/run.json``.
         references: published-number CSVs or folders of them (`load_reference`); () for none.
         agree_on: the metric whose ranking is set against the published one (`harness.agreement`).
+        layout: the paper layout to print; None: the one the sweep wrote (``layout.json``), if any.
 
     Returns:
         The :func:`leaderboard` frame plus the published columns of `harness.published.annotate`.
     Raises:
         reference.ReferenceError: a reference file is missing or malformed (before anything is written).
+        paper.LayoutError: the table folder's layout.json is unreadable (before anything is written).
     """
     table_dir = Path(table_dir)
     if not table_dir.is_dir():
         raise FileNotFoundError(f"{table_dir}: no such table folder; pass e.g. results/table1")
     ref = load_reference(references)
+    if layout is None and (table_dir / paper.LAYOUT_JSON).is_file():
+        layout = paper.load(table_dir / paper.LAYOUT_JSON)
     df = load_runs(table_dir)
     table = str(df["table"].dropna().iloc[0]) if df["table"].notna().any() else table_dir.name
     board = leaderboard(df)
@@ -458,6 +471,10 @@ def collate(
         (table_dir / "failed.csv").unlink(missing_ok=True)
     else:
         _atomic_write(table_dir / "failed.csv", lambda p: failed.to_csv(p, index=False))
+    if layout is not None:
+        text, frame = paper.render(layout, df, board, ref)
+        _atomic_write(table_dir / "paper_table.md", lambda p: p.write_text(text, encoding="utf-8"))
+        _atomic_write(table_dir / "paper_table.csv", lambda p: frame.to_csv(p, index=False))
     return board
 
 
@@ -473,6 +490,12 @@ def main(argv: list[str] | None = None) -> int:
         help="a CSV of published numbers in reference/published.csv's schema, or a folder of them; adds to the "
         "shipped reference/published.csv (repeatable)",
     )
+    parser.add_argument(
+        "--layout",
+        type=Path,
+        help="also write paper_table.md/.csv in a paper's layout: a paper table's gin file (gin/paper/*.gin) or a "
+        "layout.json; default: the table folder's layout.json, which the sweep of a paper table writes",
+    )
     args = parser.parse_args(argv)
     if not args.table_dir.is_dir():
         print(
@@ -482,11 +505,17 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     try:
-        collate(args.table_dir, [reference.SHIPPED, *args.reference])
+        layout = paper.load(args.layout) if args.layout else None
+        collate(args.table_dir, [reference.SHIPPED, *args.reference], layout=layout)
     except reference.ReferenceError as err:
         print(f"error: {err}. Fix: correct that row (reference/README.md documents the columns)", file=sys.stderr)
         return 2
+    except (paper.LayoutError, ginutil.GinError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print((args.table_dir / "leaderboard.md").read_text(encoding="utf-8"))
+    if layout is not None or (args.table_dir / paper.LAYOUT_JSON).is_file():
+        print((args.table_dir / "paper_table.md").read_text(encoding="utf-8"))
     return 0
 
 

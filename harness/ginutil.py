@@ -26,7 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 GIN_ROOT = REPO_ROOT / "gin"
 
 # Configurables defined in these modules never change the pretrained weights.
-_NOT_PRETRAIN_MODULES = ("harness.evals", "harness.table", "harness.launch")
+_NOT_PRETRAIN_MODULES = ("harness.evals", "harness.table", "harness.launch", "harness.paper")
 # ... nor do these parameters of the root.
 _NOT_PRETRAIN_PARAMS = {("job.run", "evaluations")}
 
@@ -251,12 +251,15 @@ def ids() -> tuple[str, str]:
     """(pretrain_id, run_id) of the parsed config.
 
     The pretraining id hashes every binding that can change the pretrained weights;
-    the run id adds the evaluation bindings. Launcher and table bookkeeping are in
-    neither, so moving a table to SLURM or listing it differently re-runs nothing.
+    the run id adds the evaluation bindings. Launcher and table bookkeeping (and a paper
+    table's layout, ``paper.*``) are in neither, so moving a table to SLURM, listing it
+    differently or printing it in a paper's layout re-runs nothing.
     """
     s = settings()
     pre = digest(f"{k} = {v}" for k, v in s.items() if _affects_pretraining(k))
     evals = [
-        f"{k} = {v}" for k, v in s.items() if not _affects_pretraining(k) and not k.startswith(("table.", "launch."))
+        f"{k} = {v}"
+        for k, v in s.items()
+        if not _affects_pretraining(k) and not k.startswith(("table.", "launch.", "paper."))
     ]
     return pre, digest([pre, *evals])

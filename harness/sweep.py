@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence, cast
 
-from harness import collate, ginutil, reference, store
+from harness import collate, ginutil, paper, reference, store
 from harness import launch as launch_lib
 from harness.data import DataError
 from harness.runspec import RunSpec
@@ -82,7 +82,12 @@ def plan(
         run_files = tuple(ginutil.run_files(method, table.scale, files))
         for seed in table.seeds:
             for point in table.points():
-                binds = (f"job.run.seed = {seed}", *(f"{k} = {v}" for k, v in point), *bindings)
+                binds = (
+                    f"job.run.seed = {seed}",
+                    *(f"{k} = {v}" for k, v in point),
+                    *table.method_bindings.get(method, ()),
+                    *bindings,
+                )
                 ginutil.parse(run_files, binds)
                 pre, run = ginutil.ids()
                 if seed == table.seeds[0]:
@@ -137,6 +142,22 @@ def _run_facts() -> tuple[object | None, int | None, bool, object | None]:
     except ValueError:
         trainer = None
     return dataset, getattr(trainer, "batch_size", None), pretrains, getattr(trainer, "pipeline", None)
+
+
+def check_layout(layout: paper.Layout, table: Table, specs: Sequence[RunSpec], where: str) -> None:
+    """Checks a paper table's layout against the table (`harness.paper.check`), with the protocols
+    of each method's first run (parsed here: a protocol's settings may depend on the scale).
+
+    Raises:
+        paper.LayoutError: naming the gin files, the layout key and the fix.
+    """
+    evaluations: dict[str, object] = {}
+    for spec in {s.method: s for s in reversed(specs)}.values():
+        ginutil.parse(spec.gin_files, spec.bindings)
+        listed = ginutil.reference("job.run.evaluations")
+        evaluations |= {p.name: p for p in (listed if isinstance(listed, list) else [])}
+    swept = {k: [repr(v) for v in values] for k, values in table.sweep.items()}
+    paper.check(layout, table.methods, swept, list(evaluations.values()), where)
 
 
 def preflight(specs: Sequence[RunSpec]) -> None:
@@ -253,8 +274,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         table, specs = plan(args.gin, args.bind, only, args.results, notes)
         ginutil.parse(args.gin, args.bind)
+        layout = paper.bound(" ".join(args.gin))  # a paper table (gin/paper/*.gin): its printed layout
         launch = launch_lib.chosen()
         collate.load_reference(references)  # a malformed reference stops the sweep before anything trains
+        if layout is not None:
+            check_layout(layout, table, specs, " ".join(args.gin))
     except (ginutil.GinError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -289,6 +313,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     return 2
         if args.dry_run and specs:
             _print_budgets(specs[0])
+        if args.dry_run and layout is not None:
+            print("\n".join(paper.estimate_lines(layout, specs)))
         return 0
     try:  # what can be checked before any job starts: the data, batch sizes, the launcher
         preflight(todo)
@@ -319,6 +345,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         table_dir / "plan.json",
         {"run_ids": sorted({s.run_id for s in full}), "gin": list(args.gin), "bind": list(args.bind or [])},
     )
+    if layout is not None:  # collate prints paper_table.md in it
+        store.write_json(
+            table_dir / paper.LAYOUT_JSON, {"gin": list(args.gin), "bind": list(args.bind), "layout": layout.to_dict()}
+        )
+    else:  # no longer a paper table
+        (table_dir / paper.LAYOUT_JSON).unlink(missing_ok=True)
     previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)  # SIGTERM stops local jobs as Ctrl-C does
     try:
         outcomes = launch.launch(todo, table_dir / "jobs") if todo else []
