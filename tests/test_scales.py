@@ -161,3 +161,12 @@ def test_an_imagenet_root_without_its_splits_stops_the_sweep_before_anything_is_
     err = capsys.readouterr().err
     assert rc == 2 and re.search(expected.format(root=re.escape(str(root))), err), err
     assert err.startswith("error: ") and not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("scale, name", [("imagenet", "imagenet"), ("imagenet100", "imagenet100")])
+def test_runs_at_the_imagenet_scales_record_the_dataset_published_numbers_name(scale, name):
+    from harness import reference
+
+    ginutil.parse(ginutil.run_files("simclr", scale), [])
+    dataset = ginutil.reference("job.run.dataset")
+    assert dataset.name == name and name in reference.DATASETS

@@ -212,7 +212,9 @@ class ImageFolder(CachedSplits):
         pretrain_size: images used for pretraining (a fixed subset of train); None: all.
         mean: per-channel mean for normalisation (default: ImageNet's).
         std: per-channel std.
-        threads: decoding threads.
+        threads: decoding threads (evaluations; pretraining decodes in `data.Pipeline`'s workers).
+        name: what the run records as its dataset (matched against published numbers: ``imagenet``,
+            ``imagenet100``) and names its cached features; default ``imagefolder``.
     """
 
     name = "imagefolder"
@@ -232,7 +234,9 @@ class ImageFolder(CachedSplits):
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
         threads: int = 8,
+        name: str = "imagefolder",
     ):
+        self.name = name
         if isinstance(classes, str):
             raise ValueError(
                 f"data.ImageFolder.classes = {classes!r}: a list of class folder names is needed, e.g. ['{classes}']"
