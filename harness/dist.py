@@ -158,7 +158,8 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         self._check_input_dim(x)
         if not self.training or world()[1] == 1:
             return super().forward(x)
-        dtype, x = x.dtype, x.float()  # statistics in float32 under bf16 autocast, as SyncBatchNorm keeps them
+        dtype = x.dtype  # statistics in float32 under bf16 autocast, as SyncBatchNorm keeps them (float64 stays)
+        x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
         count = all_reduce_sum(torch.tensor([x.numel() // x.shape[1]], dtype=x.dtype, device=x.device))  # [1]

@@ -61,8 +61,12 @@ def declared() -> list[str]:
 
 
 NO_PARAMETERS = ("pixels", "external")  # nothing to compare (external: a trained encoder, no method to run)
-# Not yet (issue 14): the VAE's gradients differ by 3e-3 relative on 2 ranks, cause not found.
-PENDING = {"vae"}
+PENDING: set[str] = set()  # methods not yet data-parallel
+# Compared in float64: the VAE's float32 gradient is ill-conditioned (its reconstruction error's large
+# per-channel mean cancels in BatchNorm's backward): one process in float32 is already 2.8e-3 (relative)
+# from the float64 gradient, which is the 2-rank difference measured in float32. In float64 the 2-rank
+# and one-process gradients agree to the tolerance like every other method's.
+FLOAT64 = {"vae"}
 
 
 def _step(name: str) -> dict:
@@ -72,6 +76,8 @@ def _step(name: str) -> dict:
     rank, world = dist_lib.world()
     torch.manual_seed(1)  # every rank draws the global batch's views (as the trainer does)
     all_views = views(data.images[:BATCH])
+    if name in FLOAT64:
+        method, all_views = method.double(), [v.double() for v in all_views]
     rows = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
     batch = Batch(views=[v[rows] for v in all_views], labels=data.labels[:BATCH][rows], index=torch.arange(BATCH)[rows])
     model: torch.nn.Module = method
@@ -100,9 +106,10 @@ def _rank(rank: int, folder: str, port: int, names: list[str]) -> None:
     dist.init_process_group("gloo")
     try:
         out = {name: _step(name) for name in names}
-        method, views, data = _build("vae")  # a method that has not declared data_parallel
+        method, views, data = _build("supervised")
+        method.data_parallel = False  # as a method that has not declared it
         try:
-            Trainer(max_steps=1, batch_size=8, progress=False).fit(method, data, views, Path(folder) / "vae", seed=0)
+            Trainer(max_steps=1, batch_size=8, progress=False).fit(method, data, views, Path(folder) / "nodp", seed=0)
             out["refused"] = ""
         except ValueError as err:
             out["refused"] = str(err)
@@ -141,7 +148,7 @@ def test_two_ranks_give_the_global_batchs_loss_gradients_and_statistics(results,
 
 
 def test_a_method_not_made_data_parallel_is_refused_on_two_processes(results):
-    assert "VAE's loss is not yet the global batch's on 2 processes" in results[1]["refused"]
+    assert "Supervised's loss is not yet the global batch's on 2 processes" in results[1]["refused"]
     assert "tasks_per_node = 1" in results[1]["refused"]
 
 
