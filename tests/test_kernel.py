@@ -288,3 +288,24 @@ def test_cpu_bf16_steps_give_finite_gradients_where_onednn_did_not():
             loss = net(torch.randn(288, 1, 16, 16)).float().pow(2).mean()
         kernel.step(loss, step)
         assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None), step
+
+
+def test_features_extract_in_bf16_close_to_fp32_under_their_own_cache_key():
+    from harness.backbone import create
+    from harness.evals.features import FrozenFeatures, extract
+    from tests.conftest import make_images
+
+    torch.manual_seed(0)
+    net, data = create("test_resnet", in_chans=1), make_images(16)
+    a = extract(net, data, 28, batch_size=8, progress=False)
+    b = extract(net, data, 28, batch_size=8, progress=False, precision="bf16")
+    assert a.x.dtype == b.x.dtype == torch.float32 and not torch.equal(a.x, b.x)
+    assert torch.nn.functional.cosine_similarity(a.x, b.x).min() > 0.99
+    ff = FrozenFeatures(image_size=28)
+    assert (
+        ff.resolved_precision("cpu") == "fp32"
+        and FrozenFeatures(28, precision="bf16").resolved_precision("cpu") == "bf16"
+    )
+    assert ff.key("d", "train") == ff.key("d", "train", "fp32") != ff.key("d", "train", "bf16")
+    with pytest.raises(ValueError, match="features.FrozenFeatures.precision = 'fp16'"):
+        FrozenFeatures(28, precision="fp16")
