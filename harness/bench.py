@@ -146,12 +146,14 @@ def methods(names: Sequence[str], table_files: Sequence[str] = ("gin/table1.gin"
     return rows
 
 
-def table(gin_files: Sequence[str]) -> list[dict]:
-    """Wall time of a whole table run from scratch through the CLI, and its per-run costs."""
+def table(gin_files: Sequence[str], bindings: Sequence[str] = ()) -> list[dict]:
+    """Wall time of a whole table run from scratch through the CLI (with `bindings` as ``--bind``), and its
+    leaderboard."""
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
+        binds = [a for b in bindings for a in ("--bind", b)]
         proc = subprocess.run(
-            [sys.executable, "-m", "harness.sweep", *gin_files, "--results", tmp],
+            [sys.executable, "-m", "harness.sweep", *gin_files, *binds, "--results", tmp],
             cwd=ginutil.REPO_ROOT,
             capture_output=True,
             text=True,
@@ -162,7 +164,9 @@ def table(gin_files: Sequence[str]) -> list[dict]:
         name = next(Path(tmp).glob("*/leaderboard.md")).parent
         board = (name / "leaderboard.md").read_text()
     print(board)
-    return [{"table": " ".join(gin_files), "wall_s": round(wall, 1), "leaderboard_md": board}]
+    return [
+        {"table": " ".join(gin_files), "bindings": list(bindings), "wall_s": round(wall, 1), "leaderboard_md": board}
+    ]
 
 
 def runs(table_dirs: Sequence[str]) -> list[dict]:
@@ -216,7 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="methods: a table's gin files and/or method names (default: the "
         "methods of gin/table1.gin); table: gin files",
     )
-    args = ap.parse_args(argv)
+    ap.add_argument("--bind", action="append", default=[], help="table: a gin binding for the sweep (repeatable)")
+    args = ap.parse_intermixed_args(argv)
     if args.what == "throughput":
         rows = throughput()
     elif args.what == "methods":
@@ -229,11 +234,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         rows = getattr(bench_data, args.what)(*args.args)
     else:
-        rows = table(args.args or ["gin/table1.gin"])
+        rows = table(args.args or ["gin/table1.gin"], args.bind)
     OUT.mkdir(exist_ok=True)
     stem = {
         "methods": lambda: f"methods-{Path(tables[0]).stem}",
         "runs": lambda: "runs-" + "-".join(Path(a).name for a in args.args or ["table1"]),
+        "table": lambda: (
+            "table-"
+            + "-".join(Path(a).stem for a in args.args or ["table1"])
+            + (f"-{ginutil.digest(args.bind)[:6]}" if args.bind else "")
+        ),
     }.get(args.what, lambda: args.what)()
     store.write_json(OUT / f"{stem}.json", {"machine": machine(), "rows": rows})
     print(f"wrote {OUT / (stem + '.json')}")
