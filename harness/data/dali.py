@@ -11,15 +11,15 @@ no test here exercises `batches`, and BENCHMARKS.md has no DALI figure until a s
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import torch
 
-from harness.data.base import DataError, ImageSet
+from harness.data.base import DataError
 
 if TYPE_CHECKING:
-    from harness.data.pipeline import Crop, Pipeline
+    from harness.data.pipeline import FileBatches
 
 INSTALL = "pip install --extra-index-url https://pypi.nvidia.com nvidia-dali-cuda120 (the wheel of your CUDA version)"
 
@@ -66,30 +66,16 @@ def _step_inputs(items: Any, step: int) -> tuple[list[np.ndarray], list[list[np.
     return files, boxes, [np.stack(f) for f in flips], idx[shard]
 
 
-def batches(
-    data: ImageSet,
-    crops: Sequence[Crop],
-    batch_size: int,
-    seed: int,
-    start: int,
-    total: int,
-    device: torch.device,
-    rank: int,
-    world: int,
-    pipeline: Pipeline,
-) -> Iterator[dict]:
-    """`Pipeline.batches` on DALI: the same items, decoded and cropped on the GPU."""
+def batches(items: FileBatches, start: int, total: int, device: torch.device, threads: int) -> Iterator[dict]:
+    """`Pipeline.batches` on DALI: the items of `items` (its shards, boxes and flips) for steps ``start ..
+    total - 1``, decoded and cropped on the GPU with `threads` CPU threads for reading."""
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
     from nvidia.dali import pipeline_def
     from nvidia.dali.plugin.pytorch import feed_ndarray
 
-    from harness.data.pipeline import FileBatches
-
-    files = data.images
-    assert not isinstance(files, torch.Tensor)
-    items = FileBatches(files.paths, data.labels, files.channels, crops, batch_size, seed, rank, world)
-    per_rank = batch_size // world
+    crops, channels, labels = items.crops, items.channels, items.labels
+    per_rank = items.batch_size // items.world
     steps = iter(range(start, total))
 
     def source() -> tuple:  # DALI calls it ahead of the step being trained (its prefetch queue)
@@ -100,10 +86,10 @@ def batches(
             out += [[b[:2] for b in boxes[v]], [b[2:] for b in boxes[v]], list(flips[v])]
         return tuple(out)
 
-    @pipeline_def(batch_size=per_rank, num_threads=max(1, pipeline.workers), device_id=torch.cuda.current_device())
+    @pipeline_def(batch_size=per_rank, num_threads=threads, device_id=torch.cuda.current_device())
     def graph() -> tuple:
         outs = fn.external_source(source=source, num_outputs=2 + 3 * len(crops), batch=True, cycle=False)
-        image = fn.decoders.image(outs[0], device="mixed", output_type=types.RGB if files.channels == 3 else types.GRAY)
+        image = fn.decoders.image(outs[0], device="mixed", output_type=types.RGB if channels == 3 else types.GRAY)
         views = []
         for v, c in enumerate(crops):
             anchor, shape, flip = outs[2 + 3 * v], outs[3 + 3 * v], outs[4 + 3 * v]
@@ -125,7 +111,7 @@ def batches(
             views.append(view)  # [b, C, S, S]
         yield {
             "index": index.to(device),
-            "labels": data.labels[index].to(device),
+            "labels": labels[index].to(device),
             "views": views,
             "decoded": len(index),
         }

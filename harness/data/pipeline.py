@@ -258,16 +258,16 @@ class Pipeline:
         """This rank's shard of steps ``start .. total - 1`` of a file-backed `data`, as `FileBatches` items
         with tensors on `device`."""
         self.check()
-        if self.decoder == "dali":
-            from harness.data import dali
-
-            yield from dali.batches(data, crops, batch_size, seed, start, total, device, rank, world, self)
-            return
         files = data.images
         assert not isinstance(files, torch.Tensor)
         items = FileBatches(
             files.paths, data.labels, files.channels, crops, batch_size, seed, rank, world, self.decoder
         )
+        if self.decoder == "dali":
+            from harness.data import dali
+
+            yield from dali.batches(items, start, total, device, max(1, auto_workers()))
+            return
         pin = device.type == "cuda" if self.pin_memory == "auto" else bool(self.pin_memory)
         workers = auto_workers() if self.workers == "auto" else int(self.workers)
         loader = torch.utils.data.DataLoader(
