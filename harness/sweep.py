@@ -13,7 +13,7 @@ import shutil
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Sequence, cast
+from typing import Any, NamedTuple, Sequence, cast
 
 from harness import collate, ginutil, paper, reference, store
 from harness import launch as launch_lib
@@ -124,24 +124,39 @@ def plan(
     return table, specs
 
 
-# Per run id, what the preflight checks need from its parsed config (kept from `plan`: gin is
-# cleared between runs): the dataset object (unloaded), batch size, whether it pretrains, the
-# trainer's input pipeline.
-_facts: dict[str, tuple[object | None, int | None, bool, object | None]] = {}
+class _Facts(NamedTuple):
+    """What the preflight checks need of one run's parsed config (kept from `plan`: gin is cleared between
+    runs)."""
+
+    dataset: object | None  # unloaded
+    batch_size: int | None
+    pretrains: bool
+    pipeline: object | None  # the trainer's input pipeline
+    protocols: tuple  # the run's evaluations
 
 
-def _run_facts() -> tuple[object | None, int | None, bool, object | None]:
+_facts: dict[str, _Facts] = {}  # per run id
+
+
+def _run_facts() -> _Facts:
     try:
         dataset = ginutil.reference("job.run.dataset")
     except ValueError:
-        return None, None, False, None
+        return _Facts(None, None, False, None, ())
     method = ginutil.reference("job.run.method")
     pretrains = getattr(method, "pretrain_steps", None) is None
     try:
         trainer = ginutil.reference("job.run.trainer")
     except ValueError:
         trainer = None
-    return dataset, getattr(trainer, "batch_size", None), pretrains, getattr(trainer, "pipeline", None)
+    try:
+        evaluations = ginutil.reference("job.run.evaluations")
+    except ValueError:
+        evaluations = []
+    protocols = tuple(evaluations) if isinstance(evaluations, (list, tuple)) else ()
+    return _Facts(
+        dataset, getattr(trainer, "batch_size", None), pretrains, getattr(trainer, "pipeline", None), protocols
+    )
 
 
 def check_layout(layout: paper.Layout, table: Table, specs: Sequence[RunSpec], where: str) -> None:
@@ -164,22 +179,26 @@ def preflight(specs: Sequence[RunSpec]) -> None:
     """Checks, before any job starts, that each run's data exists and can fill a batch.
 
     Raises:
-        DataError: a data folder or file missing, or an input pipeline that cannot run here (its message
-            names the key and the fix).
+        DataError: a data folder or file missing (the dataset's, or a protocol's: a VOC tree, a subset
+            file), or an input pipeline that cannot run here (its message names the key and the fix).
         ValueError: a batch larger than the pretraining images.
     """
     counts: dict[int, int] = {}
     for spec in specs:
-        dataset, batch, pretrains, pipeline = _facts.get(spec.run_id, (None, None, False, None))
-        if pretrains and hasattr(pipeline, "check"):
-            cast(Any, pipeline).check()  # e.g. the DALI decoder without CUDA or DALI
+        facts = _facts.get(spec.run_id, _Facts(None, None, False, None, ()))
+        if facts.pretrains and hasattr(facts.pipeline, "check"):
+            cast(Any, facts.pipeline).check()  # e.g. the DALI decoder without CUDA or DALI
+        for protocol in facts.protocols:  # their data (VOC trees, subset files): missing, it fails after pretraining
+            if hasattr(protocol, "check"):
+                protocol.check()
+        dataset: Any = facts.dataset
         if dataset is None or not hasattr(dataset, "check"):
             continue
         if id(dataset) not in counts:
             counts[id(dataset)] = dataset.check()
-        if pretrains and batch is not None:
+        if facts.pretrains and facts.batch_size is not None:
             try:
-                check_batch(batch, counts[id(dataset)])
+                check_batch(facts.batch_size, counts[id(dataset)])
             except ValueError as err:
                 raise ValueError(f"run {spec.method} seed={spec.seed}: {err}") from err
 

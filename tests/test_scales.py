@@ -170,3 +170,21 @@ def test_runs_at_the_imagenet_scales_record_the_dataset_published_numbers_name(s
     ginutil.parse(ginutil.run_files("simclr", scale), [])
     dataset = ginutil.reference("job.run.dataset")
     assert dataset.name == name and name in reference.DATASETS
+
+
+@pytest.mark.parametrize("missing", ["voc", "subsets"])
+def test_a_protocols_missing_data_stops_the_sweep_before_pretraining(capsys, tmp_path, missing):
+    """The ImageNet scale's protocols read real VOC and SimCLR's subset files: found missing only at
+    evaluation, a run would fail after days of pretraining; the preflight stops it first."""
+    root = tmp_path / "imagenet"
+    write_imagenet_tree(root, ["n01440764", "n01443537"])
+    binds = ["table.Table.seeds = [0]", f"data.ImageFolder.root = '{root}'"]
+    if missing == "voc":  # Goyal's VOC07 SVM table: data/VOCdevkit is not there
+        table, method, expected = "gin/paper/goyal19_voc07.gin", "supervised", r"voc.VOC07SVM.root = 'data/VOCdevkit'"
+    else:  # SimCLR's semi-supervised table: data/imagenet_subsets is not there
+        table, method, expected = "gin/paper/simclr_semisup.gin", "simclr", r"subset file not found: data/imagenet_sub"
+    args = [table, "--only", method, "--results", str(tmp_path / "results")]
+    rc = sweep.main(args + [a for b in binds for a in ("--bind", b)])
+    err = capsys.readouterr().err
+    assert rc == 2 and re.search(expected, err), err
+    assert not (tmp_path / "results").exists()

@@ -24,7 +24,7 @@ import torch
 import gin
 from harness.data import ImageSet
 from harness.evals import finetune
-from harness.evals.subsets import balanced_indices, per_class_for, read_subset_file
+from harness.evals.subsets import balanced_indices, check_subset_file, per_class_for, read_subset_file
 
 if TYPE_CHECKING:
     from harness.evals import Context
@@ -100,6 +100,12 @@ class SemiSupervised:
         self.subset_seed, self.test_size = int(subset_seed), test_size
         base = finetune.recipe_of(locals(), epochs=self.epochs[0], warmup_epochs=self.warmups[0])
         self.recipes = [dataclasses.replace(base, epochs=e, warmup_epochs=w) for e, w in zip(self.epochs, self.warmups)]
+
+    def check(self) -> None:
+        """Preflight (before pretraining): every subset file is there."""
+        for file in self.subset_files:
+            if file is not None:
+                check_subset_file(file)
 
     def params(self) -> dict:
         """Settings that change the numbers (JSON-serialisable)."""

@@ -32,6 +32,19 @@ def per_class_for(percent: float, labels: torch.Tensor) -> int:
     return max(1, round(percent / 100 * len(labels) / len(labels.unique())))
 
 
+SUBSET_FIX = (
+    "Fix: bind `semisup.SemiSupervised.subset_files` to subset files of this dataset (SimCLR's "
+    "imagenet_subsets/1percent.txt and 10percent.txt list ImageNet train file names), or to None to draw "
+    "class-balanced subsets from `subset_seed`"
+)
+
+
+def check_subset_file(path: str | Path) -> None:
+    """Preflight: a `DataError` (the fix) when a subset file is not there; its lines are checked when read."""
+    if not Path(path).is_file():
+        raise DataError(f"subset file not found: {path}. {SUBSET_FIX}")
+
+
 def read_subset_file(path: str | Path, data: ImageSet) -> torch.Tensor:
     """Indices of the images a subset file lists, matched by file name against an image-folder split.
 
@@ -40,18 +53,13 @@ def read_subset_file(path: str | Path, data: ImageSet) -> torch.Tensor:
             name is not in the split (or in it twice), or the split has no files to match.
     """
     path = Path(path)
-    fix = (
-        "Fix: bind `semisup.SemiSupervised.subset_files` to subset files of this dataset (SimCLR's "
-        "imagenet_subsets/1percent.txt and 10percent.txt list ImageNet train file names), or to None to draw "
-        "class-balanced subsets from `subset_seed`"
-    )
+    fix = SUBSET_FIX
     if not isinstance(data.images, ImageFiles):
         raise DataError(
             f"{path}: a subset file lists image files, but this dataset is held as a tensor with no file "
             f"names (e.g. Fashion-MNIST). {fix}"
         )
-    if not path.is_file():
-        raise DataError(f"subset file not found: {path}. {fix}")
+    check_subset_file(path)
     where: dict[str, list[int]] = {}
     for i, p in enumerate(data.images.paths):
         where.setdefault(os.path.basename(p), []).append(i)

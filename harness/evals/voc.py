@@ -257,6 +257,11 @@ class VOC07SVM:
         store.save_cache(path, {"x": feats.x})
         return feats.x.numpy(), labels
 
+    def check(self) -> None:
+        """Preflight (before pretraining): a bound root holds VOCdevkit/VOC2007, or the tree is generated."""
+        if self.root or not self.generate_embedded:
+            resolve_root(self.root, self.generate_embedded, cast(Context, None), "voc.VOC07SVM")
+
     def evaluate(self, ctx: Context) -> dict[str, float]:
         """Extracts (or reads) trainval and test features, fits the SVMs, scores test."""
         root = resolve_root(self.root, self.generate_embedded, ctx, "voc.VOC07SVM")

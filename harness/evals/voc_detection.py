@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import math
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Sequence, cast
 
 import numpy as np
 import torch
@@ -429,6 +429,11 @@ class Detection:
         return {
             "": {"batch": self.batch_size, "steps": self.iterations, "images_seen": self.batch_size * self.iterations}
         }
+
+    def check(self) -> None:
+        """Preflight (before pretraining): a bound root holds VOCdevkit/VOC2007, or the tree is generated."""
+        if self.root or not self.generate_embedded:
+            resolve_root(self.root, self.generate_embedded, cast(Context, None), "voc_detection.Detection")
 
     def evaluate(self, ctx: Context) -> dict[str, float]:
         """Fine-tunes a detector on the fresh encoder copy, then scores VOC07 test."""
