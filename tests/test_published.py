@@ -110,6 +110,18 @@ def test_rank_agreement_reports_n_coefficients_and_intervals_and_draws_them(tmp_
     assert "over 4 methods: Spearman's rho 1.00" in agreement.describe(result)
 
 
+def test_rank_agreement_ranks_one_kind_of_network_and_names_the_methods_left_out(tmp_path):
+    ref = reference.read(write_ref(tmp_path / "ref"))
+    alexnet = ref.iloc[[0]].assign(method="rotnet", backbone="alexnet", value=40.0, pretrain_epochs="")
+    board = pd.DataFrame(
+        {"method": ["moco", "simclr", "byol", "mae", "rotnet"], "linear/top1 mean": [70.0, 60.0, 80.0, 65.0, 99.0]}
+    )
+    result = agreement.agreement(board, pd.concat([ref, alexnet], ignore_index=True), "linear/top1")
+    assert result["n"] == 4 and "rotnet" not in set(result["points"]["method"]) and result["elsewhere"] == ["rotnet"]
+    assert result["spearman"] == pytest.approx(1.0)  # rotnet's 99 against an AlexNet 40 would have broken it
+    assert "Left out, published only on other networks (e.g. AlexNet layers): rotnet." in agreement.describe(result)
+
+
 def test_a_malformed_reference_stops_the_collation_naming_file_and_line(tmp_path, capsys):
     table = tmp_path / "t"
     write_run(table, "m0", "moco", 0, 67.0, {**IMAGENET, "pretrain_epochs": 200})
