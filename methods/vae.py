@@ -78,7 +78,7 @@ class VAE(Method):
         beta: weight of the KL term (1: the ELBO).
     """
 
-    data_parallel = True  # per-image ELBO; noise drawn and the ML sigma measured over the global batch (harness/dist.py)
+    data_parallel = True  # per-image ELBO; noise and the ML sigma of the global batch (harness/dist.py)
     pixel_mean: torch.Tensor
     pixel_std: torch.Tensor
 

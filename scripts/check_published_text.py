@@ -39,7 +39,8 @@ def added_rows(path: Path, since: str | None) -> list[dict[str, str]]:
     top = subprocess.run(["git", "-C", str(path.parent), "rev-parse", "--show-toplevel"],
                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
     rel = path.resolve().relative_to(top).as_posix()
-    old = subprocess.run(["git", "-C", top, "show", f"{since}:{rel}"], capture_output=True, text=True, check=True).stdout
+    shown = subprocess.run(["git", "-C", top, "show", f"{since}:{rel}"], capture_output=True, text=True, check=True)
+    old = shown.stdout
     seen = {tuple(r.items()) for r in rows_of(old)}
     return [r for r in rows if tuple(r.items()) not in seen]
 
