@@ -190,17 +190,9 @@ class Kernel:
         lr = self.lr * self.schedule(step)
         checked = (loss if check is None else check).detach()
         bad_here = torch.where(torch.isfinite(checked), torch.inf, float(step))
-        first = bad_here if self._first_bad is None else torch.minimum(self._first_bad, bad_here)
-        self._first_bad = first
-        if sync and bool(torch.isfinite(first)):  # the one host synchronisation of a step
-            bad = int(first.item())
-            parts = "; " + ", ".join(f"{k} {v.item():.4g}" for k, v in terms.items()) if terms and bad == step else ""
-            where = f"{self.name}: " if self.name else ""
-            value = f"{checked.item()}" if bad == step else f"not finite (first at step {bad}; checked at {step})"
-            raise NonFiniteLoss(
-                f"{where}loss is {value} at step {bad} of {self.total} (lr {self.lr * self.schedule(bad):.4g}, "
-                f"from {self.source}, times the schedule{parts}); {self.fix}"
-            )
+        self._first_bad = bad_here if self._first_bad is None else torch.minimum(self._first_bad, bad_here)
+        if sync:  # the one host synchronisation of a step
+            self.check(step, checked, terms)
         if self.optimizer is not None:
             for g in self.optimizer.param_groups:
                 g["lr"] = lr * g.get("lr_scale", 1.0)  # a group's own factor: layer-wise lr decay
@@ -209,6 +201,26 @@ class Kernel:
                 loss.backward()
             self.optimizer.step()
         return lr
+
+    def check(
+        self, step: int, checked: torch.Tensor | None = None, terms: Mapping[str, torch.Tensor] | None = None
+    ) -> None:
+        """Raises `NonFiniteLoss` naming the first step since the last check whose loss was not finite (`step`'s
+        own `checked` value and `terms` when it is that step); waits for the device."""
+        first = self._first_bad
+        if first is None or not bool(torch.isfinite(first)):
+            return
+        bad = int(first.item())
+        here = bad == step and checked is not None
+        parts = "; " + ", ".join(f"{k} {v.item():.4g}" for k, v in terms.items()) if terms and here else ""
+        where = f"{self.name}: " if self.name else ""
+        value = (
+            f"{cast(torch.Tensor, checked).item()}" if here else f"not finite (first at step {bad}; checked at {step})"
+        )
+        raise NonFiniteLoss(
+            f"{where}loss is {value} at step {bad} of {self.total} (lr {self.lr * self.schedule(bad):.4g}, "
+            f"from {self.source}, times the schedule{parts}); {self.fix}"
+        )
 
 
 @gin.configurable(module="optim")

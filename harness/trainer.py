@@ -336,13 +336,17 @@ class Trainer:
                     out = {k: _mean_across_ranks(v) for k, v in out.items()}
                 done = step + 1
                 logged = step % self.log_every == 0 or done == total
-                saved = done % self.checkpoint_every == 0 or done == total or _pending is not None
+                periodic = done % self.checkpoint_every == 0 or done == total
                 stopping = stop_after is not None and done - start >= stop_after
                 # The host waits for the device only on steps that log, checkpoint or stop (the loss is checked
                 # on the device in between, and any non-finite step named then: Kernel.step).
-                lr = kernel.step(loss, step, check=out["loss"], sync=logged or saved or stopping)
+                synced = logged or periodic or stopping or _pending is not None
+                lr = kernel.step(loss, step, check=out["loss"], sync=synced)
                 method.after_step(step, total)
-                if logged or saved or stopping:
+                saved = periodic or _pending is not None  # after the step: a signal may have come during it
+                if saved and not synced:
+                    kernel.check(step)  # no checkpoint of weights a non-finite step has reached
+                if synced or saved:
                     self.last_loss = out["loss"].item()
                 if logged:
                     rec = {"step": step, "lr": lr, **{k: round(float(v.detach()), 6) for k, v in out.items()}}
