@@ -37,11 +37,13 @@ import torch
 
 import gin
 from harness.data.base import DataError, ImageSet
+from harness.data.files import VERIFY_HINT
+from harness.optim import batch_indices
 
 DECODERS = ("torchvision", "pil", "dali")
 # torchvision 0.29 deprecates its image decoders in favour of TorchCodec's; they still run libjpeg-turbo.
 warnings.filterwarnings("ignore", "The image decoding and encoding capabilities of TorchVision", DeprecationWarning)
-DECODE_FIX = "delete or replace the file; `python -m harness.data verify <folder>` lists every unreadable image"
+DECODE_FIX = f"delete or replace the file; {VERIFY_HINT}"  # as `ImageFiles` says it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,8 +185,6 @@ class FileBatches(torch.utils.data.Dataset):
         return slice(self.rank * per, (self.rank + 1) * per)
 
     def __getitem__(self, step: int) -> dict:
-        from harness.optim import batch_indices
-
         idx = batch_indices(len(self.paths), self.batch_size, self.seed, step)  # [B], the global batch
         shard = self.shard()
         per_sample = (
