@@ -188,3 +188,11 @@ def test_a_protocols_missing_data_stops_the_sweep_before_pretraining(capsys, tmp
     err = capsys.readouterr().err
     assert rc == 2 and re.search(expected, err), err
     assert not (tmp_path / "results").exists()
+
+
+def test_gin_files_may_follow_options_on_the_sweep_command_line(capsys, tmp_path):
+    """The scale headers' commands put the launcher after --bind, as readers type them."""
+    rc = sweep.main(["gin/table1.gin", "--bind", "table.Table.scale = 'imagenet'", "gin/launch/local.gin",
+                     "--only", "simclr", "--dry-run", "--results", str(tmp_path / "r")])  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0 and "simclr" in out and not (tmp_path / "r").exists()
