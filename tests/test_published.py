@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 import scipy.stats
 
-from harness import agreement, collate, published, reference
+import gin
+from harness import agreement, backbone, collate, ginutil, published, reference
 from tests.test_collate import PNG_MAGIC
 
 HEADER = ",".join(reference.COLUMNS)
@@ -73,6 +74,28 @@ def test_matching_conditions_get_delta_and_verdict_and_others_only_the_labelled_
     md = (table / "leaderboard.md").read_text()
     assert "2 of 3 published numbers below were measured under this table's conditions" in md
     assert "imagenet, resnet50, 300 ep, linear/mocov2 linear/mocov2/top1" in md
+
+
+def test_a_cifar10_scale_run_is_matched_to_solo_learns_shipped_rows(tmp_path):
+    """The conditions a run at gin/scale/cifar10.gin records (its dataset's name, the encoder's
+    name from the built backbone, its epochs) meet solo-learn's CIFAR-10 rows in the shipped CSV."""
+    ginutil.parse(ginutil.run_files("simclr", "cifar10"), [])
+    try:
+        cond = {
+            "dataset": ginutil.reference("job.run.dataset").name,
+            "backbone": published.backbone_name(backbone.create().sslbench_spec),
+            "image_size": 32,
+            "pretrain_epochs": gin.query_parameter("trainer.Trainer.epochs"),
+            "batch_size": 256,
+        }
+    finally:
+        gin.clear_config()
+    table = tmp_path / "t"
+    write_run(table, "s0", "simclr", 0, 90.0, cond)
+    simclr = collate.collate(table).set_index("method").loc["simclr"]
+    assert simclr["published linear/mocov2/top1"] == 90.74  # solo-learn README, SimCLR, 1000 epochs
+    assert simclr["Δ linear/mocov2/top1"] == pytest.approx(-0.74)
+    assert simclr["verdict linear/mocov2/top1"] == "reproduced"
 
 
 def test_nearest_prefers_our_dataset_then_backbone_then_the_closest_schedule(tmp_path):
