@@ -3,7 +3,9 @@
 The text is what a PDF text extractor (e.g. pypdf) gives for the source paper; map each source
 (a prefix of the CSV's `source` column) to its text file. The rows checked are those of FILE
 that are not in FILE at --since (all rows without it). A row passes when its value, as the CSV
-prints it, is a number token of its source's text (not part of a longer number); rows whose
+prints it, is a number token of its source's text (not part of a longer number); a row whose
+notes say the source printed it otherwise ("printed as 0.842 (fraction)", "printed as error
+rate 7.82 %") passes when that printed token is in the text and converts to the value; rows whose
 source no --text maps are listed as unchecked and fail the run unless --allow-unmapped.
 
     python scripts/check_published_text.py --since HEAD~1 \
@@ -51,6 +53,24 @@ def value_lines(value: str, lines: list[str]) -> list[str]:
     return [line for line in lines if pattern.search(line)]
 
 
+PRINTED = [  # (notes pattern, the value in percent the printed token converts to)
+    (re.compile(r"printed as error rate (\d+(?:\.\d+)?)"), lambda token: 100 - float(token)),
+    (re.compile(r"printed as (\d+(?:\.\d+)?) \(fraction\)"), lambda token: 100 * float(token)),
+]
+
+
+def printed(row: dict[str, str]) -> tuple[str, str | None]:
+    """The token the source printed for `row` and, when the notes say it was converted and the
+    conversion does not give the row's value, why not (else None)."""
+    for pattern, convert in PRINTED:
+        if m := pattern.search(row["notes"]):
+            token = m[1]
+            if abs(convert(token) - float(row["value"])) > 1e-6:
+                return token, f"notes say printed as {m[0].removeprefix('printed as ')}, which is not {row['value']}"
+            return token, None
+    return row["value"], None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("file", nargs="?", type=Path, default=DEFAULT, help="the reference CSV (default: the shipped one)")
@@ -75,7 +95,12 @@ def main(argv: list[str] | None = None) -> int:
         if prefix is None:
             unmapped.append(label)
             continue
-        found = value_lines(row["value"], texts[prefix])
+        token, mismatch = printed(row)
+        if mismatch:
+            missing += 1
+            print(f"MISMATCH {label}: {mismatch}")
+            continue
+        found = value_lines(token, texts[prefix])
         if not found:
             missing += 1
             print(f"MISSING  {label}")
