@@ -5,6 +5,7 @@ import dataclasses
 import importlib
 import inspect
 import pkgutil
+import re
 import subprocess
 import sys
 
@@ -69,8 +70,29 @@ def _batch(views, data, n: int = 32) -> Batch:
     return Batch(views=views(data.images[:n]), labels=data.labels[:n], index=torch.arange(n))
 
 
-@pytest.mark.parametrize("precision", PRECISIONS)
-@pytest.mark.parametrize("name", TRAINED)
+def _defines_an_fp32_loss(name: str) -> bool:
+    """Whether a module the method's gin file imports defines its own `fp32` loss (SimCLR's
+    NT-Xent, SwAV's Sinkhorn, ...), rather than only using `methods.base.cross_entropy` or MSE."""
+    files, imported = [REPO / "gin" / "methods" / f"{name}.gin"], []
+    while files:  # the file and the files it includes
+        text = files.pop().read_text()
+        imported += re.findall(r"^import methods\.(\w+)", text, re.M)
+        files += [REPO / path for path in re.findall(r"^include '([^']+)'", text, re.M)]
+    return any("@fp32" in (REPO / "methods" / f"{module}.py").read_text() for module in imported)
+
+
+# bf16 on CPU runs torch's slow kernels (about 60 s for every method): by default it checks the
+# methods with float32 loss code of their own, where autocast and the `fp32` mark interact;
+# `pytest --full` checks the rest (plain networks under base's cross-entropy or an MSE).
+GRADIENT_CASES = [
+    pytest.param(name, precision, id=f"{name}-{precision}", marks=() if full_default else pytest.mark.full)
+    for name in TRAINED
+    for precision in PRECISIONS
+    for full_default in [precision == "fp32" or _defines_an_fp32_loss(name)]
+]
+
+
+@pytest.mark.parametrize("name,precision", GRADIENT_CASES)
 def test_loss_finite_and_every_parameter_gets_a_gradient(name, precision, tiny_data):
     """In float32 and under bf16 autocast (the networks in bf16, the `fp32` losses in float32)."""
     method, views, data = _build_on_what_it_accepts(name, tiny_data, bindings=GRADIENT_BINDINGS)

@@ -63,16 +63,16 @@ def wait_until(predicate, timeout: float, what: str) -> None:
 
 
 def test_a_table_runs_as_a_job_array_and_resubmitting_runs_nothing(slurm_cluster, tmp_path, base):
-    args = [*base, "--only", "random,pixels", "--bind", "launch.Slurm.wait = True"]
+    args = [*base, "--only", "random,pixels", "--bind", "table.Table.seeds = [0]", "--bind", "launch.Slurm.wait = True"]
     first = sweep(*args)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "submitted 4 runs as SLURM job array" in first.stderr
+    assert "submitted 2 runs as SLURM job array" in first.stderr
     done = runs(tmp_path)
-    assert len(done) == 4 and all(r["status"] == "done" for r in done)
+    assert len(done) == 2 and all(r["status"] == "done" for r in done)
     markers = [json.loads(p.read_text()) for p in (tmp_path / "results" / "table1" / "runs").glob("*/queued.json")]
     assert len({m["job_id"].split("_")[0] for m in markers}) == 1  # one array
     status = sweep(*args, "--status")
-    assert status.returncode == 0 and status.stdout.count(" done ") == 4
+    assert status.returncode == 0 and status.stdout.count(" done ") == 2
     again = sweep(*args)
     assert again.returncode == 0 and "0 to run" in again.stderr and "submitted" not in again.stderr
 
@@ -95,7 +95,8 @@ def test_queued_runs_are_not_submitted_twice_and_status_shows_them(slurm_cluster
     assert "1 queued or running, 0 to run" in second.stderr and "submitted" not in second.stderr
     status = sweep(*args, "--status")
     assert re_state(status.stdout) in {"pending", "running", "configuring", "completing", "done"}
-    wait_until(lambda: any(r["status"] == "done" for r in runs(tmp_path)), 300, "the run to finish")
+    (marker,) = (tmp_path / "results" / "table1" / "runs").glob("*/queued.json")
+    subprocess.run(["scancel", json.loads(marker.read_text())["job_id"]], check=True)  # the run itself is not the point
 
 
 def re_state(text: str) -> str:
