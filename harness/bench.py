@@ -7,6 +7,7 @@
     python -m harness.bench decode                # img/s per core of each JPEG decode path
     python -m harness.bench pipeline              # a step fed by data.Pipeline vs an in-memory batch
     python -m harness.bench shards                # images each of 2 gloo ranks decodes per step
+    python -m harness.bench finetune              # the evaluations' fine-tuning on files: decode ahead vs in line
 
 Each writes ``benchmarks/<command>.json`` (machine, versions, numbers) and prints
 a markdown table; BENCHMARKS.md quotes them.
@@ -213,7 +214,9 @@ def runs(table_dirs: Sequence[str]) -> list[dict]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m harness.bench", description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=["throughput", "methods", "table", "runs", "decode", "pipeline", "shards"])
+    ap.add_argument(
+        "what", choices=["throughput", "methods", "table", "runs", "decode", "pipeline", "shards", "finetune"]
+    )
     ap.add_argument(
         "args",
         nargs="*",
@@ -229,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = methods([a for a in args.args if not a.endswith(".gin")], tables)
     elif args.what == "runs":
         rows = runs(args.args or ["results/table1"])
-    elif args.what in ("decode", "pipeline", "shards"):
+    elif args.what in ("decode", "pipeline", "shards", "finetune"):
         from harness import bench_data
 
         rows = getattr(bench_data, args.what)(*args.args)

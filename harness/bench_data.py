@@ -9,6 +9,10 @@ ImageNet-format tree of 500 x 375 JPEGs (`harness.data.pipeline.generate_jpeg_tr
   shape (synthetic); and serially (workers = 0), which shows what the overlap hides. Where decoding a
   batch costs at least half a step serially, the fed/synthetic ratio should stay >= 0.9.
 - ``shards``: images each of 2 gloo ranks decodes per step (its shard: half the batch).
+- ``finetune``: the evaluations' fine-tuning step (`harness.evals.finetune.train`, a ResNet-18 on
+  64-px crops of the 256-px copies, batch 64, one torch thread) on an image folder whose next batch is
+  decoded on a background thread (one decode thread), against the same batches decoded in line and
+  against the images held in memory.
 """
 
 from __future__ import annotations
@@ -178,4 +182,73 @@ def shards(batch: int = 32, steps: int = 4) -> list[dict]:
     for r in rows:
         r.update(global_batch=batch, mean_decoded=float(np.mean(r["decoded_per_step"])))
         print(r, flush=True)
+    return rows
+
+
+def finetune(
+    backbone_name: str = "resnet18", size: int | str = 64, batch: int | str = 64, steps: int | str = 24
+) -> list[dict]:
+    """Steps/s of `harness.evals.finetune.train` on files, decoding ahead or in line, vs in memory.
+    CLI: ``finetune [BACKBONE [SIZE [BATCH [STEPS]]]]``."""
+    import dataclasses
+
+    from harness import backbone
+    from harness.data import ImageSet
+    from harness.data.files import ImageFiles
+    from harness.evals import finetune as ft
+
+    size, batch, steps = int(size), int(batch), int(steps)
+    torch.set_num_threads(1)
+    rows: list[dict] = [{"backbone": backbone_name, "crop": size, "batch": batch, "steps": steps}]
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = _tree(Path(tmp), batch * 4 // len(CLASSES))  # 4 steps an epoch
+        labels = torch.arange(len(paths)) % len(CLASSES)
+        files = ImageSet(ImageFiles(paths, 256, threads=1), labels, CLASSES, (0.5,) * 3, (0.5,) * 3)
+        memory = dataclasses.replace(files, images=files.images[:])
+        recipe = ft.Recipe(epochs=steps / 4, batch_size=batch, lr=0.01)
+        t = time.perf_counter()
+        for i in range(4):
+            files.images[torch.arange(i * batch, (i + 1) * batch)]
+        decode_s = (time.perf_counter() - t) / 4
+
+        def rate(data: ImageSet) -> float:
+            torch.manual_seed(0)
+            net = backbone.create(backbone_name, in_chans=3)
+            head = torch.nn.Linear(net.num_features, len(CLASSES))
+            t = time.perf_counter()
+            ft.train(net, head, data, torch.arange(len(data)), recipe, size, fine_tune=True, seed=0)
+            return steps / (time.perf_counter() - t)
+
+        ahead = ft.decoded
+
+        def in_line(images, indices, pin=False):
+            for idx in indices:
+                yield idx, images[idx]
+
+        rate(memory)  # warm-up
+        base = rate(memory)
+        rows.append({"feed": "images in memory", "steps_s": round(base, 3)})
+        rows.append(
+            {
+                "feed": "files, next batch decoded ahead",
+                "steps_s": round(r := rate(files), 3),
+                "vs_memory": round(r / base, 3),
+            }
+        )
+        try:
+            ft.decoded = in_line  # type: ignore[assignment]
+            r = rate(files)
+        finally:
+            ft.decoded = ahead
+        rows.append({"feed": "files, decoded in line", "steps_s": round(r, 3), "vs_memory": round(r / base, 3)})
+        rows.append(
+            {
+                "feed": "decode of a batch / a step in memory",
+                "decode_s_per_batch": round(decode_s, 3),
+                "step_s": round(1 / base, 3),
+                "ratio": round(decode_s * base, 2),
+            }
+        )
+    for row in rows:
+        print(row, flush=True)
     return rows

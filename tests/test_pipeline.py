@@ -1,8 +1,10 @@
 """The file pipeline (harness/data/pipeline.py) on a generated ImageNet-format JPEG tree: crops from the full
 image, shards per rank, workers, resume, two gloo ranks, corrupt files and the DALI switch."""
 
+import dataclasses
 import json
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from harness import ginutil, job
-from harness.data import DataError, ImageFolder
+from harness.data import DataError, ImageFiles, ImageFolder
 from harness.data.pipeline import Crop, FileBatches, Pipeline, crop_box, generate_jpeg_tree
 from harness.trainer import Trainer
 from tests.conftest import assert_resumes_exactly, parse_method
@@ -193,3 +195,58 @@ def test_slurm_runs_one_ddp_rank_per_gpu_unless_told_otherwise():
 
     assert gin.query_parameter("launch.Slurm.tasks_per_node") is None
     assert Slurm().params["tasks_per_node"] == 4
+
+
+class _RecordingFiles(ImageFiles):
+    """Image files that note which thread asked for each batch."""
+
+    def __init__(self, files: ImageFiles, threads: list[str]):
+        super().__init__(files.paths, files.size, files.channels, files.threads)
+        self.asked_from = threads
+
+    def __getitem__(self, idx):
+        self.asked_from.append(threading.current_thread().name)
+        return super().__getitem__(idx)
+
+
+def _fine_tune(data, steps_seed: int = 0):
+    from harness.evals import finetune
+
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1)
+    )
+    head = torch.nn.Linear(4, 2)
+    recipe = finetune.Recipe(epochs=3, batch_size=8, lr=0.1)  # 3 steps an epoch of the 24 images: 9 steps
+    done = finetune.train(encoder, head, data, torch.arange(len(data)), recipe, 24, fine_tune=True, seed=steps_seed)
+    finetune.refresh_bn(encoder, head, data, torch.arange(len(data)), 24, 0.875, fine_tune=True)
+    return (
+        done,
+        finetune.test(encoder, head, data, 24, 0.875, batch_size=10),
+        [*encoder.state_dict().values(), *head.state_dict().values()],
+    )
+
+
+def test_fine_tuning_on_files_decodes_ahead_and_gives_the_in_memory_numbers(tree):
+    """The evaluations' fine-tuning (semi-supervised, the paper probes) decodes an image folder's
+    next batch on a background thread while the step before trains; the numbers are those of
+    the same images held in memory."""
+    files = _train_split(tree)
+    asked: list[str] = []
+    recorded = dataclasses.replace(files, images=_RecordingFiles(files.images, asked))
+    memory = dataclasses.replace(files, images=files.images[:])  # every image decoded up front
+    (ran_f, test_f, weights_f), (ran_m, test_m, weights_m) = _fine_tune(recorded), _fine_tune(memory)
+    assert ran_f == ran_m and test_f == test_m and ran_f["steps"] == 9
+    assert all(torch.equal(a, b) for a, b in zip(weights_f, weights_m))
+    assert len(asked) == 9 + 1 + 3 and set(asked) == {"decode-ahead_0"}  # train, Precise BN, test batches
+    assert not torch.equal(weights_m[0], _fine_tune(memory, steps_seed=1)[2][0])  # the seed matters
+
+
+def test_a_corrupt_file_stops_fine_tuning_with_its_path(tree, tmp_path):
+    import shutil
+
+    root = tmp_path / "tree"
+    shutil.copytree(tree, root)
+    (root / "train" / "n02" / "n02_3.JPEG").write_bytes(b"\xff\xd8 not really a jpeg")
+    with pytest.raises(DataError, match="n02_3.JPEG: cannot decode image"):
+        _fine_tune(_train_split(root))

@@ -7,6 +7,9 @@ the crop of ``views.Augment``), drawn per sample on the training device; evaluat
 the central ``eval_crop`` of each image resized to the image size (ImageNet's 224 of 256:
 0.875). Batches follow ``optim.batch_indices`` (epoch-wise seeded permutations, last
 partial batch dropped), so a run is a pure function of its seed. The steps are `harness.optim.Kernel`'s.
+Images kept as files (`harness.data.ImageFiles`, an image folder's 256-px copies) are decoded
+one batch ahead on a background thread (`decoded`), so decoding overlaps the step before; the
+numbers are those of decoding in line.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -248,6 +252,42 @@ def feature_dim(encoder: nn.Module, data: ImageSet, image_size: int, device: tor
     return d
 
 
+_END = object()
+
+
+def decoded(images: Any, indices: Iterable[Any], pin: bool = False) -> Iterator[tuple[Any, torch.Tensor]]:
+    """``(idx, images[idx])`` for each of `indices` (index tensors or slices), in order.
+
+    In-memory images are indexed when asked. File-backed ones (`harness.data.ImageFiles`) are
+    decoded one batch ahead on a background thread (pinned when `pin`, for a non-blocking copy
+    to CUDA), so the decoding of a batch overlaps the step that uses the one before; a file
+    that cannot be decoded raises its `DataError` when its batch is asked for.
+    """
+    if isinstance(images, torch.Tensor):
+        for idx in indices:
+            yield idx, images[idx]
+        return
+
+    def load(idx: Any) -> torch.Tensor:
+        x = images[idx]  # uint8 [b, C, S, S]
+        return x.pin_memory() if pin else x
+
+    it = iter(indices)
+    with ThreadPoolExecutor(1, thread_name_prefix="decode-ahead") as pool:
+        idx = next(it, _END)
+        pending: Future | None = pool.submit(load, idx) if idx is not _END else None
+        while pending is not None:
+            batch = pending.result()
+            following = next(it, _END)
+            pending = pool.submit(load, following) if following is not _END else None
+            yield idx, batch
+            idx = following
+
+
+def _pin(device: torch.device | str) -> bool:
+    return torch.device(device).type == "cuda" and torch.cuda.is_available()
+
+
 def train(
     encoder: nn.Module,
     head: nn.Module,
@@ -305,23 +345,25 @@ def train(
     cached = (
         None if recipe.augment == "crop" else _view_features(encoder, data, index, image_size, kernel, recipe.augment)
     )
+    bar = functools.partial(tqdm, total=total, desc=desc, disable=not progress, dynamic_ncols=True, mininterval=1.0)
+    picks = (optim.batch_indices(n, batch, seed, step) for step in range(total))  # [b] positions in `index`
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        for step in tqdm(range(total), desc=desc, disable=not progress, dynamic_ncols=True, mininterval=1.0):
-            pick = optim.batch_indices(n, batch, seed, step)  # [b] positions in `index`
-            idx = index[pick]  # [b]
-            if cached is not None:
+        if cached is not None:
+            for step, pick in enumerate(bar(picks)):
                 h = cached[0][pick]  # [b, D]
                 if len(cached) == 2:  # augment 'flip'
                     h = torch.where((torch.rand(len(pick)) < 0.5)[:, None], cached[1][pick], h)
-                h = h.to(device)
                 with kernel.autocast():
-                    loss = F.cross_entropy(head(h), data.labels[idx].to(device), label_smoothing=recipe.label_smoothing)
+                    loss = F.cross_entropy(
+                        head(h.to(device)), data.labels[index[pick]].to(device), label_smoothing=recipe.label_smoothing
+                    )
                 kernel.step(loss, step)
-                continue
-            x = resized_crop(
-                data.images[idx].to(device).float().div_(255), image_size, recipe.crop_scale, (3 / 4, 4 / 3), 0.5
-            )
+            return {**budget, "final_loss": loss.item()}
+        batches = decoded(data.images, (index[pick] for pick in picks), _pin(device))  # idx [b], uint8 [b, C, H, W]
+        for step, (idx, images) in enumerate(bar(batches)):
+            x = images.to(device, non_blocking=True).float().div_(255)  # [b, C, H, W]
+            x = resized_crop(x, image_size, recipe.crop_scale, (3 / 4, 4 / 3), 0.5)
             x = normalize(x, data.mean, data.std)  # [b, C, S, S]
             with kernel.autocast():
                 with torch.set_grad_enabled(fine_tune):
@@ -345,8 +387,9 @@ def _view_features(
     ``augment='flip'``, of their mirror images: each ``[n, D]``, on the CPU."""
     encoder.eval()
     views: list[list[torch.Tensor]] = [[] for _ in range(2 if augment == "flip" else 1)]
-    for i in range(0, len(index), batch_size):
-        x = eval_view(data.images[index[i : i + batch_size]].to(kernel.device), image_size, data.mean, data.std)
+    chunks_of = (index[i : i + batch_size] for i in range(0, len(index), batch_size))
+    for _, images in decoded(data.images, chunks_of, _pin(kernel.device)):
+        x = eval_view(images.to(kernel.device, non_blocking=True), image_size, data.mean, data.std)
         with kernel.autocast():
             for k, chunks in enumerate(views):
                 chunks.append(encoder(x.flip(-1) if k else x).flatten(1).float().cpu())  # [b, D]
@@ -390,12 +433,11 @@ def refresh_bn(
         m.momentum = None  # a cumulative average over the batches below
     encoder.train(fine_tune)
     head.train()
-    for i in range(0, len(index), batch_size):
-        idx = index[i : i + batch_size]
-        if len(idx) < 2:  # BatchNorm cannot take the variance of one image
-            break
-        x = center_view(data.images[idx].to(device), image_size, eval_crop, data.mean, data.std)  # [b, C, S, S]
-        head(encoder(x).flatten(1))
+    stop = len(index) - (len(index) % batch_size == 1)  # a last batch of one image is left out: BatchNorm needs two
+    chunks_of = (index[i : min(i + batch_size, stop)] for i in range(0, stop, batch_size))
+    for _, images in decoded(data.images, chunks_of, _pin(device)):
+        x = center_view(images.to(device, non_blocking=True), image_size, eval_crop, data.mean, data.std)
+        head(encoder(x).flatten(1))  # x: [b, C, S, S]
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
     return len(norms)
@@ -427,10 +469,11 @@ def test(
     num_classes = len(data.classes)
     k = min(5, num_classes)
     hits = torch.zeros(k)
-    for i in range(0, len(data), batch_size):
-        x = center_view(data.images[i : i + batch_size].to(device), image_size, eval_crop, data.mean, data.std)
+    slices = (slice(i, i + batch_size) for i in range(0, len(data), batch_size))
+    for part, images in decoded(data.images, slices, _pin(device)):
+        x = center_view(images.to(device, non_blocking=True), image_size, eval_crop, data.mean, data.std)
         top = head(encoder(x).flatten(1)).topk(k, dim=1).indices.cpu()  # [b, k]
-        hits += (top == data.labels[i : i + batch_size, None]).cumsum(1).sum(0).float()
+        hits += (top == data.labels[part, None]).cumsum(1).sum(0).float()
     out = {"top1": 100.0 * float(hits[0]) / len(data)}
     if num_classes > 5:
         out["top5"] = 100.0 * float(hits[k - 1]) / len(data)
