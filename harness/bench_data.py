@@ -137,17 +137,20 @@ def pipeline(
                     "vs_synthetic": round(rate / synth, 3),
                 }
             )
-    rows.append(
-        {
-            "feed": "serial decode of a batch / a synthetic step",
-            "decode_s_per_batch": round(decode_s, 3),
-            "step_s": round(1 / synth, 3),
-            "ratio": round(decode_s * synth, 2),
-        }
-    )
+    rows.append(_decode_vs_step("serial decode of a batch / a synthetic step", decode_s, synth))
     for r in rows:
         print(r, flush=True)
     return rows
+
+
+def _decode_vs_step(what: str, decode_s: float, steps_s: float) -> dict:
+    """The row comparing a batch's decoding with a step: seconds of each and their ratio."""
+    return {
+        "feed": what,
+        "decode_s_per_batch": round(decode_s, 3),
+        "step_s": round(1 / steps_s, 3),
+        "ratio": round(decode_s * steps_s, 2),
+    }
 
 
 def _shard_rank(rank: int, root: str, out: str, port: int, batch: int, steps: int) -> None:
@@ -241,14 +244,7 @@ def finetune(
         finally:
             ft.decoded = ahead
         rows.append({"feed": "files, decoded in line", "steps_s": round(r, 3), "vs_memory": round(r / base, 3)})
-        rows.append(
-            {
-                "feed": "decode of a batch / a step in memory",
-                "decode_s_per_batch": round(decode_s, 3),
-                "step_s": round(1 / base, 3),
-                "ratio": round(decode_s * base, 2),
-            }
-        )
+        rows.append(_decode_vs_step("decode of a batch / a step in memory", decode_s, base))
     for row in rows:
         print(row, flush=True)
     return rows
