@@ -4,8 +4,9 @@ Spearman's rho and Kendall's tau-b between the methods' means on one of the tabl
 metrics and their published numbers at a named reference (`REFERENCES`; default
 ``imagenet-linear``: ImageNet linear top-1, each method's number picked as
 `harness.published.nearest` picks one for a ResNet-50 of unknown epochs, among rows on a
-ResNet-50 or a ViT-B/16 (the longest pretraining); methods published only on other networks are
-named, not ranked). A percentile
+ResNet-50 or a ViT-B/16 (the longest pretraining) of the method's standard recipe (no
+``variant``: DeepCluster-v2's number does not rank DeepCluster); methods published only on other
+networks are named, not ranked). A percentile
 bootstrap over methods (resampled with replacement) gives each coefficient's 95 %
 interval. `plot` draws ours against published, one labelled point per method.
 """
@@ -23,7 +24,7 @@ from matplotlib.figure import Figure
 from harness import published, store
 
 # A reference ranks methods on one kind of network: ImageNet linear top-1 of a ResNet-50, or of a ViT-B/16
-# for the methods published only on ViTs (MAE, CLIP). A method published only on other networks (AlexNet's
+# for the methods published only on ViTs (MAE). A method published only on other networks (AlexNet's
 # conv layers, a ResNet-101) is left out of the coefficients and named: 20 % on an AlexNet layer and 70 % on
 # a ResNet-50 are not one ranking.
 REFERENCES: dict[str, dict[str, Any]] = {
@@ -72,7 +73,7 @@ def published_at(ref: pd.DataFrame, methods: list[str], reference: str = "imagen
     if reference not in REFERENCES:
         raise ValueError(f"reference {reference!r} is not one of {', '.join(REFERENCES)}")
     spec = REFERENCES[reference]
-    ref = ref[ref["backbone"].isin(spec["backbones"])]
+    ref = ref[ref["backbone"].isin(spec["backbones"]) & published.standard(ref)]  # a method ranks by its own recipe
     rows = []
     for method in methods:
         row = published.nearest(ref, method, spec["metric"], None, {k: spec[k] for k in ("dataset", "backbone")})

@@ -362,8 +362,8 @@ def published_for(layout: Layout, row: Row, column: Column, ref: pd.DataFrame) -
 
     Conditions: the layout's, then the row's, then the column's (later ones win); method and
     metric default to the row's and the column's, protocol to the metric's. Among matches: the
-    layout's preferred `sources` first, then the preference order of list-valued conditions,
-    then file order.
+    layout's preferred `sources` first, then the method's standard recipe before a ``variant``,
+    then the preference order of list-valued conditions, then file order.
     """
     cond = {**layout.reference, **row.reference, **column.reference}
     cond.setdefault("method", row.method)
@@ -377,8 +377,9 @@ def published_for(layout: Layout, row: Row, column: Column, ref: pd.DataFrame) -
         return None, ref.iloc[:0]
     pref = [next((i for i, s in enumerate(layout.sources) if s.lower() in str(src).lower()), len(layout.sources))
             for src in ref.loc[ok, "source"]]  # fmt: skip
-    order = ranks[ok].assign(_source=pref, _line=range(int(ok.sum())))
-    order = order.sort_values(["_source", *cond, "_line"], kind="stable")
+    variant = (~published.standard(ref.loc[ok])).to_numpy()
+    order = ranks[ok].assign(_source=pref, _variant=variant, _line=range(int(ok.sum())))
+    order = order.sort_values(["_source", "_variant", *cond, "_line"], kind="stable")
     hits = ref.loc[order.index]
     return hits.iloc[0], hits.iloc[1:]
 
@@ -506,6 +507,8 @@ def render(layout: Layout, df: pd.DataFrame, board: pd.DataFrame, ref: pd.DataFr
 def _differs(top: pd.Series, cond: Mapping[str, Any], method: str) -> str:
     """How the published row's conditions differ from our runs' (why a cell has no Δ)."""
     out = [f"method {top['method']} (ours {method})"] if top["method"] != method else []
+    if top.get("variant"):
+        out.append(f"variant {top['variant']} (ours: the standard recipe)")
     for key in ("dataset", "backbone", "pretrain_epochs", "batch_size"):
         theirs, ours = str(top[key]), cond.get(key)
         if key in ("pretrain_epochs", "batch_size"):

@@ -4,8 +4,11 @@ A leaderboard number gets the published value, ``Δ`` (ours minus published) and
 only when a reference row (``reference/published.csv`` or a user's file in its schema,
 `harness.reference`) was measured under the run's conditions: the same method, dataset,
 backbone, pretraining epochs, protocol and metric, and batch size where the reference
-states one. The verdict is ``reproduced`` when ``|Δ|`` is within the source's reported
-spread, or `DEFAULT_TOLERANCE` points where it reports none; else ``below`` or ``above``.
+states one, with the method's standard recipe (an empty ``variant``: never an ablation, a
+"v2" or another changed recipe). Where several rows match, one that states our batch size
+comes before one that states none, then file order. The verdict is ``reproduced`` when
+``|Δ|`` is within the source's reported spread, or `DEFAULT_TOLERANCE` points where it
+reports none; else ``below`` or ``above``.
 
 Anything else (the embedded scale: Fashion-MNIST, a ResNet-18, tens of epochs) gets no Δ:
 the nearest published number of the same kind (`family`) is shown in a column whose header
@@ -66,12 +69,21 @@ def _epochs(value: Any) -> float:
         return np.nan
 
 
+def standard(ref: pd.DataFrame) -> pd.Series:
+    """Which rows report the method's standard recipe (no ``variant``; a frame without the column: all)."""
+    if "variant" not in ref:
+        return pd.Series(True, index=ref.index)
+    return ref["variant"].fillna("").astype(str).str.strip() == ""
+
+
 def matches(ref: pd.DataFrame, method: str, metric: str, protocol: str | None, cond: Mapping[str, Any]) -> pd.DataFrame:
-    """The reference rows measured under exactly our conditions (empty when any is unknown)."""
+    """The standard-recipe reference rows measured under exactly our conditions (empty when any is
+    unknown), those stating our batch size first, then in file order."""
     if not protocol or any(cond.get(k) in (None, "") for k in ("dataset", "backbone", "pretrain_epochs")):
         return ref.iloc[:0]
     same = (
-        (ref["method"] == method)
+        standard(ref)
+        & (ref["method"] == method)
         & (ref["metric"] == metric)
         & (ref["protocol"] == protocol)
         & (ref["dataset"] == str(cond["dataset"]))
@@ -79,7 +91,8 @@ def matches(ref: pd.DataFrame, method: str, metric: str, protocol: str | None, c
         & (ref["pretrain_epochs"].map(_epochs) == _epochs(cond["pretrain_epochs"]))
         & ((ref["batch_size"] == "") | (ref["batch_size"].map(_epochs) == _epochs(cond.get("batch_size"))))
     )
-    return ref[same]
+    hits = ref[same]
+    return hits.iloc[np.argsort((hits["batch_size"] == "").to_numpy(), kind="stable")]
 
 
 def nearest(
@@ -87,8 +100,9 @@ def nearest(
 ) -> pd.Series | None:
     """The method's published number of the same `family` measured nearest to our conditions:
     on our dataset if it has one (else `REFERENCE_DATASET`), on our backbone if there (else
-    `REFERENCE_BACKBONE`, else the one most reported), the pretraining closest to ours (the
-    longest when ours is unknown; unstated epochs last), our protocol first, then file order."""
+    `REFERENCE_BACKBONE`, else the one most reported), the method's standard recipe before any
+    ``variant``, the pretraining closest to ours (the longest when ours is unknown; unstated epochs
+    last), our protocol first, then file order."""
     kind = family(metric)
     pool = ref[(ref["method"] == method) & (ref["metric"].map(family) == kind)] if kind else ref.iloc[:0]
     if pool.empty:
@@ -108,13 +122,14 @@ def nearest(
     distance = (theirs - ours).abs() if not np.isnan(ours) else -theirs
     order = pd.DataFrame(
         {
+            "variant": ~standard(pool),
             "unstated": theirs.isna(),
             "distance": distance.fillna(0),
             "other_protocol": pool["protocol"] != protocol,
             "line": range(len(pool)),
         },  # fmt: skip
         index=pool.index,
-    ).sort_values(["unstated", "distance", "other_protocol", "line"])
+    ).sort_values(["variant", "unstated", "distance", "other_protocol", "line"])
     return pool.loc[order.index[0]]
 
 
@@ -176,6 +191,7 @@ def annotate(
 def _placed(method: str, metric: str, ours: float, row: pd.Series, delta: float, word: str) -> dict:
     epochs = f"{row['pretrain_epochs']} ep" if row["pretrain_epochs"] else "epochs unstated"
     where = f"{row['dataset']}, {row['backbone']}, {epochs}, {row['protocol']} {row['metric']}"
+    variant = str(row.get("variant") or "")
     return {
         "method": method,
         "metric": metric,
@@ -184,6 +200,8 @@ def _placed(method: str, metric: str, ours: float, row: pd.Series, delta: float,
         "Δ": delta,
         "verdict": word,
         "matched": bool(word),
-        "conditions": where + (f" ({row['notes']})" if row.get("notes") else ""),
+        "conditions": where
+        + (f", variant: {variant}" if variant else "")
+        + (f" ({row['notes']})" if row.get("notes") else ""),
         "source": row["source"],
     }

@@ -3,7 +3,10 @@ repository printed, with the conditions it was measured under and its source.
 
 `read` checks every row and raises `ReferenceError` naming the file, the line and the fix:
 a known harness method, protocol and metric of that protocol, a value in percent, a source
-for every number, and no row twice. ``reference/README.md`` documents the columns.
+for every number, and no row twice. ``variant`` is empty for a number of the method's standard
+recipe (what ``gin/methods/<name>.gin`` sets) and otherwise names how the recipe differs
+(``ablation``, ``v2``, ``no multi-crop``, ...): `harness.published` never computes a Δ against
+such a row. ``reference/README.md`` documents the columns.
 
 Usage: ``python -m harness.reference [FILE ...]`` checks files (default: the shipped one).
 """
@@ -23,7 +26,9 @@ from harness import ginutil
 
 SHIPPED = ginutil.REPO_ROOT / "reference" / "published.csv"
 COLUMNS = ["method", "dataset", "backbone", "pretrain_epochs", "batch_size", "protocol", "metric", "value", "spread",
-           "source", "notes"]  # fmt: skip
+           "source", "notes", "variant"]  # fmt: skip
+# A file written before the `variant` column (a user's own numbers): every row is the method's standard recipe.
+LEGACY_COLUMNS = COLUMNS[:-1]
 DATASETS = ("imagenet", "imagenet100", "cifar10", "cifar100", "imagenette", "fashion_mnist")
 # protocol -> the metric names it reports (harness/evals/*)
 METRICS = {
@@ -40,7 +45,7 @@ METRICS = {
     "detection/voc07": r"detection/voc07/(AP50|AP75|AP)",
     "zeroshot/clip": r"zeroshot/top1",
 }
-KEY = [c for c in COLUMNS if c not in ("value", "spread")]  # a variant (e.g. multi-crop) differs in its notes
+KEY = [c for c in COLUMNS if c not in ("value", "spread")]  # a variant (e.g. multi-crop) differs in notes or variant
 
 
 class ReferenceError(ValueError):
@@ -82,7 +87,8 @@ def read(path: str | Path) -> pd.DataFrame:
     """The checked rows of one reference CSV (value and spread as floats).
 
     Raises:
-        ReferenceError: the file is missing, its header is not `COLUMNS`, or a row is malformed or repeated.
+        ReferenceError: the file is missing, its header is neither `COLUMNS` nor `LEGACY_COLUMNS`, or a row
+            is malformed or repeated.
     """
     path = Path(path)
     try:
@@ -92,14 +98,17 @@ def read(path: str | Path) -> pd.DataFrame:
             lines = [(reader.line_num, line) for line in reader if line]
     except OSError as err:
         raise ReferenceError(f"{path}: cannot read it ({err})") from err
-    if header != COLUMNS:
-        raise ReferenceError(f"{path}:1: the header must be exactly {','.join(COLUMNS)}; got {','.join(header)}")
+    if header not in (COLUMNS, LEGACY_COLUMNS):
+        raise ReferenceError(
+            f"{path}:1: the header must be exactly {','.join(COLUMNS)} (or without the last column, variant); "
+            f"got {','.join(header)}"
+        )
     known, rows = methods(), []
     seen: dict[tuple[str, ...], int] = {}  # key -> line
     for number, line in lines:
-        if len(line) != len(COLUMNS):
-            raise ReferenceError(f"{path}:{number}: {len(line)} fields, expected {len(COLUMNS)} (quote commas)")
-        row = dict(zip(COLUMNS, (cell.strip() for cell in line)))
+        if len(line) != len(header):
+            raise ReferenceError(f"{path}:{number}: {len(line)} fields, expected {len(header)} (quote commas)")
+        row = dict(zip(COLUMNS, [cell.strip() for cell in line] + [""] * (len(COLUMNS) - len(header))))
         problems = _row_problems(row, known)
         if problems:
             raise ReferenceError(f"{path}:{number}: " + "; ".join(problems))

@@ -85,7 +85,7 @@ def reference(tmp_path: Path) -> Path:
     ref_dir = tmp_path / "reference"
     ref_dir.mkdir()
     row = ["simclr", "imagenet", "resnet50", "1000", "", "linear/mocov2", "linear/mocov2/top1", "69.3", "",
-           "Chen et al. 2020, Table 6", ""]  # fmt: skip
+           "Chen et al. 2020, Table 6", "", ""]  # fmt: skip
     pd.DataFrame([row], columns=COLUMNS).to_csv(ref_dir / "simclr.csv", index=False)
     return ref_dir
 

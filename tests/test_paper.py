@@ -32,13 +32,13 @@ paper.Layout.sources = ['Somebody et al. 2099']
 paper.Layout.decimals = 2
 paper.Layout.notes = ['a note under the table']
 """
-REF_ROWS = [  # method, dataset, backbone, epochs, batch, protocol, metric, value, spread, source, notes
-    "byol,cifar10,resnet18+cifar-stem,1000,,linear/mocov2,linear/mocov2/top1,92.58,,Quoted by Else 2100,quoted",
-    "byol,cifar10,resnet18+cifar-stem,1000,,linear/mocov2,linear/mocov2/top1,92.50,,Somebody et al. 2099,",
-    "byol,cifar10,resnet18+cifar-stem,1000,,linear/mocov2,linear/mocov2/top5,99.79,,Somebody et al. 2099,",
-    "simclr,cifar10,resnet18+cifar-stem,1000,,linear/mocov2,linear/mocov2/top1,90.74,,Somebody et al. 2099,",
-    "moco,cifar10,resnet18+cifar-stem,1000,,linear/mocov2,linear/mocov2/top1,92.94,,Somebody et al. 2099,",
-    "moco,imagenet,resnet50,200,,linear/mocov2,linear/mocov2/top5,88.00,,Somebody et al. 2099,other dataset",
+REF_ROWS = [  # method, dataset, backbone, epochs, batch, protocol, metric, value, spread, source, notes, variant
+    "byol,cifar10,resnet18+cifar-stem,1000,,linear/mocov2,linear/mocov2/top1,92.58,,Quoted by Else 2100,quoted,",
+    "byol,cifar10,resnet18+cifar-stem,1000,,linear/mocov2,linear/mocov2/top1,92.50,,Somebody et al. 2099,,",
+    "byol,cifar10,resnet18+cifar-stem,1000,,linear/mocov2,linear/mocov2/top5,99.79,,Somebody et al. 2099,,",
+    "simclr,cifar10,resnet18+cifar-stem,1000,,linear/mocov2,linear/mocov2/top1,90.74,,Somebody et al. 2099,,",
+    "moco,cifar10,resnet18+cifar-stem,1000,,linear/mocov2,linear/mocov2/top1,92.94,,Somebody et al. 2099,,",
+    "moco,imagenet,resnet50,200,,linear/mocov2,linear/mocov2/top5,88.00,,Somebody et al. 2099,other dataset,",
 ]
 
 
@@ -157,9 +157,9 @@ def test_a_swept_row_takes_its_own_settings_runs_and_conditions(tmp_path, ref_cs
 
 def test_published_for_prefers_the_papers_source_and_filters_on_notes():
     rows = [
-        "moco,imagenet100,resnet18,400,,linear/mocov2,linear/mocov2/top1,78.20,,solo README,ONLINE classifier",
-        "moco,imagenet100,resnet18,400,,linear/mocov2,linear/mocov2/top1,79.28,,solo README,OFFLINE linear eval",
-        "moco,imagenet100,resnet18,400,,linear/mocov2,linear/mocov2/top1,77.00,,a quote,OFFLINE quoted",
+        "moco,imagenet100,resnet18,400,,linear/mocov2,linear/mocov2/top1,78.20,,solo README,ONLINE classifier,",
+        "moco,imagenet100,resnet18,400,,linear/mocov2,linear/mocov2/top1,79.28,,solo README,OFFLINE linear eval,",
+        "moco,imagenet100,resnet18,400,,linear/mocov2,linear/mocov2/top1,77.00,,a quote,OFFLINE quoted,",
     ]
     ref = pd.DataFrame([r.split(",") for r in rows], columns=reference.COLUMNS).assign(
         value=lambda f: f["value"].astype(float)
@@ -176,6 +176,14 @@ def test_published_for_prefers_the_papers_source_and_filters_on_notes():
     wrong = paper.Layout(title="t", source="s", rows=[("moco", "MoCo")], columns=[("linear/mocov2/top1", "x")],
                          reference={"dataset": "imagenet100", "pretrain_epochs": 200})  # fmt: skip
     assert paper.published_for(wrong, wrong.rows[0], wrong.columns[0], ref)[0] is None
+    # the same source's variant (another recipe) comes after its standard number, and differs by its name
+    variant = ref.iloc[[1]].assign(value=81.0, notes="OFFLINE, improved", variant="v2+")
+    off, _ = paper.published_for(
+        layout, layout.rows[0], layout.columns[1], pd.concat([variant, ref], ignore_index=True)
+    )
+    assert off["value"] == 79.28
+    cond = {"dataset": "imagenet100", "backbone": "resnet18", "pretrain_epochs": 400}
+    assert paper._differs(variant.iloc[0], cond, "moco") == "variant v2+ (ours: the standard recipe)"
 
 
 def _scale(gin_file: Path) -> str:

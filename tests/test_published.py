@@ -18,12 +18,12 @@ from harness import agreement, backbone, collate, ginutil, published, reference
 from tests.test_collate import PNG_MAGIC
 
 HEADER = ",".join(reference.COLUMNS)
-ROWS = [  # method, dataset, backbone, epochs, batch, protocol, metric, value, spread, source, notes
-    'moco,imagenet,resnet50,200,256,linear/mocov2,linear/mocov2/top1,67.5,,"MoCo v2, Table 1",',
-    'moco,imagenet,resnet50,800,256,linear/mocov2,linear/mocov2/top1,71.1,,"MoCo v2, Table 2",',
-    'simclr,imagenet,resnet50,200,,linear/mocov2,linear/mocov2/top1,66.6,0.2,"SimSiam, Table C.1",',
-    'byol,imagenet,resnet50,300,,linear/mocov2,linear/mocov2/top1,72.5,,"SimSiam, Table C.1",',
-    'mae,imagenet,vit_b16,1600,,linear/mae,linear/mae/top1,68.0,,"MAE repo",',
+ROWS = [  # method, dataset, backbone, epochs, batch, protocol, metric, value, spread, source, notes, variant
+    'moco,imagenet,resnet50,200,256,linear/mocov2,linear/mocov2/top1,67.5,,"MoCo v2, Table 1",,',
+    'moco,imagenet,resnet50,800,256,linear/mocov2,linear/mocov2/top1,71.1,,"MoCo v2, Table 2",,',
+    'simclr,imagenet,resnet50,200,,linear/mocov2,linear/mocov2/top1,66.6,0.2,"SimSiam, Table C.1",,',
+    'byol,imagenet,resnet50,300,,linear/mocov2,linear/mocov2/top1,72.5,,"SimSiam, Table C.1",,',
+    'mae,imagenet,vit_b16,1600,,linear/mae,linear/mae/top1,68.0,,"MAE repo",,',
 ]
 IMAGENET = {"dataset": "imagenet", "backbone": "resnet50", "image_size": 224, "batch_size": 256}
 
@@ -107,6 +107,48 @@ def test_nearest_prefers_our_dataset_then_backbone_then_the_closest_schedule(tmp
     assert published.nearest(ref, "moco", "linear/top1", None, {})["pretrain_epochs"] == "800"  # unknown: longest
     assert published.nearest(ref, "mae", "linear/top1", None, {})["backbone"] == "vit_b16"  # no ResNet-50 row
     assert published.nearest(ref, "moco", "knn/top1@200", None, {}) is None  # no kNN row for MoCo
+
+
+VARIANTS = [  # before ROWS in the file, so file order alone would pick them
+    'moco,imagenet,resnet50,200,256,linear/mocov2,linear/mocov2/top1,69.9,,"SimSiam, Table 4",symmetrized loss,repro+',
+    'moco,imagenet,resnet50,200,,linear/mocov2,linear/mocov2/top1,67.0,,"MoCo v2, Sec. 3",no batch stated,',
+    'moco,imagenet,resnet50,1000,256,linear/mocov2,linear/mocov2/top1,75.0,,"Later, Table 9",longer,v3',
+]
+
+
+def test_a_variant_never_gets_a_delta_and_a_stated_batch_beats_an_unstated_one(tmp_path):
+    """MoCo v2 at 200 epochs, batch 256: SimSiam's improved reproduction (variant repro+) and a row
+    that states no batch come first in the file; the Δ is against the standard row with our batch."""
+    ref = reference.read(write_ref(tmp_path / "ref", VARIANTS + ROWS))
+    cond = {**IMAGENET, "pretrain_epochs": 200}
+    hits = published.matches(ref, "moco", "linear/mocov2/top1", "linear/mocov2", cond)
+    assert list(hits["value"]) == [67.5, 67.0]  # the variant is not a match; batch 256 stated first
+    assert (
+        published.matches(ref, "moco", "linear/mocov2/top1", "linear/mocov2", {**cond, "batch_size": 512}).iloc[0][
+            "value"
+        ]
+        == 67.0
+    )  # a stated batch that differs is no match
+    table = tmp_path / "t"
+    write_run(table, "m0", "moco", 0, 69.8, cond)
+    moco = collate.collate(table, [tmp_path / "ref" / "ref.csv"]).set_index("method").loc["moco"]
+    assert moco["published linear/mocov2/top1"] == 67.5 and moco["verdict linear/mocov2/top1"] == "above"
+    # the nearest number prefers the method's standard recipe over a variant at a closer schedule
+    near = published.nearest(ref, "moco", "linear/top1", None, {"dataset": "imagenet", "pretrain_epochs": 1000})
+    assert near is not None and near["value"] == 71.1 and near["variant"] == ""
+    # ... and rank agreement never ranks a method by a variant: MoCo's longest standard row is 800 epochs
+    points = agreement.published_at(ref, ["moco"])
+    assert list(points["value"]) == [71.1]
+
+
+def test_a_reference_file_without_the_variant_column_still_reads(tmp_path):
+    """A user's file in the schema before `variant` existed: every row is a standard-recipe number."""
+    path = tmp_path / "old.csv"
+    path.write_text("\n".join([",".join(reference.LEGACY_COLUMNS), *(r.removesuffix(",") for r in ROWS)]) + "\n")
+    ref = reference.read(path)
+    assert list(ref.columns) == reference.COLUMNS and (ref["variant"] == "").all() and len(ref) == len(ROWS)
+    cond = {**IMAGENET, "pretrain_epochs": 800}
+    assert published.matches(ref, "moco", "linear/mocov2/top1", "linear/mocov2", cond)["value"].tolist() == [71.1]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

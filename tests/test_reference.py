@@ -11,7 +11,7 @@ import pytest
 from harness import reference
 
 HEADER = ",".join(reference.COLUMNS)
-GOOD = 'simclr,imagenet,resnet50,1000,4096,linear/mocov2,linear/mocov2/top1,69.3,,"Chen et al. 2020, Table 6",'
+GOOD = 'simclr,imagenet,resnet50,1000,4096,linear/mocov2,linear/mocov2/top1,69.3,,"Chen et al. 2020, Table 6",,'
 
 
 def write(tmp_path: Path, *rows: str, header: str = HEADER) -> Path:
@@ -44,7 +44,7 @@ def test_a_good_row_reads_with_numbers(tmp_path):
         (GOOD.replace(",69.3,,", ",69.3,-1,"), "spread '-1' must be a number"),
         (GOOD.replace('"Chen et al. 2020, Table 6"', ""), "source is empty"),
         (GOOD.replace(",1000,", ",1k,"), "pretrain_epochs '1k' must be a positive integer"),
-        (GOOD.replace('"Chen et al. 2020, Table 6"', "Chen et al. 2020, Table 6"), "fields, expected 11"),
+        (GOOD.replace('"Chen et al. 2020, Table 6"', "Chen et al. 2020, Table 6"), "fields, expected 12"),
     ],
 )
 def test_a_malformed_row_names_the_file_and_line(tmp_path, row, message):
