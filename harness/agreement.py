@@ -68,12 +68,15 @@ def bootstrap(x: np.ndarray, y: np.ndarray, statistic, n: int = BOOTSTRAP, seed:
     return float(lo), float(hi)
 
 
-def published_at(ref: pd.DataFrame, methods: list[str], reference: str = "imagenet-linear") -> pd.DataFrame:
-    """Each method's published number at the named reference: columns method, value, conditions, source."""
+def published_at(
+    ref: pd.DataFrame, methods: list[str], reference: str = "imagenet-linear", variants: bool = False
+) -> pd.DataFrame:
+    """Each method's published number at the named reference: columns method, value, conditions, source.
+    Only standard-recipe rows unless `variants` (a method ranks by its own recipe)."""
     if reference not in REFERENCES:
         raise ValueError(f"reference {reference!r} is not one of {', '.join(REFERENCES)}")
     spec = REFERENCES[reference]
-    ref = ref[ref["backbone"].isin(spec["backbones"]) & published.standard(ref)]  # a method ranks by its own recipe
+    ref = ref[ref["backbone"].isin(spec["backbones"]) & (published.standard(ref) | variants)]
     rows = []
     for method in methods:
         row = published.nearest(ref, method, spec["metric"], None, {k: spec[k] for k in ("dataset", "backbone")})
@@ -96,9 +99,19 @@ def agreement(board: pd.DataFrame, ref: pd.DataFrame, metric: str, reference: st
     theirs = published_at(ref, list(ours["method"]), reference)
     points = ours.rename(columns={column: "ours"}).merge(theirs.rename(columns={"value": "published"}), on="method")
     x, y = points["ours"].to_numpy(float), points["published"].to_numpy(float)
-    anywhere = published_at(ref.assign(backbone=REFERENCES[reference]["backbone"]), list(ours["method"]), reference)
+    everywhere = ref.assign(backbone=REFERENCES[reference]["backbone"])
+    anywhere = published_at(everywhere, list(ours["method"]), reference)
     elsewhere = sorted(set(anywhere["method"]) - set(points["method"]))  # published, on other networks only
-    out = {"metric": metric, "reference": reference, "n": len(points), "points": points, "elsewhere": elsewhere}
+    as_variants = published_at(everywhere, list(ours["method"]), reference, variants=True)
+    variants_only = sorted(set(as_variants["method"]) - set(anywhere["method"]))  # e.g. SeLa: only SeLa-v2
+    out = {
+        "metric": metric,
+        "reference": reference,
+        "n": len(points),
+        "points": points,
+        "elsewhere": elsewhere,
+        "variants_only": variants_only,
+    }
     for name, statistic in (("spearman", spearman), ("kendall", kendall)):
         out[name] = statistic(x, y) if len(points) >= 3 else float("nan")
         out[f"{name}_ci"] = bootstrap(x, y, statistic) if len(points) >= 3 else (float("nan"), float("nan"))
@@ -119,6 +132,8 @@ def describe(result: dict) -> str:
         if elsewhere
         else ""
     )
+    if variants := result.get("variants_only"):
+        left_out += f" Left out, published only for another recipe (a variant, e.g. SeLa-v2): {', '.join(variants)}."
     return (
         f"Rank agreement of {result['metric']} with {result['reference']} (ResNet-50; ViT-B/16 for methods "
         f"published only on ViTs) over {result['n']} methods: Spearman's rho {result['spearman']:.2f} (95 % "

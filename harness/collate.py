@@ -296,7 +296,8 @@ def _markdown_published(placed: pd.DataFrame, agreed: dict | None) -> list[str]:
             "## Published numbers",
             "",
             f"{matched} of {len(placed)} published numbers below were measured under this table's conditions "
-            f"(dataset, backbone, pretraining epochs, protocol, metric): those have Δ (ours - published) and a "
+            f"(dataset, backbone, pretraining epochs, protocol, metric; batch size where the source states one) "
+            f"with the method's standard recipe: those have Δ (ours - published) and a "
             f"verdict (reproduced within the source's spread, else ±{published.DEFAULT_TOLERANCE:g} points). The "
             "others are the nearest published number of the same kind, under the conditions named beside it: "
             "context, not a comparison. leaderboard.csv has them as columns.",

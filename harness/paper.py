@@ -365,6 +365,7 @@ def published_for(layout: Layout, row: Row, column: Column, ref: pd.DataFrame) -
     layout's preferred `sources` first, then the method's standard recipe before a ``variant``,
     then the preference order of list-valued conditions, then file order.
     """
+    ref = ref.reset_index(drop=True)  # positions, not labels: a concatenated frame may repeat labels
     cond = {**layout.reference, **row.reference, **column.reference}
     cond.setdefault("method", row.method)
     cond.setdefault("metric", column.metric)
@@ -436,7 +437,7 @@ def render(layout: Layout, df: pd.DataFrame, board: pd.DataFrame, ref: pd.DataFr
             exact = (
                 top is not None
                 and ours is not None
-                and not published.matches(ref.loc[[top.name]], row.method, col.metric, protocol, cond).empty
+                and not published.matches(top.to_frame().T, row.method, col.metric, protocol, cond).empty
             )
             delta = round(mean - pub, 2) if exact else np.nan
             text = "n/a" if not col.ours else DASH if ours is None else _fmt(mean, d)
@@ -476,8 +477,9 @@ def render(layout: Layout, df: pd.DataFrame, board: pd.DataFrame, ref: pd.DataFr
         f"Each cell: ours, mean ± std over seeds ({DASH}: not run), then the published number in parentheses "
         f"({DASH}: the reference files, reference/published.csv and any --reference, have none under the "
         "layout's conditions)"
-        + (". †: our runs' conditions (below) differ from those the published number was measured under, so it is "
-           "context, not a reproduction target, and has no Δ" if daggers else "")
+        + (". †: our runs' conditions (below) differ from those the published number was measured under, or it is "
+           "another recipe of the method (a variant), so it is context, not a reproduction target, and has no Δ"
+           if daggers else "")
         + (". n/a: a column the harness does not measure" if any(not c.ours for c in layout.columns) else "")
         + ".",
         "",
@@ -507,8 +509,8 @@ def render(layout: Layout, df: pd.DataFrame, board: pd.DataFrame, ref: pd.DataFr
 def _differs(top: pd.Series, cond: Mapping[str, Any], method: str) -> str:
     """How the published row's conditions differ from our runs' (why a cell has no Δ)."""
     out = [f"method {top['method']} (ours {method})"] if top["method"] != method else []
-    if top.get("variant"):
-        out.append(f"variant {top['variant']} (ours: the standard recipe)")
+    if variant := published.variant_of(top):
+        out.append(f"variant {variant} (ours: the standard recipe)")
     for key in ("dataset", "backbone", "pretrain_epochs", "batch_size"):
         theirs, ours = str(top[key]), cond.get(key)
         if key in ("pretrain_epochs", "batch_size"):

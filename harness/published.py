@@ -69,6 +69,12 @@ def _epochs(value: Any) -> float:
         return np.nan
 
 
+def variant_of(row: Mapping[str, Any]) -> str:
+    """A reference row's ``variant`` ("" for the method's standard recipe, also when missing or NaN)."""
+    value = row.get("variant")
+    return "" if value is None or (isinstance(value, float) and np.isnan(value)) else str(value).strip()
+
+
 def standard(ref: pd.DataFrame) -> pd.Series:
     """Which rows report the method's standard recipe (no ``variant``; a frame without the column: all)."""
     if "variant" not in ref:
@@ -191,7 +197,7 @@ def annotate(
 def _placed(method: str, metric: str, ours: float, row: pd.Series, delta: float, word: str) -> dict:
     epochs = f"{row['pretrain_epochs']} ep" if row["pretrain_epochs"] else "epochs unstated"
     where = f"{row['dataset']}, {row['backbone']}, {epochs}, {row['protocol']} {row['metric']}"
-    variant = str(row.get("variant") or "")
+    variant = variant_of(row)
     return {
         "method": method,
         "metric": metric,

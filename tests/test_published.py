@@ -141,6 +141,23 @@ def test_a_variant_never_gets_a_delta_and_a_stated_batch_beats_an_unstated_one(t
     assert list(points["value"]) == [71.1]
 
 
+def test_rank_agreement_names_the_methods_published_only_as_a_variant(tmp_path):
+    sela_v2 = 'sela,imagenet,resnet50,400,4096,linear/mocov2,linear/mocov2/top1,71.8,,"SwAV repo",multi-crop,v2'
+    ref = reference.read(write_ref(tmp_path / "ref", [*ROWS, sela_v2]))
+    board = pd.DataFrame({"method": ["moco", "simclr", "byol", "sela"], "linear/top1 mean": [70.0, 60.0, 80.0, 99.0]})
+    result = agreement.agreement(board, ref, "linear/top1")
+    assert result["n"] == 3 and result["variants_only"] == ["sela"] and result["spearman"] == pytest.approx(1.0)
+    assert "published only for another recipe (a variant, e.g. SeLa-v2): sela." in agreement.describe(result)
+    table = tmp_path / "t"  # a leaderboard may show a variant as the nearest number, and says which it is
+    write_run(table, "s0", "sela", 0, 70.0, {**IMAGENET, "pretrain_epochs": 400})
+    board = collate.collate(table, [tmp_path / "ref" / "ref.csv"]).set_index("method")
+    assert board.loc["sela", "published linear top-1: imagenet, resnet50"] == 71.8
+    assert pd.isna(board.loc["sela"].get("Δ linear/mocov2/top1", np.nan))
+    assert (
+        "400 ep, linear/mocov2 linear/mocov2/top1, variant: v2 (multi-crop)" in (table / "leaderboard.md").read_text()
+    )
+
+
 def test_a_reference_file_without_the_variant_column_still_reads(tmp_path):
     """A user's file in the schema before `variant` existed: every row is a standard-recipe number."""
     path = tmp_path / "old.csv"

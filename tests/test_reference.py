@@ -53,6 +53,11 @@ def test_a_malformed_row_names_the_file_and_line(tmp_path, row, message):
         reference.read(path)
 
 
+def test_a_variant_of_a_row_is_another_row(tmp_path):
+    df = reference.read(write(tmp_path, GOOD, GOOD.replace("69.3", "71.0").removesuffix(",") + ",v2"))
+    assert list(df["variant"]) == ["", "v2"]
+
+
 def test_a_repeated_row_and_a_wrong_header_are_errors(tmp_path):
     with pytest.raises(reference.ReferenceError, match=r"ref.csv:3: repeats line 2"):
         reference.read(write(tmp_path, GOOD, GOOD.replace("69.3", "70.0")))
